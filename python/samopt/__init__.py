@@ -1,0 +1,27 @@
+"""samopt: Sharpness-Aware Minimization for NumPy training loops.
+
+SAM (Foret et al., ICLR 2021) and adaptive SAM over SGD, Adam, AdamW or any optimizer
+that follows the ``Optimizer`` protocol, with the element-wise work in Rust.
+"""
+
+from ._config import GradClipMode, OptimizerConfig
+from ._errors import NonFiniteGradientError, OptimizerError, TrainError
+from ._optimizers import AdamOptimizer, AdamWOptimizer, SgdOptimizer, compute_gradient_norm
+from ._protocol import Optimizer
+from ._sam import SamOptimizer
+
+__all__ = [
+    "AdamOptimizer",
+    "AdamWOptimizer",
+    "GradClipMode",
+    "NonFiniteGradientError",
+    "Optimizer",
+    "OptimizerConfig",
+    "OptimizerError",
+    "SamOptimizer",
+    "SgdOptimizer",
+    "TrainError",
+    "compute_gradient_norm",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""Optimizer hyperparameters and their validation."""
+
+from __future__ import annotations
+
+import enum
+import math
+import numbers
+from dataclasses import dataclass
+
+from ._errors import OptimizerError
+
+__all__ = ["GradClipMode", "OptimizerConfig"]
+
+
+class GradClipMode(enum.Enum):
+    """How ``OptimizerConfig.grad_clip`` limits gradients."""
+
+    VALUE = "value"
+    """Clamp every element to ``[-grad_clip, grad_clip]``."""
+    NORM = "norm"
+    """Scale all gradients by ``grad_clip / norm`` when their global norm exceeds it."""
+
+
+def check_real(
+    key: str,
+    value: object,
+    *,
+    minimum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+) -> float:
+    """``value`` as a finite float within the given bounds, else an OptimizerError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptimizerError(f"{key} must be a real number, got {value!r}", key)
+    number = float(value)
+    if not math.isfinite(number):
+        raise OptimizerError(f"{key} must be finite, got {number!r}", key)
+    if minimum is not None and number < minimum:
+        raise OptimizerError(f"{key} must be >= {minimum}, got {number!r}", key)
+    if above is not None and number <= above:
+        raise OptimizerError(f"{key} must be > {above}, got {number!r}", key)
+    if below is not None and number >= below:
+        raise OptimizerError(f"{key} must be < {below}, got {number!r}", key)
+    return number
+
+
+def check_learning_rate(value: object, key: str = "learning_rate") -> float:
+    return check_real(key, value, minimum=0.0)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Hyperparameters shared by the base optimizers (the crate's ``OptimizerConfig``).
+
+    SGD uses learning_rate and momentum; Adam adds beta1, beta2 and epsilon; AdamW also
+    weight_decay. Every field is checked here, so a bad value fails at construction.
+    """
+
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float | None = None
+    grad_clip_mode: GradClipMode = GradClipMode.VALUE
+
+    def __post_init__(self) -> None:
+        fields = {
+            "learning_rate": check_learning_rate(self.learning_rate),
+            "momentum": check_real("momentum", self.momentum, minimum=0.0),
+            "beta1": check_real("beta1", self.beta1, minimum=0.0, below=1.0),
+            "beta2": check_real("beta2", self.beta2, minimum=0.0, below=1.0),
+            "epsilon": check_real("epsilon", self.epsilon, above=0.0),
+            "weight_decay": check_real("weight_decay", self.weight_decay, minimum=0.0),
+        }
+        if self.grad_clip is not None:
+            fields["grad_clip"] = check_real("grad_clip", self.grad_clip, above=0.0)
+        if not isinstance(self.grad_clip_mode, GradClipMode):
+            raise OptimizerError(
+                f"grad_clip_mode must be a GradClipMode, got {self.grad_clip_mode!r}",
+                "grad_clip_mode",
+            )
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def clip_bounds(self) -> tuple[float | None, float | None]:
+        """``(clip_value, clip_norm)`` as the kernels take them."""
+        if self.grad_clip is None:
+            return (None, None)
+        if self.grad_clip_mode is GradClipMode.VALUE:
+            return (self.grad_clip, None)
+        return (None, self.grad_clip)

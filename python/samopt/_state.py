@@ -1,0 +1,82 @@
+"""Shared helpers: call arguments and state-dict entries."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ._config import check_real
+from ._errors import OptimizerError
+
+__all__ = ["as_dict", "scalar_entry", "state_array", "time_step_entry"]
+
+
+def as_dict(mapping: object, what: str) -> dict[Any, Any]:
+    """The mapping itself when it is a dict (no copy on the hot path), else a shallow dict
+    of it; the arrays are the caller's either way."""
+    if type(mapping) is dict:
+        return mapping
+    if isinstance(mapping, Mapping):
+        return dict(mapping)
+    raise OptimizerError(
+        f"{what} must be a mapping of str to numpy.ndarray, got {type(mapping).__name__}", what
+    )
+
+
+def _scalar(state: Mapping[str, Any], key: str) -> object:
+    if key not in state:
+        raise OptimizerError(f"state dict is missing key '{key}'", key)
+    value = state[key]
+    array = np.asarray(value)
+    if array.shape not in ((), (1,)):
+        raise OptimizerError(f"state '{key}' must be a scalar, got shape {array.shape}", key)
+    return array.reshape(()).item()
+
+
+def scalar_entry(state: Mapping[str, Any], key: str, *, positive: bool = False) -> float:
+    """A finite, non-negative (or positive) float from a state dict."""
+    value = _scalar(state, key)
+    if positive:
+        return check_real(f"state '{key}'", value, above=0.0)
+    return check_real(f"state '{key}'", value, minimum=0.0)
+
+
+def time_step_entry(state: Mapping[str, Any], key: str) -> int:
+    value = _scalar(state, key)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise OptimizerError(f"state '{key}' must be a non-negative integer, got {value!r}", key)
+    return int(value)
+
+
+def state_array(state: Mapping[str, Any], key: str, *, non_negative: bool = False) -> NDArray[Any]:
+    """A private float32/float64 copy of a per-parameter state entry, checked finite."""
+    value = state[key]
+    if not isinstance(value, np.ndarray) or value.dtype not in (np.float32, np.float64):
+        kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+        raise OptimizerError(f"state '{key}' must be a float32 or float64 ndarray, got {kind}", key)
+    if not np.isfinite(value).all():
+        raise OptimizerError(f"state '{key}' contains NaN or infinity", key)
+    if non_negative and (value < 0).any():
+        raise OptimizerError(f"state '{key}' has negative entries", key)
+    return np.array(value, copy=True, order="K")
+
+
+def split_by_prefix(
+    state: Mapping[str, Any], prefixes: tuple[str, ...], scalars: tuple[str, ...]
+) -> dict[str, dict[str, Any]]:
+    """Groups a state dict's per-parameter keys by prefix; unknown keys are an error."""
+    groups: dict[str, dict[str, Any]] = {prefix: {} for prefix in prefixes}
+    for key in state:
+        if not isinstance(key, str):
+            raise OptimizerError(f"state dict keys must be str, got {key!r}", repr(key))
+        if key in scalars:
+            continue
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            raise OptimizerError(f"unknown state dict key '{key}'", key)
+        groups[prefix][key[len(prefix):]] = key
+    return groups

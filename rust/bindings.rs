@@ -1,0 +1,927 @@
+//! The PyO3 layer: one function per optimizer phase, each covering every array of the
+//! call. A call runs in three stages:
+//!
+//! 1. with the GIL: check every key, dtype, shape and layout, and borrow every array
+//!    (parameters writable first, so a gradient or a second name that aliases a parameter
+//!    is caught as a borrow conflict instead of racing);
+//! 2. without the GIL: a read-only pass (finiteness, norms), then — only if it passed — the
+//!    fused write pass;
+//! 3. with the GIL: write back arrays that had to be staged and publish new state arrays.
+//!
+//! Everything that can fail happens before the first write, so an error changes nothing.
+
+use ndarray::{ArrayView, ArrayViewD, IxDyn, ShapeBuilder};
+use numpy::{
+    BorrowError, Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+
+use crate::kernels::{self, Ascent, Clip, Real};
+use crate::norm::{self, NormError, NormItem};
+use crate::parallel::{for_each, ByDtype};
+
+pyo3::import_exception!(samopt._errors, OptimizerError);
+pyo3::import_exception!(samopt._errors, NonFiniteGradientError);
+
+fn optimizer_error(key: &str, message: String) -> PyErr {
+    OptimizerError::new_err((message, key.to_owned()))
+}
+
+fn non_finite_error(key: &str, message: String) -> PyErr {
+    NonFiniteGradientError::new_err((message, key.to_owned()))
+}
+
+/// The memory order in which every stream of one parameter is laid out for the kernels.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    C,
+    F,
+}
+
+impl Order {
+    /// The parameter's own order when it is contiguous; otherwise it is staged in C order.
+    fn of(array: &Bound<'_, PyUntypedArray>) -> Order {
+        if !array.is_c_contiguous() && array.is_fortran_contiguous() {
+            Order::F
+        } else {
+            Order::C
+        }
+    }
+
+    fn holds(self, array: &Bound<'_, PyUntypedArray>) -> bool {
+        match self {
+            Order::C => array.is_c_contiguous(),
+            Order::F => array.is_fortran_contiguous(),
+        }
+    }
+
+    fn numpy_name(self) -> &'static str {
+        match self {
+            Order::C => "C",
+            Order::F => "F",
+        }
+    }
+
+    fn gather<T: Copy>(self, view: ArrayViewD<'_, T>) -> Vec<T> {
+        match self {
+            Order::C => view.iter().copied().collect(),
+            Order::F => view.t().iter().copied().collect(),
+        }
+    }
+
+    fn view<'a, T>(self, shape: &[usize], flat: &'a [T]) -> ArrayViewD<'a, T> {
+        let shape = IxDyn(shape);
+        let view = match self {
+            Order::C => ArrayView::from_shape(shape, flat),
+            Order::F => ArrayView::from_shape(shape.f(), flat),
+        };
+        view.expect("a staged buffer has exactly the array's size")
+    }
+}
+
+/// A stream the kernels write: the array itself when its layout fits, else a staged copy
+/// that is written back after the kernels.
+struct Target<'py, T: Element> {
+    guard: PyReadwriteArrayDyn<'py, T>,
+    staged: Option<Vec<T>>,
+    order: Order,
+}
+
+impl<'py, T: Element + Copy> Target<'py, T> {
+    fn new(guard: PyReadwriteArrayDyn<'py, T>, order: Order) -> Self {
+        let fits = order.holds(guard.as_untyped());
+        let staged = (!fits).then(|| order.gather(guard.as_array()));
+        Target {
+            guard,
+            staged,
+            order,
+        }
+    }
+
+    fn slice(&mut self) -> &mut [T] {
+        match &mut self.staged {
+            Some(buffer) => buffer,
+            None => self
+                .guard
+                .as_slice_mut()
+                .expect("layout checked when staged"),
+        }
+    }
+
+    fn write_back(&mut self) {
+        if let Some(buffer) = &self.staged {
+            let shape = self.guard.shape().to_vec();
+            self.guard
+                .as_array_mut()
+                .assign(&self.order.view(&shape, buffer));
+        }
+    }
+}
+
+/// A stream the kernels only read, staged the same way.
+struct Source<'py, T: Element> {
+    guard: PyReadonlyArrayDyn<'py, T>,
+    staged: Option<Vec<T>>,
+}
+
+impl<'py, T: Element + Copy> Source<'py, T> {
+    fn new(guard: PyReadonlyArrayDyn<'py, T>, order: Order) -> Self {
+        let fits = order.holds(guard.as_untyped());
+        let staged = (!fits).then(|| order.gather(guard.as_array()));
+        Source { guard, staged }
+    }
+
+    fn slice(&self) -> &[T] {
+        match &self.staged {
+            Some(buffer) => buffer,
+            None => self.guard.as_slice().expect("layout checked when staged"),
+        }
+    }
+}
+
+trait GuardExt<'py> {
+    fn as_untyped(&self) -> &Bound<'py, PyUntypedArray>;
+}
+
+impl<'py, T: Element> GuardExt<'py> for PyReadwriteArrayDyn<'py, T> {
+    fn as_untyped(&self) -> &Bound<'py, PyUntypedArray> {
+        self.as_any()
+            .cast::<PyUntypedArray>()
+            .expect("a numpy array")
+    }
+}
+
+impl<'py, T: Element> GuardExt<'py> for PyReadonlyArrayDyn<'py, T> {
+    fn as_untyped(&self) -> &Bound<'py, PyUntypedArray> {
+        self.as_any()
+            .cast::<PyUntypedArray>()
+            .expect("a numpy array")
+    }
+}
+
+/// How a per-parameter state dict is treated.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    /// Optimizer state: created as zeros when absent, an error when it does not fit.
+    Lazy,
+    /// Scratch buffers (SAM's saved values): created when absent or not fitting.
+    Scratch,
+    /// Must be present and fit (SAM's pending saved values).
+    Required,
+}
+
+struct StateSpec<'a, 'py> {
+    dict: &'a Bound<'py, PyDict>,
+    /// Prefix of the key this state has in a state dict, for error messages.
+    prefix: &'static str,
+    policy: Policy,
+}
+
+/// Everything one parameter brings to a call, borrowed and laid out for the kernels.
+struct Entry<'py, T: Element> {
+    param: Target<'py, T>,
+    grad: Option<Source<'py, T>>,
+    states: Vec<Target<'py, T>>,
+    /// Arrays allocated by this call, published in their state dicts only on success.
+    created: Vec<(usize, NewArray<'py, T>)>,
+}
+
+enum AnyEntry<'py> {
+    Single(Entry<'py, f32>),
+    Double(Entry<'py, f64>),
+}
+
+/// A validated, fully borrowed call.
+struct Prepared<'py> {
+    names: Vec<String>,
+    entries: Vec<AnyEntry<'py>>,
+}
+
+fn describe_shape(shape: &[usize]) -> String {
+    match shape {
+        [single] => format!("({single},)"),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn type_name(object: &Bound<'_, PyAny>) -> String {
+    object
+        .get_type()
+        .name()
+        .map(|name| name.to_string())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+fn dtype_name(array: &Bound<'_, PyUntypedArray>) -> String {
+    array.dtype().to_string()
+}
+
+/// The keys of `params`, sorted so that results never depend on insertion order.
+fn sorted_names(params: &Bound<'_, PyDict>) -> PyResult<Vec<String>> {
+    let mut names = Vec::with_capacity(params.len());
+    for key in params.keys() {
+        match key.cast::<PyString>() {
+            Ok(name) => names.push(name.to_str()?.to_owned()),
+            Err(_) => {
+                let shown = key.repr().map(|r| r.to_string()).unwrap_or_default();
+                return Err(optimizer_error(
+                    &shown,
+                    format!(
+                        "parameter names must be str, got {shown} ({})",
+                        type_name(&key)
+                    ),
+                ));
+            }
+        }
+    }
+    names.sort_unstable();
+    Ok(names)
+}
+
+fn as_array<'py>(
+    object: &Bound<'py, PyAny>,
+    what: &str,
+    name: &str,
+) -> PyResult<Bound<'py, PyUntypedArray>> {
+    object.cast::<PyUntypedArray>().cloned().map_err(|_| {
+        optimizer_error(
+            name,
+            format!(
+                "{what} '{name}' must be a numpy.ndarray, got {}",
+                type_name(object)
+            ),
+        )
+    })
+}
+
+fn borrow_conflict(what: &str, key: &str, error: BorrowError) -> PyErr {
+    match error {
+        BorrowError::NotWriteable => {
+            optimizer_error(key, format!("{what} '{key}' is read-only (not writeable)"))
+        }
+        _ => optimizer_error(
+            key,
+            format!(
+                "{what} '{key}' shares memory with a parameter of this call (the same array \
+                 under two names, or a parameter passed as a gradient), or is being updated \
+                 by another thread"
+            ),
+        ),
+    }
+}
+
+fn borrow_param<'py, T: Element + Copy>(
+    array: &Bound<'py, PyUntypedArray>,
+    name: &str,
+) -> PyResult<Target<'py, T>> {
+    let typed = array.cast::<PyArrayDyn<T>>().expect("dtype checked");
+    let guard = typed
+        .try_readwrite()
+        .map_err(|e| borrow_conflict("parameter", name, e))?;
+    Ok(Target::new(guard, Order::of(array)))
+}
+
+fn is_float_dtype<T: Element>(array: &Bound<'_, PyUntypedArray>) -> bool {
+    array.dtype().is_equiv_to(&numpy::dtype::<T>(array.py()))
+}
+
+/// Looks up, checks, converts if needed and borrows the gradient of one parameter.
+fn borrow_grad<'py, T: Element + Copy>(
+    grads: &Bound<'py, PyDict>,
+    name: &str,
+    param_shape: &[usize],
+    order: Order,
+) -> PyResult<Source<'py, T>> {
+    let Some(object) = grads.get_item(name)? else {
+        return Err(optimizer_error(
+            name,
+            format!("missing gradient for parameter '{name}'"),
+        ));
+    };
+    let array = as_array(&object, "gradient", name)?;
+    let dtype = array.dtype();
+    if dtype.kind() != b'f' || !matches!(dtype.itemsize(), 2 | 4 | 8) {
+        return Err(optimizer_error(
+            name,
+            format!(
+                "gradient '{name}' has unsupported dtype {} (expected float16, float32 or \
+                 float64)",
+                dtype_name(&array)
+            ),
+        ));
+    }
+    if array.shape() != param_shape {
+        return Err(optimizer_error(
+            name,
+            format!(
+                "gradient '{name}' has shape {} but the parameter has shape {}",
+                describe_shape(array.shape()),
+                describe_shape(param_shape)
+            ),
+        ));
+    }
+    let array = if is_float_dtype::<T>(&array) {
+        array
+    } else {
+        let converted = array.call_method1(
+            "astype",
+            (numpy::dtype::<T>(array.py()), order.numpy_name()),
+        )?;
+        converted
+            .cast_into::<PyUntypedArray>()
+            .expect("astype returns an ndarray")
+    };
+    let typed = array.cast::<PyArrayDyn<T>>().expect("dtype checked");
+    let guard = typed
+        .try_readonly()
+        .map_err(|e| borrow_conflict("gradient", name, e))?;
+    Ok(Source::new(guard, order))
+}
+
+/// A state array allocated by the current call.
+type NewArray<'py, T> = Bound<'py, PyArrayDyn<T>>;
+
+/// Looks up or creates, checks and borrows one state array of one parameter.
+fn borrow_state<'py, T: Element + Copy>(
+    spec: &StateSpec<'_, 'py>,
+    name: &str,
+    param_shape: &[usize],
+    order: Order,
+) -> PyResult<(Target<'py, T>, Option<NewArray<'py, T>>)> {
+    let py = spec.dict.py();
+    let key = format!("{}{name}", spec.prefix);
+    let existing = match spec.dict.get_item(name)? {
+        Some(object) => {
+            let array = as_array(&object, "state", &key)?;
+            let fits = is_float_dtype::<T>(&array) && array.shape() == param_shape;
+            match (fits, spec.policy) {
+                (true, _) => Some(array),
+                (false, Policy::Scratch) => None,
+                (false, _) => {
+                    return Err(optimizer_error(
+                        &key,
+                        format!(
+                            "state '{key}' has dtype {} and shape {} but parameter '{name}' has \
+                             dtype {} and shape {}",
+                            dtype_name(&array),
+                            describe_shape(array.shape()),
+                            numpy::dtype::<T>(py),
+                            describe_shape(param_shape)
+                        ),
+                    ))
+                }
+            }
+        }
+        None if spec.policy == Policy::Required => {
+            return Err(optimizer_error(&key, format!("state '{key}' is missing")));
+        }
+        None => None,
+    };
+    match existing {
+        Some(array) => {
+            let typed = array.cast::<PyArrayDyn<T>>().expect("dtype checked");
+            let guard = typed
+                .try_readwrite()
+                .map_err(|e| borrow_conflict("state", &key, e))?;
+            Ok((Target::new(guard, order), None))
+        }
+        None => {
+            let created = PyArrayDyn::<T>::zeros(py, param_shape, order == Order::F);
+            let guard = created
+                .try_readwrite()
+                .map_err(|e| borrow_conflict("state", &key, e))?;
+            Ok((Target::new(guard, order), Some(created)))
+        }
+    }
+}
+
+fn finish_entry<'py, T: Element + Copy>(
+    entry: &mut Entry<'py, T>,
+    name: &str,
+    grads: Option<&Bound<'py, PyDict>>,
+    states: &[StateSpec<'_, 'py>],
+) -> PyResult<()> {
+    let shape = entry.param.guard.shape().to_vec();
+    let order = entry.param.order;
+    if let Some(grads) = grads {
+        entry.grad = Some(borrow_grad::<T>(grads, name, &shape, order)?);
+    }
+    for (index, spec) in states.iter().enumerate() {
+        let (target, created) = borrow_state::<T>(spec, name, &shape, order)?;
+        entry.states.push(target);
+        if let Some(array) = created {
+            entry.created.push((index, array));
+        }
+    }
+    Ok(())
+}
+
+fn new_entry<'py, T: Element + Copy>(param: Target<'py, T>) -> Entry<'py, T> {
+    Entry {
+        param,
+        grad: None,
+        states: Vec::new(),
+        created: Vec::new(),
+    }
+}
+
+/// Stage 1: validates and borrows everything a call touches, without writing anything.
+fn prepare<'py>(
+    params: &Bound<'py, PyDict>,
+    grads: Option<&Bound<'py, PyDict>>,
+    states: &[StateSpec<'_, 'py>],
+) -> PyResult<Prepared<'py>> {
+    let names = sorted_names(params)?;
+    let mut entries = Vec::with_capacity(names.len());
+    // Every parameter is borrowed writable before any gradient or state is looked at.
+    for name in &names {
+        let object = params.get_item(name)?.expect("name taken from the dict");
+        let array = as_array(&object, "parameter", name)?;
+        let entry = if is_float_dtype::<f32>(&array) {
+            AnyEntry::Single(new_entry(borrow_param::<f32>(&array, name)?))
+        } else if is_float_dtype::<f64>(&array) {
+            AnyEntry::Double(new_entry(borrow_param::<f64>(&array, name)?))
+        } else {
+            return Err(optimizer_error(
+                name,
+                format!(
+                    "parameter '{name}' has dtype {} (expected float32 or float64)",
+                    dtype_name(&array)
+                ),
+            ));
+        };
+        entries.push(entry);
+    }
+    for (name, entry) in names.iter().zip(&mut entries) {
+        match entry {
+            AnyEntry::Single(e) => finish_entry(e, name, grads, states)?,
+            AnyEntry::Double(e) => finish_entry(e, name, grads, states)?,
+        }
+    }
+    Ok(Prepared { names, entries })
+}
+
+impl<'py> Prepared<'py> {
+    /// Stage 3: writes staged copies back and publishes the state arrays this call created.
+    fn commit(mut self, states: &[StateSpec<'_, 'py>]) -> PyResult<()> {
+        fn finish<'py, T: Element + Copy>(
+            entry: &mut Entry<'py, T>,
+            name: &str,
+            states: &[StateSpec<'_, 'py>],
+        ) -> PyResult<()> {
+            entry.param.write_back();
+            entry.states.iter_mut().for_each(Target::write_back);
+            for (index, array) in entry.created.drain(..) {
+                states[index].dict.set_item(name, array)?;
+            }
+            Ok(())
+        }
+        for (name, entry) in self.names.iter().zip(&mut self.entries) {
+            match entry {
+                AnyEntry::Single(e) => finish(e, name, states)?,
+                AnyEntry::Double(e) => finish(e, name, states)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn norm_error(&self, error: NormError) -> PyErr {
+        match error {
+            NormError::NonFiniteGradient(index) => {
+                let name = &self.names[index];
+                non_finite_error(name, format!("gradient '{name}' contains NaN or infinity"))
+            }
+            NormError::NonFiniteParameter(index) => {
+                let name = &self.names[index];
+                optimizer_error(name, format!("parameter '{name}' contains NaN or infinity"))
+            }
+        }
+    }
+}
+
+/// The lanes of one entry for the kernels: parameter, gradient (if borrowed), states.
+fn entry_lanes<'a, T: Element + Copy>(
+    entry: &'a mut Entry<'_, T>,
+) -> (&'a mut [T], Option<&'a [T]>, Vec<&'a mut [T]>) {
+    let Entry {
+        param,
+        grad,
+        states,
+        ..
+    } = entry;
+    let grad = grad.as_ref().map(Source::slice);
+    let states = states.iter_mut().map(Target::slice).collect();
+    (param.slice(), grad, states)
+}
+
+/// Kernel lanes that carry a gradient (and a parameter): what the read-only pass needs.
+trait WithGradient<T> {
+    fn gradient(&self) -> &[T];
+    fn parameter(&self) -> &[T];
+}
+
+impl<T> WithGradient<T> for kernels::SgdLanes<'_, T> {
+    fn gradient(&self) -> &[T] {
+        self.1
+    }
+    fn parameter(&self) -> &[T] {
+        self.0
+    }
+}
+
+impl<T> WithGradient<T> for kernels::AdamLanes<'_, T> {
+    fn gradient(&self) -> &[T] {
+        self.1
+    }
+    fn parameter(&self) -> &[T] {
+        self.0
+    }
+}
+
+impl<T> WithGradient<T> for kernels::PerturbLanes<'_, T> {
+    fn gradient(&self) -> &[T] {
+        self.1
+    }
+    fn parameter(&self) -> &[T] {
+        self.0
+    }
+}
+
+/// The lanes of the read-only pass, reborrowed from the kernel lanes: gradients, and the
+/// parameters too when they weight the norm (adaptive SAM).
+fn norm_items<S: WithGradient<f32>, D: WithGradient<f64>>(
+    items: &[ByDtype<S, D>],
+    weighted: bool,
+) -> Vec<NormItem<'_>> {
+    items
+        .iter()
+        .map(|item| match item {
+            ByDtype::Single(l) => ByDtype::Single((l.gradient(), weighted.then(|| l.parameter()))),
+            ByDtype::Double(l) => ByDtype::Double((l.gradient(), weighted.then(|| l.parameter()))),
+        })
+        .collect()
+}
+
+/// Clipping and the finiteness check need one read pass over the gradients, done before
+/// anything is written; the norm itself is only computed when norm clipping needs it.
+fn check_gradients<S: WithGradient<f32>, D: WithGradient<f64>>(
+    items: &[ByDtype<S, D>],
+    clip_value: Option<f64>,
+    clip_norm: Option<f64>,
+) -> Result<Clip, NormError> {
+    let grads = norm_items(items, false);
+    match (clip_value, clip_norm) {
+        (Some(c), _) => {
+            norm::check_finite(&grads)?;
+            Ok(Clip::Value(c))
+        }
+        (None, Some(c)) => {
+            let norm = norm::global_norm(&grads, 0.0)?;
+            Ok(if norm > c {
+                Clip::Scale(c / norm)
+            } else {
+                Clip::Off
+            })
+        }
+        (None, None) => {
+            norm::check_finite(&grads)?;
+            Ok(Clip::Off)
+        }
+    }
+}
+
+/// Builds one kernel's lanes for every entry, in name order.
+fn lanes_of<'a, S, D>(
+    prepared: &'a mut Prepared<'_>,
+    single: impl Fn(&'a mut Entry<'_, f32>) -> S,
+    double: impl Fn(&'a mut Entry<'_, f64>) -> D,
+) -> Vec<ByDtype<S, D>> {
+    prepared
+        .entries
+        .iter_mut()
+        .map(|entry| match entry {
+            AnyEntry::Single(e) => ByDtype::Single(single(e)),
+            AnyEntry::Double(e) => ByDtype::Double(double(e)),
+        })
+        .collect()
+}
+
+/// Splits a list of per-entry state slices into the fixed number a kernel expects.
+fn take_states<const N: usize, T>(states: Vec<&mut [T]>) -> [&mut [T]; N] {
+    states
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one slice per state spec"))
+}
+
+#[pyfunction]
+#[pyo3(signature = (params, grads, velocity, saved, lr, momentum, clip_value, clip_norm))]
+#[allow(clippy::too_many_arguments)]
+fn sgd_step(
+    py: Python<'_>,
+    params: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+    velocity: &Bound<'_, PyDict>,
+    saved: Option<&Bound<'_, PyDict>>,
+    lr: f64,
+    momentum: f64,
+    clip_value: Option<f64>,
+    clip_norm: Option<f64>,
+) -> PyResult<()> {
+    let mut states = vec![StateSpec {
+        dict: velocity,
+        prefix: "velocity_",
+        policy: Policy::Lazy,
+    }];
+    if let Some(saved) = saved {
+        states.push(StateSpec {
+            dict: saved,
+            prefix: "saved_",
+            policy: Policy::Required,
+        });
+    }
+    let mut prepared = prepare(params, Some(grads), &states)?;
+    let items = lanes_of(&mut prepared, sgd_lanes, sgd_lanes);
+    let outcome = py.detach(move || -> Result<(), NormError> {
+        let clip = check_gradients(&items, clip_value, clip_norm)?;
+        let step = kernels::SgdStep { lr, momentum, clip };
+        for_each(items, |piece| match piece {
+            ByDtype::Single(lanes) => kernels::sgd(lanes, &step),
+            ByDtype::Double(lanes) => kernels::sgd(lanes, &step),
+        });
+        Ok(())
+    });
+    outcome.map_err(|error| prepared.norm_error(error))?;
+    prepared.commit(&states)
+}
+
+fn sgd_lanes<'a, T: Element + Real>(entry: &'a mut Entry<'_, T>) -> kernels::SgdLanes<'a, T> {
+    let (param, grad, states) = entry_lanes(entry);
+    let grad = grad.expect("gradients were borrowed");
+    match states.len() {
+        1 => {
+            let [velocity] = take_states(states);
+            (param, grad, velocity, None)
+        }
+        _ => {
+            let [velocity, saved] = take_states(states);
+            (param, grad, velocity, Some(&*saved))
+        }
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (params, grads, m, v, saved, lr_t, beta1, beta2, epsilon, decay, clip_value, clip_norm))]
+#[allow(clippy::too_many_arguments)]
+fn adam_step(
+    py: Python<'_>,
+    params: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+    m: &Bound<'_, PyDict>,
+    v: &Bound<'_, PyDict>,
+    saved: Option<&Bound<'_, PyDict>>,
+    lr_t: f64,
+    beta1: f64,
+    beta2: f64,
+    epsilon: f64,
+    decay: f64,
+    clip_value: Option<f64>,
+    clip_norm: Option<f64>,
+) -> PyResult<()> {
+    let mut states = vec![
+        StateSpec {
+            dict: m,
+            prefix: "m_",
+            policy: Policy::Lazy,
+        },
+        StateSpec {
+            dict: v,
+            prefix: "v_",
+            policy: Policy::Lazy,
+        },
+    ];
+    if let Some(saved) = saved {
+        states.push(StateSpec {
+            dict: saved,
+            prefix: "saved_",
+            policy: Policy::Required,
+        });
+    }
+    let mut prepared = prepare(params, Some(grads), &states)?;
+    let items = lanes_of(&mut prepared, adam_lanes, adam_lanes);
+    let outcome = py.detach(move || -> Result<(), NormError> {
+        let clip = check_gradients(&items, clip_value, clip_norm)?;
+        let step = kernels::AdamStep {
+            lr_t,
+            beta1,
+            beta2,
+            epsilon,
+            decay,
+            clip,
+        };
+        for_each(items, |piece| match piece {
+            ByDtype::Single(lanes) => kernels::adam(lanes, &step),
+            ByDtype::Double(lanes) => kernels::adam(lanes, &step),
+        });
+        Ok(())
+    });
+    outcome.map_err(|error| prepared.norm_error(error))?;
+    prepared.commit(&states)
+}
+
+fn adam_lanes<'a, T: Element + Real>(entry: &'a mut Entry<'_, T>) -> kernels::AdamLanes<'a, T> {
+    let (param, grad, states) = entry_lanes(entry);
+    let grad = grad.expect("gradients were borrowed");
+    match states.len() {
+        2 => {
+            let [m, v] = take_states(states);
+            (param, grad, m, v, None)
+        }
+        _ => {
+            let [m, v, saved] = take_states(states);
+            (param, grad, m, v, Some(&*saved))
+        }
+    }
+}
+
+/// SAM's first phase. Returns whether the parameters moved (false when the norm is zero).
+#[pyfunction]
+#[pyo3(signature = (params, grads, saved, rho, adaptive, eta))]
+fn sam_perturb(
+    py: Python<'_>,
+    params: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+    saved: &Bound<'_, PyDict>,
+    rho: f64,
+    adaptive: bool,
+    eta: f64,
+) -> PyResult<bool> {
+    let states = [StateSpec {
+        dict: saved,
+        prefix: "saved_",
+        policy: Policy::Scratch,
+    }];
+    let mut prepared = prepare(params, Some(grads), &states)?;
+    let items = lanes_of(&mut prepared, perturb_lanes, perturb_lanes);
+    let outcome = py.detach(move || -> Result<bool, NormError> {
+        let norm = norm::global_norm(&norm_items(&items, adaptive), eta)?;
+        if norm == 0.0 {
+            return Ok(false);
+        }
+        let scale = rho / norm;
+        let ascent = if adaptive {
+            Ascent::Adaptive { scale, eta }
+        } else {
+            Ascent::Plain { scale }
+        };
+        for_each(items, |piece| match piece {
+            ByDtype::Single(lanes) => kernels::perturb(lanes, &ascent),
+            ByDtype::Double(lanes) => kernels::perturb(lanes, &ascent),
+        });
+        Ok(true)
+    });
+    let moved = outcome.map_err(|error| prepared.norm_error(error))?;
+    if moved {
+        prepared.commit(&states)?;
+    }
+    Ok(moved)
+}
+
+fn perturb_lanes<'a, T: Element + Real>(
+    entry: &'a mut Entry<'_, T>,
+) -> kernels::PerturbLanes<'a, T> {
+    let (param, grad, states) = entry_lanes(entry);
+    let [saved] = take_states(states);
+    (param, grad.expect("gradients were borrowed"), saved)
+}
+
+/// Puts every parameter back to its saved value; with `swap`, the saved buffers receive
+/// the values the parameters had, so a second swap undoes the first.
+#[pyfunction]
+#[pyo3(signature = (params, saved, swap))]
+fn restore(
+    py: Python<'_>,
+    params: &Bound<'_, PyDict>,
+    saved: &Bound<'_, PyDict>,
+    swap: bool,
+) -> PyResult<()> {
+    let states = [StateSpec {
+        dict: saved,
+        prefix: "saved_",
+        policy: Policy::Required,
+    }];
+    let mut prepared = prepare(params, None, &states)?;
+    let items = lanes_of(&mut prepared, restore_lanes, restore_lanes);
+    py.detach(move || {
+        if swap {
+            for_each(items, |piece| match piece {
+                ByDtype::Single(lanes) => kernels::swap(lanes),
+                ByDtype::Double(lanes) => kernels::swap(lanes),
+            });
+        } else {
+            for_each(items, |piece| match piece {
+                ByDtype::Single(lanes) => kernels::restore(lanes),
+                ByDtype::Double(lanes) => kernels::restore(lanes),
+            });
+        }
+    });
+    prepared.commit(&states)
+}
+
+fn restore_lanes<'a, T: Element + Real>(
+    entry: &'a mut Entry<'_, T>,
+) -> kernels::RestoreLanes<'a, T> {
+    let (param, _, states) = entry_lanes(entry);
+    let [saved] = take_states(states);
+    (param, saved)
+}
+
+/// A read-only gradient of any real float dtype, as f32 or f64 lanes for a norm.
+enum NormSource<'py> {
+    Single(Source<'py, f32>),
+    Double(Source<'py, f64>),
+}
+
+fn borrow_for_norm<'py>(
+    array: &Bound<'py, PyUntypedArray>,
+    name: &str,
+) -> PyResult<NormSource<'py>> {
+    let array = if is_float_dtype::<f32>(array) || is_float_dtype::<f64>(array) {
+        array.clone()
+    } else if array.dtype().kind() == b'f' && array.dtype().itemsize() == 2 {
+        // float16 widens to float32 exactly.
+        let widened = array.call_method1("astype", (numpy::dtype::<f32>(array.py()),))?;
+        widened
+            .cast_into::<PyUntypedArray>()
+            .expect("astype returns an ndarray")
+    } else {
+        return Err(optimizer_error(
+            name,
+            format!(
+                "gradient '{name}' has unsupported dtype {} (expected float16, float32 or \
+                 float64)",
+                dtype_name(array)
+            ),
+        ));
+    };
+    // Any contiguous layout will do for a norm; anything else is gathered in C order.
+    let order = Order::of(&array);
+    if is_float_dtype::<f32>(&array) {
+        let typed = array.cast::<PyArrayDyn<f32>>().expect("dtype checked");
+        let guard = typed
+            .try_readonly()
+            .map_err(|e| borrow_conflict("gradient", name, e))?;
+        Ok(NormSource::Single(Source::new(guard, order)))
+    } else {
+        let typed = array.cast::<PyArrayDyn<f64>>().expect("dtype checked");
+        let guard = typed
+            .try_readonly()
+            .map_err(|e| borrow_conflict("gradient", name, e))?;
+        Ok(NormSource::Double(Source::new(guard, order)))
+    }
+}
+
+/// `compute_gradient_norm`: the global L2 norm of a dict of gradients, NaN if any element
+/// is NaN, infinity if any is infinite.
+#[pyfunction]
+fn gradient_norm(py: Python<'_>, grads: &Bound<'_, PyDict>) -> PyResult<f64> {
+    let names = sorted_names(grads)?;
+    let mut sources = Vec::with_capacity(names.len());
+    for name in &names {
+        let object = grads.get_item(name)?.expect("name taken from the dict");
+        sources.push(borrow_for_norm(
+            &as_array(&object, "gradient", name)?,
+            name,
+        )?);
+    }
+    let items: Vec<NormItem<'_>> = sources
+        .iter()
+        .map(|source| match source {
+            NormSource::Single(s) => ByDtype::Single((s.slice(), None)),
+            NormSource::Double(s) => ByDtype::Double((s.slice(), None)),
+        })
+        .collect();
+    Ok(py.detach(|| match norm::global_norm(&items, 0.0) {
+        Ok(norm) => norm,
+        Err(_) if norm::any_nan(&items) => f64::NAN,
+        Err(_) => f64::INFINITY,
+    }))
+}
+
+#[pymodule]
+fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_function(wrap_pyfunction!(sgd_step, module)?)?;
+    module.add_function(wrap_pyfunction!(adam_step, module)?)?;
+    module.add_function(wrap_pyfunction!(sam_perturb, module)?)?;
+    module.add_function(wrap_pyfunction!(restore, module)?)?;
+    module.add_function(wrap_pyfunction!(gradient_norm, module)?)?;
+    Ok(())
+}

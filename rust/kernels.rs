@@ -1,0 +1,257 @@
+//! Fused element-wise updates over flat slices. Each element's streams are read and written
+//! once; arithmetic is done in f64 whatever the storage type, and rounded once on store.
+
+/// A parameter storage type: f32 or f64.
+pub trait Real: Copy + Send + Sync + 'static {
+    fn to_f64(self) -> f64;
+    fn from_f64(x: f64) -> Self;
+}
+
+impl Real for f32 {
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+}
+
+impl Real for f64 {
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+}
+
+/// Gradient clipping, resolved to what happens to one element: norm clipping becomes a
+/// global factor once the global norm is known.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Clip {
+    Off,
+    Value(f64),
+    Scale(f64),
+}
+
+impl Clip {
+    #[inline(always)]
+    fn apply(self, g: f64) -> f64 {
+        match self {
+            Clip::Off => g,
+            Clip::Value(c) => g.clamp(-c, c),
+            Clip::Scale(factor) => g * factor,
+        }
+    }
+}
+
+/// Parameter, gradient, velocity, and where the step starts from: `None` is the parameter
+/// itself, `Some(saved)` is SAM's saved value, so the restore costs no pass of its own.
+pub type SgdLanes<'a, T> = (&'a mut [T], &'a [T], &'a mut [T], Option<&'a [T]>);
+
+#[derive(Clone, Copy, Debug)]
+pub struct SgdStep {
+    pub lr: f64,
+    pub momentum: f64,
+    pub clip: Clip,
+}
+
+/// `v ← μ·v + lr·g ; p ← p_start − v`.
+pub fn sgd<T: Real>((p, g, velocity, start): SgdLanes<'_, T>, step: &SgdStep) {
+    let n = p.len();
+    let (g, velocity) = (&g[..n], &mut velocity[..n]);
+    let start = start.map(|s| &s[..n]);
+    for i in 0..n {
+        let gi = step.clip.apply(g[i].to_f64());
+        let vi = step.momentum * velocity[i].to_f64() + step.lr * gi;
+        let p0 = start.map_or(p[i], |s| s[i]).to_f64();
+        velocity[i] = T::from_f64(vi);
+        p[i] = T::from_f64(p0 - vi);
+    }
+}
+
+/// Parameter, gradient, first moment, second moment, start (as for SGD).
+pub type AdamLanes<'a, T> = (
+    &'a mut [T],
+    &'a [T],
+    &'a mut [T],
+    &'a mut [T],
+    Option<&'a [T]>,
+);
+
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep {
+    /// The bias-corrected step size `lr·√(1−β2^t)/(1−β1^t)`.
+    pub lr_t: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub epsilon: f64,
+    /// `lr·weight_decay` for AdamW's decoupled decay; 0 for Adam.
+    pub decay: f64,
+    pub clip: Clip,
+}
+
+/// `m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g² ; p ← p_start − lr_t·m/(√v+ε) − decay·p_start`.
+pub fn adam<T: Real>((p, g, m, v, start): AdamLanes<'_, T>, step: &AdamStep) {
+    let n = p.len();
+    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+    let start = start.map(|s| &s[..n]);
+    let (b1, b2) = (step.beta1, step.beta2);
+    for i in 0..n {
+        let gi = step.clip.apply(g[i].to_f64());
+        let mi = b1 * m[i].to_f64() + (1.0 - b1) * gi;
+        let vi = b2 * v[i].to_f64() + (1.0 - b2) * gi * gi;
+        let p0 = start.map_or(p[i], |s| s[i]).to_f64();
+        m[i] = T::from_f64(mi);
+        v[i] = T::from_f64(vi);
+        p[i] = T::from_f64(p0 - step.lr_t * mi / (vi.sqrt() + step.epsilon) - step.decay * p0);
+    }
+}
+
+/// Parameter, gradient, and the buffer that receives the parameter's value before the move.
+pub type PerturbLanes<'a, T> = (&'a mut [T], &'a [T], &'a mut [T]);
+
+/// SAM's ascent `e`: plain `ρ·g/n`, or adaptive `ρ·T²⊙g/n` with `T = |p| + eta`.
+#[derive(Clone, Copy, Debug)]
+pub enum Ascent {
+    /// `ρ/n`.
+    Plain { scale: f64 },
+    /// `ρ/n` and eta.
+    Adaptive { scale: f64, eta: f64 },
+}
+
+/// `saved ← p ; p ← p + e`.
+pub fn perturb<T: Real>((p, g, saved): PerturbLanes<'_, T>, ascent: &Ascent) {
+    let n = p.len();
+    let (g, saved) = (&g[..n], &mut saved[..n]);
+    match *ascent {
+        Ascent::Plain { scale } => {
+            for i in 0..n {
+                saved[i] = p[i];
+                p[i] = T::from_f64(p[i].to_f64() + scale * g[i].to_f64());
+            }
+        }
+        Ascent::Adaptive { scale, eta } => {
+            for i in 0..n {
+                saved[i] = p[i];
+                let pi = p[i].to_f64();
+                let t = pi.abs() + eta;
+                p[i] = T::from_f64(pi + scale * t * t * g[i].to_f64());
+            }
+        }
+    }
+}
+
+/// Parameter and its saved value.
+pub type RestoreLanes<'a, T> = (&'a mut [T], &'a mut [T]);
+
+/// `p ← saved`, bit for bit.
+pub fn restore<T: Real>((p, saved): RestoreLanes<'_, T>) {
+    p.copy_from_slice(&saved[..p.len()]);
+}
+
+/// `p ↔ saved`: puts the saved values back while keeping the perturbed ones, so that a
+/// failing step of a foreign base optimizer can be undone by swapping again.
+pub fn swap<T: Real>((p, saved): RestoreLanes<'_, T>) {
+    let n = p.len();
+    p.swap_with_slice(&mut saved[..n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sgd_matches_formula_and_starts_from_saved() {
+        let mut p = [1.0f64, -2.0];
+        let g = [0.5f64, 4.0];
+        let mut vel = [0.1f64, 0.0];
+        let saved = [10.0f64, 20.0];
+        let step = SgdStep {
+            lr: 0.1,
+            momentum: 0.9,
+            clip: Clip::Value(1.0),
+        };
+        sgd((&mut p, &g, &mut vel, Some(&saved)), &step);
+        let v0 = 0.9 * 0.1 + 0.1 * 0.5;
+        let v1 = 0.1 * 1.0;
+        assert_eq!(vel, [v0, v1]);
+        assert_eq!(p, [10.0 - v0, 20.0 - v1]);
+    }
+
+    #[test]
+    fn adamw_matches_formula() {
+        let (lr, wd, b1, b2, eps) = (0.01, 0.1, 0.9, 0.999, 1e-8);
+        let lr_t = lr * (1.0f64 - b2).sqrt() / (1.0 - b1);
+        let mut p = [2.0f64];
+        let g = [3.0f64];
+        let (mut m, mut v) = ([0.0f64], [0.0f64]);
+        let step = AdamStep {
+            lr_t,
+            beta1: b1,
+            beta2: b2,
+            epsilon: eps,
+            decay: lr * wd,
+            clip: Clip::Scale(0.5),
+        };
+        adam((&mut p, &g, &mut m, &mut v, None), &step);
+        let gc = 1.5;
+        let (m1, v1) = ((1.0 - b1) * gc, (1.0 - b2) * gc * gc);
+        assert_eq!(m[0], m1);
+        assert_eq!(v[0], v1);
+        let expected = 2.0 - lr_t * m1 / (v1.sqrt() + eps) - lr * wd * 2.0;
+        assert!((p[0] - expected).abs() <= 1e-15 * expected.abs());
+    }
+
+    #[test]
+    fn f32_storage_computes_in_f64_and_rounds_once() {
+        let mut p = [1.0f32];
+        let g = [1.0e-8f32];
+        let mut vel = [0.0f32];
+        let step = SgdStep {
+            lr: 1.0,
+            momentum: 0.0,
+            clip: Clip::Off,
+        };
+        sgd((&mut p, &g, &mut vel, None), &step);
+        assert_eq!(p[0], (1.0f64 - f64::from(1.0e-8f32)) as f32);
+    }
+
+    #[test]
+    fn perturb_then_restore_is_bitwise_exact() {
+        let original: Vec<f32> = (0..101).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+        let g: Vec<f32> = (0..101).map(|i| (i as f32 * 1.3).cos()).collect();
+        let mut p = original.clone();
+        let mut saved = vec![0.0f32; 101];
+        perturb(
+            (&mut p, &g, &mut saved),
+            &Ascent::Adaptive {
+                scale: 0.05,
+                eta: 0.01,
+            },
+        );
+        assert_ne!(p, original);
+        restore((&mut p, &mut saved));
+        assert_eq!(p, original);
+    }
+
+    #[test]
+    fn swap_twice_is_identity() {
+        let mut p = vec![1.0f64, 2.0];
+        let mut saved = vec![3.0f64, 4.0];
+        swap((&mut p, &mut saved));
+        assert_eq!(
+            (p.as_slice(), saved.as_slice()),
+            (&[3.0, 4.0][..], &[1.0, 2.0][..])
+        );
+        swap((&mut p, &mut saved));
+        assert_eq!(
+            (p.as_slice(), saved.as_slice()),
+            (&[1.0, 2.0][..], &[3.0, 4.0][..])
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! Deterministic parallel scheduling over many arrays at once.
+//!
+//! Every array of a call contributes one item (a tuple of equally long slices, one per
+//! stream). The items are laid end to end and cut into tasks of `CHUNK_LEN` elements, so a
+//! task may span several small arrays or cover part of a large one. The cut depends only on
+//! the array sizes and their (sorted) order, never on the thread count, which is what makes
+//! reductions reproducible: per-task partial sums are combined in task order.
+
+use rayon::prelude::*;
+
+/// Elements per task: large enough to amortise scheduling, small enough that a 2-core
+/// machine stays balanced on a few hundred thousand elements.
+pub const CHUNK_LEN: usize = 1 << 15;
+
+/// A value that can be cut in two at an element index, like a slice.
+pub trait Split: Sized {
+    fn split_at(self, mid: usize) -> (Self, Self);
+}
+
+/// A set of parallel streams of equal length; the first stream gives the length.
+pub trait Lanes: Split + Send {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<T> Split for &mut [T] {
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        self.split_at_mut(mid)
+    }
+}
+
+impl<T> Split for &[T] {
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        <[T]>::split_at(self, mid)
+    }
+}
+
+impl<A: Split> Split for Option<A> {
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        match self {
+            Some(a) => {
+                let (head, tail) = a.split_at(mid);
+                (Some(head), Some(tail))
+            }
+            None => (None, None),
+        }
+    }
+}
+
+impl<T: Send> Lanes for &mut [T] {
+    fn len(&self) -> usize {
+        <[T]>::len(self)
+    }
+}
+
+impl<T: Sync> Lanes for &[T] {
+    fn len(&self) -> usize {
+        <[T]>::len(self)
+    }
+}
+
+macro_rules! tuple_lanes {
+    ($first:ident $(, $rest:ident)*) => {
+        #[allow(non_snake_case)]
+        impl<$first: Split $(, $rest: Split)*> Split for ($first, $($rest,)*) {
+            fn split_at(self, mid: usize) -> (Self, Self) {
+                let ($first, $($rest,)*) = self;
+                let $first = $first.split_at(mid);
+                $(let $rest = $rest.split_at(mid);)*
+                (($first.0, $($rest.0,)*), ($first.1, $($rest.1,)*))
+            }
+        }
+        impl<$first: Lanes $(, $rest: Split + Send)*> Lanes for ($first, $($rest,)*) {
+            fn len(&self) -> usize {
+                self.0.len()
+            }
+        }
+    };
+}
+tuple_lanes!(A, B);
+tuple_lanes!(A, B, C);
+tuple_lanes!(A, B, C, D);
+tuple_lanes!(A, B, C, D, E);
+
+/// The same streams for a float32 or a float64 parameter: one call may mix both.
+#[derive(Clone, Copy, Debug)]
+pub enum ByDtype<S, D> {
+    Single(S),
+    Double(D),
+}
+
+impl<S: Split, D: Split> Split for ByDtype<S, D> {
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        match self {
+            ByDtype::Single(s) => {
+                let (head, tail) = s.split_at(mid);
+                (ByDtype::Single(head), ByDtype::Single(tail))
+            }
+            ByDtype::Double(d) => {
+                let (head, tail) = d.split_at(mid);
+                (ByDtype::Double(head), ByDtype::Double(tail))
+            }
+        }
+    }
+}
+
+impl<S: Lanes, D: Lanes> Lanes for ByDtype<S, D> {
+    fn len(&self) -> usize {
+        match self {
+            ByDtype::Single(s) => s.len(),
+            ByDtype::Double(d) => d.len(),
+        }
+    }
+}
+
+/// Cuts the items, laid end to end in the given order, into tasks of `CHUNK_LEN` elements
+/// (the last one shorter). Empty items are dropped.
+pub fn into_tasks<L: Lanes>(items: impl IntoIterator<Item = L>) -> Vec<Vec<L>> {
+    let mut tasks = Vec::new();
+    let mut current = Vec::new();
+    let mut room = CHUNK_LEN;
+    for mut item in items {
+        while item.len() > room {
+            let (head, tail) = item.split_at(room);
+            current.push(head);
+            tasks.push(std::mem::take(&mut current));
+            room = CHUNK_LEN;
+            item = tail;
+        }
+        if item.is_empty() {
+            continue;
+        }
+        room -= item.len();
+        current.push(item);
+        if room == 0 {
+            tasks.push(std::mem::take(&mut current));
+            room = CHUNK_LEN;
+        }
+    }
+    if !current.is_empty() {
+        tasks.push(current);
+    }
+    tasks
+}
+
+/// Applies `kernel` to every piece of every item, in parallel over tasks. A single task runs
+/// on the calling thread: handing a tiny call to the pool costs more than the work.
+pub fn for_each<L, F>(items: impl IntoIterator<Item = L>, kernel: F)
+where
+    L: Lanes,
+    F: Fn(L) + Sync + Send,
+{
+    let mut tasks = into_tasks(items);
+    if tasks.len() <= 1 {
+        tasks.pop().into_iter().flatten().for_each(kernel);
+    } else {
+        tasks
+            .into_par_iter()
+            .for_each(|task| task.into_iter().for_each(&kernel));
+    }
+}
+
+/// Sums `partial(piece)` over every piece, reproducibly: pieces are summed in order within a
+/// task and task totals in task order, whatever thread ran them.
+pub fn ordered_sum<L, F>(items: impl IntoIterator<Item = L>, partial: F) -> f64
+where
+    L: Lanes,
+    F: Fn(L) -> f64 + Sync + Send,
+{
+    let task_total = |task: Vec<L>| task.into_iter().map(&partial).fold(0.0, |acc, x| acc + x);
+    let tasks = into_tasks(items);
+    if tasks.len() <= 1 {
+        return tasks
+            .into_iter()
+            .map(task_total)
+            .fold(0.0, |acc, x| acc + x);
+    }
+    let totals: Vec<f64> = tasks.into_par_iter().map(task_total).collect();
+    totals.into_iter().fold(0.0, |acc, x| acc + x)
+}
+
+/// The largest `measure(piece)` over every piece (order-free, hence reproducible).
+pub fn max_of<L, F>(items: impl IntoIterator<Item = L>, measure: F) -> f64
+where
+    L: Lanes,
+    F: Fn(L) -> f64 + Sync + Send,
+{
+    into_tasks(items)
+        .into_par_iter()
+        .flat_map_iter(|task| task.into_iter().map(&measure))
+        .reduce(|| 0.0, f64::max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_cover_every_element_once_in_order() {
+        let sizes = [0, 5, CHUNK_LEN - 3, 2 * CHUNK_LEN + 7, 1, 0, 3];
+        let data: Vec<Vec<u32>> = sizes
+            .iter()
+            .scan(0u32, |next, &n| {
+                let v: Vec<u32> = (*next..*next + n as u32).collect();
+                *next += n as u32;
+                Some(v)
+            })
+            .collect();
+        let tasks = into_tasks(data.iter().map(|v| v.as_slice()));
+        let flat: Vec<u32> = tasks
+            .iter()
+            .flatten()
+            .flat_map(|s| s.iter().copied())
+            .collect();
+        let total: usize = sizes.iter().sum();
+        assert_eq!(flat, (0..total as u32).collect::<Vec<_>>());
+        for (i, task) in tasks.iter().enumerate() {
+            let len: usize = task.iter().map(|s| s.len()).sum();
+            if i + 1 < tasks.len() {
+                assert_eq!(len, CHUNK_LEN);
+            } else {
+                assert!(len <= CHUNK_LEN && len > 0);
+            }
+        }
+    }
+
+    #[test]
+    fn for_each_writes_all_streams_of_all_items() {
+        let mut a = vec![0.0f64; 3 * CHUNK_LEN + 11];
+        let mut b = vec![0.0f64; 17];
+        let src_a: Vec<f64> = (0..a.len()).map(|i| i as f64).collect();
+        let src_b: Vec<f64> = (0..b.len()).map(|i| -(i as f64)).collect();
+        let items = vec![
+            (a.as_mut_slice(), src_a.as_slice()),
+            (b.as_mut_slice(), src_b.as_slice()),
+        ];
+        for_each(items, |(dst, src): (&mut [f64], &[f64])| {
+            dst.copy_from_slice(src)
+        });
+        assert_eq!(a, src_a);
+        assert_eq!(b, src_b);
+    }
+
+    #[test]
+    fn ordered_sum_matches_task_order_sum_and_is_stable() {
+        let v: Vec<f64> = (0..5 * CHUNK_LEN + 3)
+            .map(|i| 1.0 / (1.0 + i as f64))
+            .collect();
+        let sum = |s: &[f64]| s.iter().sum::<f64>();
+        let expected = into_tasks([v.as_slice()])
+            .into_iter()
+            .map(|task| task.into_iter().map(sum).fold(0.0, |a, x| a + x))
+            .fold(0.0, |a, x| a + x);
+        for _ in 0..5 {
+            assert_eq!(
+                ordered_sum([v.as_slice()], sum).to_bits(),
+                expected.to_bits()
+            );
+        }
+    }
+
+    #[test]
+    fn mixed_dtypes_split_within_their_variant() {
+        let x32 = vec![1.0f32; CHUNK_LEN + 1];
+        let x64 = vec![2.0f64; 3];
+        let items: Vec<ByDtype<&[f32], &[f64]>> =
+            vec![ByDtype::Single(&x32), ByDtype::Double(&x64)];
+        let total = ordered_sum(items, |piece| match piece {
+            ByDtype::Single(s) => s.iter().map(|&x| f64::from(x)).sum(),
+            ByDtype::Double(d) => d.iter().sum(),
+        });
+        assert_eq!(total, (CHUNK_LEN + 1) as f64 + 6.0);
+    }
+}
