@@ -18,8 +18,8 @@ use numpy::{
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
-use crate::kernels::{self, Ascent, Clip, Real};
-use crate::norm::{self, NormError, NormItem};
+use crate::kernels::{self, Ascent, Clip, Mix, Real};
+use crate::norm::{self, DotItem, NormError, NormItem};
 use crate::parallel::{for_each, ByDtype};
 
 pyo3::import_exception!(samopt._errors, OptimizerError);
@@ -523,18 +523,21 @@ fn entry_lanes<'a, T: Element + Copy>(
     (param.slice(), grad, states)
 }
 
-/// Kernel lanes that carry a gradient (and a parameter): what the read-only pass needs.
+/// Kernel lanes that carry a gradient: what the read-only pass before the writes needs.
 trait WithGradient<T> {
     fn gradient(&self) -> &[T];
-    fn parameter(&self) -> &[T];
+    /// GSAM's `g0`, when the update mixes it in.
+    fn reference(&self) -> Option<&[T]> {
+        None
+    }
 }
 
 impl<T> WithGradient<T> for kernels::SgdLanes<'_, T> {
     fn gradient(&self) -> &[T] {
         self.1
     }
-    fn parameter(&self) -> &[T] {
-        self.0
+    fn reference(&self) -> Option<&[T]> {
+        self.4
     }
 }
 
@@ -542,61 +545,93 @@ impl<T> WithGradient<T> for kernels::AdamLanes<'_, T> {
     fn gradient(&self) -> &[T] {
         self.1
     }
-    fn parameter(&self) -> &[T] {
-        self.0
+    fn reference(&self) -> Option<&[T]> {
+        self.5
     }
 }
 
-impl<T> WithGradient<T> for kernels::PerturbLanes<'_, T> {
+impl<T> WithGradient<T> for kernels::MixLanes<'_, T> {
     fn gradient(&self) -> &[T] {
         self.1
     }
-    fn parameter(&self) -> &[T] {
-        self.0
+    fn reference(&self) -> Option<&[T]> {
+        Some(self.2)
     }
 }
 
-/// The lanes of the read-only pass, reborrowed from the kernel lanes: gradients, and the
-/// parameters too when they weight the norm (adaptive SAM).
-fn norm_items<S: WithGradient<f32>, D: WithGradient<f64>>(
+/// The gradients of the kernel lanes, reborrowed for the read-only pass.
+fn gradient_items<S: WithGradient<f32>, D: WithGradient<f64>>(
     items: &[ByDtype<S, D>],
-    weighted: bool,
 ) -> Vec<NormItem<'_>> {
     items
         .iter()
         .map(|item| match item {
-            ByDtype::Single(l) => ByDtype::Single((l.gradient(), weighted.then(|| l.parameter()))),
-            ByDtype::Double(l) => ByDtype::Double((l.gradient(), weighted.then(|| l.parameter()))),
+            ByDtype::Single(l) => ByDtype::Single((l.gradient(), None)),
+            ByDtype::Double(l) => ByDtype::Double((l.gradient(), None)),
         })
         .collect()
 }
 
-/// Clipping and the finiteness check need one read pass over the gradients, done before
-/// anything is written; the norm itself is only computed when norm clipping needs it.
-fn check_gradients<S: WithGradient<f32>, D: WithGradient<f64>>(
+/// GSAM's mixing inputs: alpha and `‖g0‖` (known from the first step).
+#[derive(Clone, Copy)]
+struct GsamMix {
+    alpha: f64,
+    grad0_norm: f64,
+}
+
+/// GSAM's mix for these lanes: `‖g1‖` (which also checks g1 finite) and the cosine
+/// between g0 and g1 give `a`, `b` and the norm of the mixed gradient.
+fn plan_mix<S: WithGradient<f32>, D: WithGradient<f64>>(
+    items: &[ByDtype<S, D>],
+    gsam: GsamMix,
+) -> Result<(Mix, f64), NormError> {
+    let n0 = gsam.grad0_norm;
+    let n1 = norm::global_norm(&gradient_items(items), 0.0)?;
+    let cos = if n0 > 0.0 && n1 > 0.0 {
+        let pairs: Vec<DotItem<'_>> = items
+            .iter()
+            .map(|item| match item {
+                ByDtype::Single(l) => ByDtype::Single((l.gradient(), reference_of(l))),
+                ByDtype::Double(l) => ByDtype::Double((l.gradient(), reference_of(l))),
+            })
+            .collect();
+        norm::normalised_dot(&pairs, n1, n0)
+    } else {
+        0.0
+    };
+    let mix = kernels::gsam_mix(gsam.alpha, n0, n1, cos);
+    Ok((mix, kernels::mixed_norm(mix, n0, n1, cos)))
+}
+
+fn reference_of<T>(lanes: &impl WithGradient<T>) -> &[T] {
+    lanes.reference().expect("GSAM lanes carry g0")
+}
+
+/// Everything that must hold before a base step writes: finite gradients, and the clipping
+/// and GSAM mix resolved to per-element constants. Reads the gradients once (twice with
+/// GSAM); the global norm is only computed when norm clipping or GSAM needs it.
+fn plan_update<S: WithGradient<f32>, D: WithGradient<f64>>(
     items: &[ByDtype<S, D>],
     clip_value: Option<f64>,
     clip_norm: Option<f64>,
-) -> Result<Clip, NormError> {
-    let grads = norm_items(items, false);
-    match (clip_value, clip_norm) {
-        (Some(c), _) => {
-            norm::check_finite(&grads)?;
-            Ok(Clip::Value(c))
+    gsam: Option<GsamMix>,
+) -> Result<(Clip, Mix), NormError> {
+    let (mix, norm) = match gsam {
+        Some(gsam) => plan_mix(items, gsam)?,
+        None if clip_value.is_none() && clip_norm.is_some() => {
+            (Mix::PLAIN, norm::global_norm(&gradient_items(items), 0.0)?)
         }
-        (None, Some(c)) => {
-            let norm = norm::global_norm(&grads, 0.0)?;
-            Ok(if norm > c {
-                Clip::Scale(c / norm)
-            } else {
-                Clip::Off
-            })
+        None => {
+            norm::check_finite(&gradient_items(items))?;
+            (Mix::PLAIN, f64::NAN)
         }
-        (None, None) => {
-            norm::check_finite(&grads)?;
-            Ok(Clip::Off)
-        }
-    }
+    };
+    let clip = match (clip_value, clip_norm) {
+        (Some(c), _) => Clip::Value(c),
+        (None, Some(c)) if norm > c => Clip::Scale(c / norm),
+        _ => Clip::Off,
+    };
+    Ok((clip, mix))
 }
 
 /// Builds one kernel's lanes for every entry, in name order.
@@ -622,37 +657,111 @@ fn take_states<const N: usize, T>(states: Vec<&mut [T]>) -> [&mut [T]; N] {
         .unwrap_or_else(|_| unreachable!("one slice per state spec"))
 }
 
+/// Where a base step starts from when SAM drives it: the saved values (the restore fused
+/// into the update) and, for GSAM, the kept `g0` with its mixing inputs.
+struct Restart<'a, 'py> {
+    saved: Option<&'a Bound<'py, PyDict>>,
+    gsam: Option<(&'a Bound<'py, PyDict>, GsamMix)>,
+}
+
+impl<'a, 'py> Restart<'a, 'py> {
+    fn new(
+        saved: Option<&'a Bound<'py, PyDict>>,
+        gsam: Option<&'a (Bound<'py, PyDict>, f64, f64)>,
+    ) -> Self {
+        let gsam = gsam.map(|(dict, alpha, grad0_norm)| {
+            let mix = GsamMix {
+                alpha: *alpha,
+                grad0_norm: *grad0_norm,
+            };
+            (dict, mix)
+        });
+        Restart { saved, gsam }
+    }
+
+    /// The optimizer's own state specs followed by the restart's.
+    fn specs(&self, mut own: Vec<StateSpec<'a, 'py>>) -> Vec<StateSpec<'a, 'py>> {
+        if let Some(saved) = self.saved {
+            own.push(StateSpec {
+                dict: saved,
+                prefix: "saved_",
+                policy: Policy::Required,
+            });
+        }
+        if let Some((grad0, _)) = self.gsam {
+            own.push(StateSpec {
+                dict: grad0,
+                prefix: "grad0_",
+                policy: Policy::Required,
+            });
+        }
+        own
+    }
+
+    fn flags(&self) -> (bool, bool) {
+        (self.saved.is_some(), self.gsam.is_some())
+    }
+}
+
+/// An entry's own state slices, then its saved values and its g0 when the step has them.
+type RestartSlices<'a, T> = (Vec<&'a mut [T]>, Option<&'a [T]>, Option<&'a [T]>);
+
+/// Takes the restart's slices (saved, g0) off the end of an entry's state slices.
+fn split_restart<T>(
+    mut states: Vec<&mut [T]>,
+    (has_saved, has_grad0): (bool, bool),
+) -> RestartSlices<'_, T> {
+    let grad0 = if has_grad0 {
+        states.pop().map(|s| &*s)
+    } else {
+        None
+    };
+    let saved = if has_saved {
+        states.pop().map(|s| &*s)
+    } else {
+        None
+    };
+    (states, saved, grad0)
+}
+
 #[pyfunction]
-#[pyo3(signature = (params, grads, velocity, saved, lr, momentum, clip_value, clip_norm))]
+#[pyo3(signature = (params, grads, velocity, saved, gsam, lr, momentum, clip_value, clip_norm))]
 #[allow(clippy::too_many_arguments)]
-fn sgd_step(
-    py: Python<'_>,
-    params: &Bound<'_, PyDict>,
-    grads: &Bound<'_, PyDict>,
-    velocity: &Bound<'_, PyDict>,
-    saved: Option<&Bound<'_, PyDict>>,
+fn sgd_step<'py>(
+    py: Python<'py>,
+    params: &Bound<'py, PyDict>,
+    grads: &Bound<'py, PyDict>,
+    velocity: &Bound<'py, PyDict>,
+    saved: Option<&Bound<'py, PyDict>>,
+    gsam: Option<(Bound<'py, PyDict>, f64, f64)>,
     lr: f64,
     momentum: f64,
     clip_value: Option<f64>,
     clip_norm: Option<f64>,
 ) -> PyResult<()> {
-    let mut states = vec![StateSpec {
+    let restart = Restart::new(saved, gsam.as_ref());
+    let own = vec![StateSpec {
         dict: velocity,
         prefix: "velocity_",
         policy: Policy::Lazy,
     }];
-    if let Some(saved) = saved {
-        states.push(StateSpec {
-            dict: saved,
-            prefix: "saved_",
-            policy: Policy::Required,
-        });
-    }
+    let states = restart.specs(own);
     let mut prepared = prepare(params, Some(grads), &states)?;
-    let items = lanes_of(&mut prepared, sgd_lanes, sgd_lanes);
+    let flags = restart.flags();
+    let items = lanes_of(
+        &mut prepared,
+        |e| sgd_lanes(e, flags),
+        |e| sgd_lanes(e, flags),
+    );
+    let gsam = restart.gsam.map(|(_, mix)| mix);
     let outcome = py.detach(move || -> Result<(), NormError> {
-        let clip = check_gradients(&items, clip_value, clip_norm)?;
-        let step = kernels::SgdStep { lr, momentum, clip };
+        let (clip, mix) = plan_update(&items, clip_value, clip_norm, gsam)?;
+        let step = kernels::SgdStep {
+            lr,
+            momentum,
+            clip,
+            mix,
+        };
         for_each(items, |piece| match piece {
             ByDtype::Single(lanes) => kernels::sgd(lanes, &step),
             ByDtype::Double(lanes) => kernels::sgd(lanes, &step),
@@ -663,31 +772,33 @@ fn sgd_step(
     prepared.commit(&states)
 }
 
-fn sgd_lanes<'a, T: Element + Real>(entry: &'a mut Entry<'_, T>) -> kernels::SgdLanes<'a, T> {
+fn sgd_lanes<'a, T: Element + Real>(
+    entry: &'a mut Entry<'_, T>,
+    flags: (bool, bool),
+) -> kernels::SgdLanes<'a, T> {
     let (param, grad, states) = entry_lanes(entry);
-    let grad = grad.expect("gradients were borrowed");
-    match states.len() {
-        1 => {
-            let [velocity] = take_states(states);
-            (param, grad, velocity, None)
-        }
-        _ => {
-            let [velocity, saved] = take_states(states);
-            (param, grad, velocity, Some(&*saved))
-        }
-    }
+    let (own, saved, grad0) = split_restart(states, flags);
+    let [velocity] = take_states(own);
+    (
+        param,
+        grad.expect("gradients were borrowed"),
+        velocity,
+        saved,
+        grad0,
+    )
 }
 
 #[pyfunction]
-#[pyo3(signature = (params, grads, m, v, saved, lr_t, beta1, beta2, epsilon, decay, clip_value, clip_norm))]
+#[pyo3(signature = (params, grads, m, v, saved, gsam, lr_t, beta1, beta2, epsilon, decay, clip_value, clip_norm))]
 #[allow(clippy::too_many_arguments)]
-fn adam_step(
-    py: Python<'_>,
-    params: &Bound<'_, PyDict>,
-    grads: &Bound<'_, PyDict>,
-    m: &Bound<'_, PyDict>,
-    v: &Bound<'_, PyDict>,
-    saved: Option<&Bound<'_, PyDict>>,
+fn adam_step<'py>(
+    py: Python<'py>,
+    params: &Bound<'py, PyDict>,
+    grads: &Bound<'py, PyDict>,
+    m: &Bound<'py, PyDict>,
+    v: &Bound<'py, PyDict>,
+    saved: Option<&Bound<'py, PyDict>>,
+    gsam: Option<(Bound<'py, PyDict>, f64, f64)>,
     lr_t: f64,
     beta1: f64,
     beta2: f64,
@@ -696,7 +807,8 @@ fn adam_step(
     clip_value: Option<f64>,
     clip_norm: Option<f64>,
 ) -> PyResult<()> {
-    let mut states = vec![
+    let restart = Restart::new(saved, gsam.as_ref());
+    let own = vec![
         StateSpec {
             dict: m,
             prefix: "m_",
@@ -708,17 +820,17 @@ fn adam_step(
             policy: Policy::Lazy,
         },
     ];
-    if let Some(saved) = saved {
-        states.push(StateSpec {
-            dict: saved,
-            prefix: "saved_",
-            policy: Policy::Required,
-        });
-    }
+    let states = restart.specs(own);
     let mut prepared = prepare(params, Some(grads), &states)?;
-    let items = lanes_of(&mut prepared, adam_lanes, adam_lanes);
+    let flags = restart.flags();
+    let items = lanes_of(
+        &mut prepared,
+        |e| adam_lanes(e, flags),
+        |e| adam_lanes(e, flags),
+    );
+    let gsam = restart.gsam.map(|(_, mix)| mix);
     let outcome = py.detach(move || -> Result<(), NormError> {
-        let clip = check_gradients(&items, clip_value, clip_norm)?;
+        let (clip, mix) = plan_update(&items, clip_value, clip_norm, gsam)?;
         let step = kernels::AdamStep {
             lr_t,
             beta1,
@@ -726,6 +838,7 @@ fn adam_step(
             epsilon,
             decay,
             clip,
+            mix,
         };
         for_each(items, |piece| match piece {
             ByDtype::Single(lanes) => kernels::adam(lanes, &step),
@@ -737,46 +850,113 @@ fn adam_step(
     prepared.commit(&states)
 }
 
-fn adam_lanes<'a, T: Element + Real>(entry: &'a mut Entry<'_, T>) -> kernels::AdamLanes<'a, T> {
+fn adam_lanes<'a, T: Element + Real>(
+    entry: &'a mut Entry<'_, T>,
+    flags: (bool, bool),
+) -> kernels::AdamLanes<'a, T> {
     let (param, grad, states) = entry_lanes(entry);
-    let grad = grad.expect("gradients were borrowed");
-    match states.len() {
-        2 => {
-            let [m, v] = take_states(states);
-            (param, grad, m, v, None)
-        }
-        _ => {
-            let [m, v, saved] = take_states(states);
-            (param, grad, m, v, Some(&*saved))
-        }
-    }
+    let (own, saved, grad0) = split_restart(states, flags);
+    let [m, v] = take_states(own);
+    (
+        param,
+        grad.expect("gradients were borrowed"),
+        m,
+        v,
+        saved,
+        grad0,
+    )
 }
 
-/// SAM's first phase. Returns whether the parameters moved (false when the norm is zero).
+/// GSAM's mixed gradient `g1 − α·g0⊥` written into scratch buffers `out`, for a base
+/// optimizer written in Python (samopt's own fuse the mix into their update).
 #[pyfunction]
-#[pyo3(signature = (params, grads, saved, rho, adaptive, eta))]
-fn sam_perturb(
-    py: Python<'_>,
-    params: &Bound<'_, PyDict>,
-    grads: &Bound<'_, PyDict>,
-    saved: &Bound<'_, PyDict>,
+#[pyo3(signature = (params, grads, grad0, out, alpha, grad0_norm))]
+fn gsam_direction<'py>(
+    py: Python<'py>,
+    params: &Bound<'py, PyDict>,
+    grads: &Bound<'py, PyDict>,
+    grad0: &Bound<'py, PyDict>,
+    out: &Bound<'py, PyDict>,
+    alpha: f64,
+    grad0_norm: f64,
+) -> PyResult<()> {
+    let states = [
+        StateSpec {
+            dict: out,
+            prefix: "direction_",
+            policy: Policy::Scratch,
+        },
+        StateSpec {
+            dict: grad0,
+            prefix: "grad0_",
+            policy: Policy::Required,
+        },
+    ];
+    let mut prepared = prepare(params, Some(grads), &states)?;
+    let items = lanes_of(&mut prepared, mix_lanes, mix_lanes);
+    let gsam = GsamMix { alpha, grad0_norm };
+    let outcome = py.detach(move || -> Result<(), NormError> {
+        let (mix, _) = plan_mix(&items, gsam)?;
+        for_each(items, |piece| match piece {
+            ByDtype::Single(lanes) => kernels::mix_into(lanes, mix),
+            ByDtype::Double(lanes) => kernels::mix_into(lanes, mix),
+        });
+        Ok(())
+    });
+    outcome.map_err(|error| prepared.norm_error(error))?;
+    prepared.commit(&states)
+}
+
+fn mix_lanes<'a, T: Element + Real>(entry: &'a mut Entry<'_, T>) -> kernels::MixLanes<'a, T> {
+    let (_, grad, states) = entry_lanes(entry);
+    let [out, grad0] = take_states(states);
+    (out, grad.expect("gradients were borrowed"), grad0)
+}
+
+/// SAM's first phase: moves the parameters by the ascent `ρ·g/(n + eps)` (adaptive:
+/// `ρ·T²⊙g/(n + eps)`), saving their values, and with `grad0` keeping the gradients
+/// (GSAM). Returns the norm `n`; when it is zero nothing is written.
+#[pyfunction]
+#[pyo3(signature = (params, grads, saved, grad0, rho, eps, adaptive, eta))]
+#[allow(clippy::too_many_arguments)]
+fn sam_perturb<'py>(
+    py: Python<'py>,
+    params: &Bound<'py, PyDict>,
+    grads: &Bound<'py, PyDict>,
+    saved: &Bound<'py, PyDict>,
+    grad0: Option<&Bound<'py, PyDict>>,
     rho: f64,
+    eps: f64,
     adaptive: bool,
     eta: f64,
-) -> PyResult<bool> {
-    let states = [StateSpec {
+) -> PyResult<f64> {
+    let mut states = vec![StateSpec {
         dict: saved,
         prefix: "saved_",
         policy: Policy::Scratch,
     }];
+    if let Some(grad0) = grad0 {
+        states.push(StateSpec {
+            dict: grad0,
+            prefix: "grad0_",
+            policy: Policy::Scratch,
+        });
+    }
     let mut prepared = prepare(params, Some(grads), &states)?;
     let items = lanes_of(&mut prepared, perturb_lanes, perturb_lanes);
-    let outcome = py.detach(move || -> Result<bool, NormError> {
-        let norm = norm::global_norm(&norm_items(&items, adaptive), eta)?;
+    let outcome = py.detach(move || -> Result<f64, NormError> {
+        let weighted: Vec<NormItem<'_>> = items
+            .iter()
+            .map(|item| match item {
+                ByDtype::Single(l) => ByDtype::Single((l.1, adaptive.then_some(&*l.0))),
+                ByDtype::Double(l) => ByDtype::Double((l.1, adaptive.then_some(&*l.0))),
+            })
+            .collect();
+        let norm = norm::global_norm(&weighted, eta)?;
         if norm == 0.0 {
-            return Ok(false);
+            return Ok(norm);
         }
-        let scale = rho / norm;
+        let scale = rho / (norm + eps);
         let ascent = if adaptive {
             Ascent::Adaptive { scale, eta }
         } else {
@@ -786,21 +966,22 @@ fn sam_perturb(
             ByDtype::Single(lanes) => kernels::perturb(lanes, &ascent),
             ByDtype::Double(lanes) => kernels::perturb(lanes, &ascent),
         });
-        Ok(true)
+        Ok(norm)
     });
-    let moved = outcome.map_err(|error| prepared.norm_error(error))?;
-    if moved {
+    let norm = outcome.map_err(|error| prepared.norm_error(error))?;
+    if norm > 0.0 {
         prepared.commit(&states)?;
     }
-    Ok(moved)
+    Ok(norm)
 }
 
 fn perturb_lanes<'a, T: Element + Real>(
     entry: &'a mut Entry<'_, T>,
 ) -> kernels::PerturbLanes<'a, T> {
-    let (param, grad, states) = entry_lanes(entry);
+    let (param, grad, mut states) = entry_lanes(entry);
+    let kept = (states.len() == 2).then(|| states.pop()).flatten();
     let [saved] = take_states(states);
-    (param, grad.expect("gradients were borrowed"), saved)
+    (param, grad.expect("gradients were borrowed"), saved, kept)
 }
 
 /// Puts every parameter back to its saved value; with `swap`, the saved buffers receive
@@ -922,6 +1103,7 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(adam_step, module)?)?;
     module.add_function(wrap_pyfunction!(sam_perturb, module)?)?;
     module.add_function(wrap_pyfunction!(restore, module)?)?;
+    module.add_function(wrap_pyfunction!(gsam_direction, module)?)?;
     module.add_function(wrap_pyfunction!(gradient_norm, module)?)?;
     Ok(())
 }

@@ -49,24 +49,89 @@ impl Clip {
     }
 }
 
-/// Parameter, gradient, velocity, and where the step starts from: `None` is the parameter
-/// itself, `Some(saved)` is SAM's saved value, so the restore costs no pass of its own.
-pub type SgdLanes<'a, T> = (&'a mut [T], &'a [T], &'a mut [T], Option<&'a [T]>);
+/// GSAM's surrogate-gap-guided gradient `a·g + b·g0` (with `g` the gradient at the
+/// perturbed point and `g0` the one at the original point), used when a kernel gets `g0`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Mix {
+    pub a: f64,
+    pub b: f64,
+}
+
+impl Mix {
+    pub const PLAIN: Mix = Mix { a: 1.0, b: 0.0 };
+}
+
+/// The gradient an update uses at element `i`: clipped, and mixed with `g0` for GSAM.
+#[inline(always)]
+fn gradient_at<T: Real>(g: &[T], g0: Option<&[T]>, mix: Mix, clip: Clip, i: usize) -> f64 {
+    let raw = match g0 {
+        Some(g0) => mix.a * g[i].to_f64() + mix.b * g0[i].to_f64(),
+        None => g[i].to_f64(),
+    };
+    clip.apply(raw)
+}
+
+/// GSAM's mix for `g1 − α·g0⊥`, where `g0⊥ = g0 − (g0·g1/‖g1‖²)·g1` is the part of `g0`
+/// orthogonal to `g1`: `a = 1 + α·(g0·g1)/‖g1‖²`, `b = −α`. Takes the norms `n0 = ‖g0‖`,
+/// `n1 = ‖g1‖` and `cos = (g0·g1)/(n0·n1)`, which keeps every intermediate in range.
+pub fn gsam_mix(alpha: f64, n0: f64, n1: f64, cos: f64) -> Mix {
+    let parallel = if n1 > 0.0 { n0 * cos / n1 } else { 0.0 };
+    Mix {
+        a: 1.0 + alpha * parallel,
+        b: -alpha,
+    }
+}
+
+/// `‖a·g1 + b·g0‖` from the same three numbers, scaled so it cannot overflow.
+pub fn mixed_norm(mix: Mix, n0: f64, n1: f64, cos: f64) -> f64 {
+    let (x, y) = (mix.a.abs() * n1, mix.b.abs() * n0);
+    let largest = x.max(y);
+    if largest == 0.0 {
+        return 0.0;
+    }
+    let (x, y) = (x / largest, y / largest);
+    let sign = (mix.a * mix.b).signum();
+    largest * (x * x + 2.0 * sign * x * y * cos + y * y).max(0.0).sqrt()
+}
+
+/// The output buffer, the gradient at the perturbed point and `g0`.
+pub type MixLanes<'a, T> = (&'a mut [T], &'a [T], &'a [T]);
+
+/// `out ← a·g + b·g0`: GSAM's gradient, materialised for a base optimizer written in Python.
+pub fn mix_into<T: Real>((out, g, g0): MixLanes<'_, T>, mix: Mix) {
+    let n = out.len();
+    let (g, g0) = (&g[..n], &g0[..n]);
+    for i in 0..n {
+        out[i] = T::from_f64(mix.a * g[i].to_f64() + mix.b * g0[i].to_f64());
+    }
+}
+
+/// Parameter, gradient, velocity, where the step starts from (`None`: the parameter itself;
+/// `Some(saved)`: SAM's saved value, so the restore costs no pass of its own), and GSAM's
+/// `g0` when the gradient is mixed.
+pub type SgdLanes<'a, T> = (
+    &'a mut [T],
+    &'a [T],
+    &'a mut [T],
+    Option<&'a [T]>,
+    Option<&'a [T]>,
+);
 
 #[derive(Clone, Copy, Debug)]
 pub struct SgdStep {
     pub lr: f64,
     pub momentum: f64,
     pub clip: Clip,
+    pub mix: Mix,
 }
 
 /// `v ← μ·v + lr·g ; p ← p_start − v`.
-pub fn sgd<T: Real>((p, g, velocity, start): SgdLanes<'_, T>, step: &SgdStep) {
+pub fn sgd<T: Real>((p, g, velocity, start, g0): SgdLanes<'_, T>, step: &SgdStep) {
     let n = p.len();
     let (g, velocity) = (&g[..n], &mut velocity[..n]);
-    let start = start.map(|s| &s[..n]);
+    let (start, g0) = (start.map(|s| &s[..n]), g0.map(|s| &s[..n]));
     for i in 0..n {
-        let gi = step.clip.apply(g[i].to_f64());
+        let gi = gradient_at(g, g0, step.mix, step.clip, i);
         let vi = step.momentum * velocity[i].to_f64() + step.lr * gi;
         let p0 = start.map_or(p[i], |s| s[i]).to_f64();
         velocity[i] = T::from_f64(vi);
@@ -74,12 +139,13 @@ pub fn sgd<T: Real>((p, g, velocity, start): SgdLanes<'_, T>, step: &SgdStep) {
     }
 }
 
-/// Parameter, gradient, first moment, second moment, start (as for SGD).
+/// Parameter, gradient, first moment, second moment, start and `g0` (as for SGD).
 pub type AdamLanes<'a, T> = (
     &'a mut [T],
     &'a [T],
     &'a mut [T],
     &'a mut [T],
+    Option<&'a [T]>,
     Option<&'a [T]>,
 );
 
@@ -93,16 +159,17 @@ pub struct AdamStep {
     /// `lr·weight_decay` for AdamW's decoupled decay; 0 for Adam.
     pub decay: f64,
     pub clip: Clip,
+    pub mix: Mix,
 }
 
 /// `m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g² ; p ← p_start − lr_t·m/(√v+ε) − decay·p_start`.
-pub fn adam<T: Real>((p, g, m, v, start): AdamLanes<'_, T>, step: &AdamStep) {
+pub fn adam<T: Real>((p, g, m, v, start, g0): AdamLanes<'_, T>, step: &AdamStep) {
     let n = p.len();
     let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
-    let start = start.map(|s| &s[..n]);
+    let (start, g0) = (start.map(|s| &s[..n]), g0.map(|s| &s[..n]));
     let (b1, b2) = (step.beta1, step.beta2);
     for i in 0..n {
-        let gi = step.clip.apply(g[i].to_f64());
+        let gi = gradient_at(g, g0, step.mix, step.clip, i);
         let mi = b1 * m[i].to_f64() + (1.0 - b1) * gi;
         let vi = b2 * v[i].to_f64() + (1.0 - b2) * gi * gi;
         let p0 = start.map_or(p[i], |s| s[i]).to_f64();
@@ -112,8 +179,9 @@ pub fn adam<T: Real>((p, g, m, v, start): AdamLanes<'_, T>, step: &AdamStep) {
     }
 }
 
-/// Parameter, gradient, and the buffer that receives the parameter's value before the move.
-pub type PerturbLanes<'a, T> = (&'a mut [T], &'a [T], &'a mut [T]);
+/// Parameter, gradient, the buffer that receives the parameter's value before the move,
+/// and (GSAM) a buffer that keeps the gradient.
+pub type PerturbLanes<'a, T> = (&'a mut [T], &'a [T], &'a mut [T], Option<&'a mut [T]>);
 
 /// SAM's ascent `e`: plain `ρ·g/n`, or adaptive `ρ·T²⊙g/n` with `T = |p| + eta`.
 #[derive(Clone, Copy, Debug)]
@@ -124,8 +192,8 @@ pub enum Ascent {
     Adaptive { scale: f64, eta: f64 },
 }
 
-/// `saved ← p ; p ← p + e`.
-pub fn perturb<T: Real>((p, g, saved): PerturbLanes<'_, T>, ascent: &Ascent) {
+/// `saved ← p ; p ← p + e` (and `kept ← g`).
+pub fn perturb<T: Real>((p, g, saved, kept): PerturbLanes<'_, T>, ascent: &Ascent) {
     let n = p.len();
     let (g, saved) = (&g[..n], &mut saved[..n]);
     match *ascent {
@@ -143,6 +211,9 @@ pub fn perturb<T: Real>((p, g, saved): PerturbLanes<'_, T>, ascent: &Ascent) {
                 p[i] = T::from_f64(pi + scale * t * t * g[i].to_f64());
             }
         }
+    }
+    if let Some(kept) = kept {
+        kept.copy_from_slice(g);
     }
 }
 
@@ -175,8 +246,9 @@ mod tests {
             lr: 0.1,
             momentum: 0.9,
             clip: Clip::Value(1.0),
+            mix: Mix::PLAIN,
         };
-        sgd((&mut p, &g, &mut vel, Some(&saved)), &step);
+        sgd((&mut p, &g, &mut vel, Some(&saved), None), &step);
         let v0 = 0.9 * 0.1 + 0.1 * 0.5;
         let v1 = 0.1 * 1.0;
         assert_eq!(vel, [v0, v1]);
@@ -197,8 +269,9 @@ mod tests {
             epsilon: eps,
             decay: lr * wd,
             clip: Clip::Scale(0.5),
+            mix: Mix::PLAIN,
         };
-        adam((&mut p, &g, &mut m, &mut v, None), &step);
+        adam((&mut p, &g, &mut m, &mut v, None, None), &step);
         let gc = 1.5;
         let (m1, v1) = ((1.0 - b1) * gc, (1.0 - b2) * gc * gc);
         assert_eq!(m[0], m1);
@@ -216,8 +289,9 @@ mod tests {
             lr: 1.0,
             momentum: 0.0,
             clip: Clip::Off,
+            mix: Mix::PLAIN,
         };
-        sgd((&mut p, &g, &mut vel, None), &step);
+        sgd((&mut p, &g, &mut vel, None, None), &step);
         assert_eq!(p[0], (1.0f64 - f64::from(1.0e-8f32)) as f32);
     }
 
@@ -227,16 +301,54 @@ mod tests {
         let g: Vec<f32> = (0..101).map(|i| (i as f32 * 1.3).cos()).collect();
         let mut p = original.clone();
         let mut saved = vec![0.0f32; 101];
+        let mut kept = vec![0.0f32; 101];
         perturb(
-            (&mut p, &g, &mut saved),
+            (&mut p, &g, &mut saved, Some(&mut kept)),
             &Ascent::Adaptive {
                 scale: 0.05,
                 eta: 0.01,
             },
         );
         assert_ne!(p, original);
+        assert_eq!(kept, g);
         restore((&mut p, &mut saved));
         assert_eq!(p, original);
+    }
+
+    #[test]
+    fn mixed_gradient_is_clipped_after_mixing() {
+        let mut p = [0.0f64];
+        let (g, g0) = ([2.0f64], [4.0f64]);
+        let mut vel = [0.0f64];
+        let mix = Mix { a: 1.5, b: -0.5 };
+        let step = SgdStep {
+            lr: 1.0,
+            momentum: 0.0,
+            clip: Clip::Value(0.75),
+            mix,
+        };
+        sgd((&mut p, &g, &mut vel, None, Some(&g0)), &step);
+        // 1.5·2 − 0.5·4 = 1, clamped to 0.75.
+        assert_eq!(p, [-0.75]);
+    }
+
+    #[test]
+    fn gsam_mix_removes_alpha_times_the_orthogonal_part() {
+        let g1 = [3.0f64, 0.0];
+        let g0 = [1.0f64, 2.0];
+        let (n0, n1) = (5.0f64.sqrt(), 3.0);
+        let cos = 3.0 / (n0 * n1);
+        let mix = gsam_mix(0.4, n0, n1, cos);
+        let mut out = [0.0f64; 2];
+        mix_into((&mut out, &g1, &g0), mix);
+        // g0⊥ = (0, 2): the direction is g1 − 0.4·(0, 2).
+        assert!(
+            (out[0] - 3.0).abs() < 1e-15 && (out[1] + 0.8).abs() < 1e-15,
+            "{out:?}"
+        );
+        let norm = mixed_norm(mix, n0, n1, cos);
+        assert!((norm - (9.0f64 + 0.64).sqrt()).abs() < 1e-14, "{norm}");
+        assert_eq!(gsam_mix(0.4, n0, 0.0, 0.0), Mix { a: 1.0, b: -0.4 });
     }
 
     #[test]

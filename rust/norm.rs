@@ -57,6 +57,27 @@ pub fn check_finite(items: &[NormItem<'_>]) -> Result<(), NormError> {
     }
 }
 
+/// Two equally long streams of one array, for a dot product.
+pub type DotLanes<'a, T> = (&'a [T], &'a [T]);
+pub type DotItem<'a> = ByDtype<DotLanes<'a, f32>, DotLanes<'a, f64>>;
+
+/// `Σ (x/nx)·(y/ny)` over all items, reproducibly: with `nx`, `ny` the norms of the two
+/// streams this is their cosine, and no term can overflow.
+pub fn normalised_dot(items: &[DotItem<'_>], nx: f64, ny: f64) -> f64 {
+    fn partial<T: Real>((x, y): DotLanes<'_, T>, nx: f64, ny: f64) -> f64 {
+        let y = &y[..x.len()];
+        let mut acc = [0.0f64; 4];
+        for (i, (&xi, &yi)) in x.iter().zip(y).enumerate() {
+            acc[i % 4] += (xi.to_f64() / nx) * (yi.to_f64() / ny);
+        }
+        (acc[0] + acc[1]) + (acc[2] + acc[3])
+    }
+    ordered_sum(items.iter().copied(), |piece| match piece {
+        ByDtype::Single(lanes) => partial(lanes, nx, ny),
+        ByDtype::Double(lanes) => partial(lanes, nx, ny),
+    })
+}
+
 /// Whether any gradient element is NaN (as opposed to only infinite).
 pub fn any_nan(items: &[NormItem<'_>]) -> bool {
     items.iter().any(|item| match item {
@@ -258,6 +279,15 @@ mod tests {
             global_norm(&items, 0.0),
             Err(NormError::NonFiniteParameter(0))
         );
+    }
+
+    #[test]
+    fn normalised_dot_is_a_cosine_even_for_huge_values() {
+        let x = [3e300, 4e300];
+        let y = [4e300, 3e300];
+        let items = [ByDtype::Double((&x[..], &y[..]))];
+        let cos = normalised_dot(&items, 5e300, 5e300);
+        assert!((cos - 24.0 / 25.0).abs() < 1e-15, "{cos}");
     }
 
     #[test]

@@ -83,6 +83,7 @@ tuple_lanes!(A, B);
 tuple_lanes!(A, B, C);
 tuple_lanes!(A, B, C, D);
 tuple_lanes!(A, B, C, D, E);
+tuple_lanes!(A, B, C, D, E, F);
 
 /// The same streams for a float32 or a float64 parameter: one call may mix both.
 #[derive(Clone, Copy, Debug)]

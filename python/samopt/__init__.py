@@ -1,6 +1,6 @@
 """samopt: Sharpness-Aware Minimization for NumPy training loops.
 
-SAM (Foret et al., ICLR 2021) and adaptive SAM over SGD, Adam, AdamW or any optimizer
+SAM (Foret et al., ICLR 2021), adaptive SAM and GSAM over SGD, Adam, AdamW or any optimizer
 that follows the ``Optimizer`` protocol, with the element-wise work in Rust.
 """
 
@@ -8,13 +8,15 @@ from ._config import GradClipMode, OptimizerConfig
 from ._errors import NonFiniteGradientError, OptimizerError, TrainError
 from ._optimizers import AdamOptimizer, AdamWOptimizer, SgdOptimizer, compute_gradient_norm
 from ._protocol import Optimizer
-from ._sam import SamOptimizer
+from ._sam import GradFn, GsamOptimizer, SamOptimizer
 
 __all__ = [
     "AdamOptimizer",
     "AdamWOptimizer",
     "GradClipMode",
+    "GradFn",
     "NonFiniteGradientError",
+    "GsamOptimizer",
     "Optimizer",
     "OptimizerConfig",
     "OptimizerError",

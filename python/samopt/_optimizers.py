@@ -16,6 +16,9 @@ from ._errors import OptimizerError
 from ._protocol import Grads, Params, StateDict
 from ._state import as_dict, scalar_entry, split_by_prefix, state_array, time_step_entry
 
+GsamMix = tuple[dict[str, NDArray[Any]], float, float]
+"""GSAM's inputs to a fused step: the kept gradients g0, alpha, and ‖g0‖."""
+
 __all__ = [
     "AdamOptimizer",
     "AdamWOptimizer",
@@ -50,24 +53,27 @@ class NativeOptimizer:
 
     def step(self, params: Params, grads: Grads) -> None:
         """One optimizer step: updates every array of ``params`` in place."""
-        self.step_from(as_dict(params, "params"), as_dict(grads, "grads"), None)
+        self.step_from(as_dict(params, "params"), as_dict(grads, "grads"))
 
     def step_from(
         self,
         params: dict[str, Any],
         grads: dict[str, Any],
-        saved: dict[str, NDArray[Any]] | None,
+        saved: dict[str, NDArray[Any]] | None = None,
+        gsam: GsamMix | None = None,
     ) -> None:
         """A step that starts from ``saved`` values instead of the parameters' current
-        ones (SAM's restore fused into the update), or from the parameters when None."""
+        ones (SAM's restore fused into the update), and with ``gsam`` = (g0 buffers, alpha,
+        ‖g0‖) steps with GSAM's ``g1 − alpha·g0⊥`` instead of ``grads``."""
         with self._lock:
-            self._step(params, grads, saved)
+            self._step(params, grads, saved, gsam)
 
     def _step(
         self,
         params: dict[str, Any],
         grads: dict[str, Any],
         saved: dict[str, NDArray[Any]] | None,
+        gsam: GsamMix | None,
     ) -> None:
         raise NotImplementedError
 
@@ -108,10 +114,11 @@ class SgdOptimizer(NativeOptimizer):
         params: dict[str, Any],
         grads: dict[str, Any],
         saved: dict[str, NDArray[Any]] | None,
+        gsam: GsamMix | None,
     ) -> None:
         clip_value, clip_norm = self.config.clip_bounds
         _core.sgd_step(
-            params, grads, self._velocity, saved,
+            params, grads, self._velocity, saved, gsam,
             self._lr, self.config.momentum, clip_value, clip_norm,
         )
 
@@ -147,6 +154,7 @@ class AdamOptimizer(NativeOptimizer):
         params: dict[str, Any],
         grads: dict[str, Any],
         saved: dict[str, NDArray[Any]] | None,
+        gsam: GsamMix | None,
     ) -> None:
         if not params:
             return
@@ -156,7 +164,7 @@ class AdamOptimizer(NativeOptimizer):
         decay = self._lr * config.weight_decay if self._decoupled_decay else 0.0
         clip_value, clip_norm = config.clip_bounds
         _core.adam_step(
-            params, grads, self._m, self._v, saved,
+            params, grads, self._m, self._v, saved, gsam,
             lr_t, config.beta1, config.beta2, config.epsilon, decay, clip_value, clip_norm,
         )
         self._t = t
