@@ -57,17 +57,11 @@ impl Order {
         }
     }
 
-    fn numpy_name(self) -> &'static str {
+    /// The array's elements in this order, each passed through `convert`.
+    fn gather<S: Copy, T>(self, view: ArrayViewD<'_, S>, convert: impl Fn(S) -> T) -> Vec<T> {
         match self {
-            Order::C => "C",
-            Order::F => "F",
-        }
-    }
-
-    fn gather<T: Copy>(self, view: ArrayViewD<'_, T>) -> Vec<T> {
-        match self {
-            Order::C => view.iter().copied().collect(),
-            Order::F => view.t().iter().copied().collect(),
+            Order::C => view.iter().map(|&x| convert(x)).collect(),
+            Order::F => view.t().iter().map(|&x| convert(x)).collect(),
         }
     }
 
@@ -92,7 +86,7 @@ struct Target<'py, T: Element> {
 impl<'py, T: Element + Copy> Target<'py, T> {
     fn new(guard: PyReadwriteArrayDyn<'py, T>, order: Order) -> Self {
         let fits = order.holds(guard.as_untyped());
-        let staged = (!fits).then(|| order.gather(guard.as_array()));
+        let staged = (!fits).then(|| order.gather(guard.as_array(), |x| x));
         Target {
             guard,
             staged,
@@ -121,22 +115,25 @@ impl<'py, T: Element + Copy> Target<'py, T> {
 }
 
 /// A stream the kernels only read, staged the same way.
-struct Source<'py, T: Element> {
-    guard: PyReadonlyArrayDyn<'py, T>,
-    staged: Option<Vec<T>>,
+/// A gradient of another dtype is converted into such a staged copy (no array borrowed).
+enum Source<'py, T: Element> {
+    Borrowed(PyReadonlyArrayDyn<'py, T>),
+    Staged(Vec<T>),
 }
 
 impl<'py, T: Element + Copy> Source<'py, T> {
     fn new(guard: PyReadonlyArrayDyn<'py, T>, order: Order) -> Self {
-        let fits = order.holds(guard.as_untyped());
-        let staged = (!fits).then(|| order.gather(guard.as_array()));
-        Source { guard, staged }
+        if order.holds(guard.as_untyped()) {
+            Source::Borrowed(guard)
+        } else {
+            Source::Staged(order.gather(guard.as_array(), |x| x))
+        }
     }
 
     fn slice(&self) -> &[T] {
-        match &self.staged {
-            Some(buffer) => buffer,
-            None => self.guard.as_slice().expect("layout checked when staged"),
+        match self {
+            Source::Staged(buffer) => buffer,
+            Source::Borrowed(guard) => guard.as_slice().expect("layout checked when staged"),
         }
     }
 }
@@ -295,7 +292,7 @@ fn is_float_dtype<T: Element>(array: &Bound<'_, PyUntypedArray>) -> bool {
 }
 
 /// Looks up, checks, converts if needed and borrows the gradient of one parameter.
-fn borrow_grad<'py, T: Element + Copy>(
+fn borrow_grad<'py, T: Element + Real>(
     grads: &Bound<'py, PyDict>,
     name: &str,
     param_shape: &[usize],
@@ -329,22 +326,45 @@ fn borrow_grad<'py, T: Element + Copy>(
             ),
         ));
     }
-    let array = if is_float_dtype::<T>(&array) {
-        array
+    if is_float_dtype::<T>(&array) {
+        let typed = array.cast::<PyArrayDyn<T>>().expect("dtype checked");
+        let guard = typed
+            .try_readonly()
+            .map_err(|e| borrow_conflict("gradient", name, e))?;
+        return Ok(Source::new(guard, order));
+    }
+    // float16 widens to float32 exactly; float32 <-> float64 is rounded here, in Rust, so
+    // an overflow to infinity is reported as a non-finite gradient, not warned about.
+    let array = if dtype.itemsize() == 2 {
+        widen_to_f32(&array)?
     } else {
-        let converted = array.call_method1(
-            "astype",
-            (numpy::dtype::<T>(array.py()), order.numpy_name()),
-        )?;
-        converted
-            .cast_into::<PyUntypedArray>()
-            .expect("astype returns an ndarray")
+        array
     };
-    let typed = array.cast::<PyArrayDyn<T>>().expect("dtype checked");
+    let values = if is_float_dtype::<f32>(&array) {
+        convert::<f32, T>(&array, name, order)?
+    } else {
+        convert::<f64, T>(&array, name, order)?
+    };
+    Ok(Source::Staged(values))
+}
+
+fn widen_to_f32<'py>(array: &Bound<'py, PyUntypedArray>) -> PyResult<Bound<'py, PyUntypedArray>> {
+    let widened = array.call_method1("astype", (numpy::dtype::<f32>(array.py()),))?;
+    Ok(widened
+        .cast_into::<PyUntypedArray>()
+        .expect("astype returns an ndarray"))
+}
+
+fn convert<S: Element + Real, T: Real>(
+    array: &Bound<'_, PyUntypedArray>,
+    name: &str,
+    order: Order,
+) -> PyResult<Vec<T>> {
+    let typed = array.cast::<PyArrayDyn<S>>().expect("dtype checked");
     let guard = typed
         .try_readonly()
         .map_err(|e| borrow_conflict("gradient", name, e))?;
-    Ok(Source::new(guard, order))
+    Ok(order.gather(guard.as_array(), |x: S| T::from_f64(x.to_f64())))
 }
 
 /// A state array allocated by the current call.
@@ -404,7 +424,7 @@ fn borrow_state<'py, T: Element + Copy>(
     }
 }
 
-fn finish_entry<'py, T: Element + Copy>(
+fn finish_entry<'py, T: Element + Real>(
     entry: &mut Entry<'py, T>,
     name: &str,
     grads: Option<&Bound<'py, PyDict>>,
@@ -627,9 +647,9 @@ fn plan_update<S: WithGradient<f32>, D: WithGradient<f64>>(
         }
     };
     let clip = match (clip_value, clip_norm) {
-        (Some(c), _) => Clip::Value(c),
-        (None, Some(c)) if norm > c => Clip::Scale(c / norm),
-        _ => Clip::Off,
+        (Some(c), _) => Clip::value(c),
+        (None, Some(c)) if norm > c => Clip::scale(c / norm),
+        _ => Clip::OFF,
     };
     Ok((clip, mix))
 }
@@ -1038,11 +1058,7 @@ fn borrow_for_norm<'py>(
     let array = if is_float_dtype::<f32>(array) || is_float_dtype::<f64>(array) {
         array.clone()
     } else if array.dtype().kind() == b'f' && array.dtype().itemsize() == 2 {
-        // float16 widens to float32 exactly.
-        let widened = array.call_method1("astype", (numpy::dtype::<f32>(array.py()),))?;
-        widened
-            .cast_into::<PyUntypedArray>()
-            .expect("astype returns an ndarray")
+        widen_to_f32(array)?
     } else {
         return Err(optimizer_error(
             name,

@@ -29,23 +29,37 @@ impl Real for f64 {
     }
 }
 
-/// Gradient clipping, resolved to what happens to one element: norm clipping becomes a
-/// global factor once the global norm is known.
+/// Gradient clipping, resolved to what happens to one element once the global norm is
+/// known: `g ↦ clamp(g·factor, −limit, limit)`. Off is factor 1 and an infinite limit, both
+/// exact no-ops on finite values, so every update runs one branch-free loop.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Clip {
-    Off,
-    Value(f64),
-    Scale(f64),
+pub struct Clip {
+    factor: f64,
+    limit: f64,
 }
 
 impl Clip {
+    pub const OFF: Clip = Clip {
+        factor: 1.0,
+        limit: f64::INFINITY,
+    };
+
+    /// Clamp every element to `[-limit, limit]`.
+    pub fn value(limit: f64) -> Clip {
+        Clip { factor: 1.0, limit }
+    }
+
+    /// Scale every element (norm clipping: `c/‖g‖`).
+    pub fn scale(factor: f64) -> Clip {
+        Clip {
+            factor,
+            limit: f64::INFINITY,
+        }
+    }
+
     #[inline(always)]
     fn apply(self, g: f64) -> f64 {
-        match self {
-            Clip::Off => g,
-            Clip::Value(c) => g.clamp(-c, c),
-            Clip::Scale(factor) => g * factor,
-        }
+        (g * self.factor).max(-self.limit).min(self.limit)
     }
 }
 
@@ -61,14 +75,54 @@ impl Mix {
     pub const PLAIN: Mix = Mix { a: 1.0, b: 0.0 };
 }
 
-/// The gradient an update uses at element `i`: clipped, and mixed with `g0` for GSAM.
+/// The gradient an update uses at element `i`: mixed with `g0` for GSAM, then clipped.
+/// Without GSAM, `g0` is `g` itself and the mix `1·g + 0·g`, exactly `g` for finite values:
+/// one loop serves both, and reading `g` twice costs no memory traffic.
 #[inline(always)]
-fn gradient_at<T: Real>(g: &[T], g0: Option<&[T]>, mix: Mix, clip: Clip, i: usize) -> f64 {
-    let raw = match g0 {
-        Some(g0) => mix.a * g[i].to_f64() + mix.b * g0[i].to_f64(),
-        None => g[i].to_f64(),
+fn gradient_at<T: Real>(g: &[T], g0: &[T], mix: Mix, clip: Clip, i: usize) -> f64 {
+    clip.apply(mix.a * g[i].to_f64() + mix.b * g0[i].to_f64())
+}
+
+/// Runs a kernel body compiled for AVX2 when the CPU has it (wheels target baseline
+/// x86-64), else as compiled. Only the vector width changes, never the operations (no
+/// fused multiply-add), so results are bitwise the same on every machine. (AVX-512 was
+/// measured slower here: see the README's performance notes.)
+macro_rules! widest {
+    ($body:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { $body::avx2($($arg),*) };
+            }
+        }
+        $body::portable($($arg),*)
+    }};
+}
+
+/// Declares a kernel body once and compiles it twice: portable and with AVX2 enabled.
+macro_rules! kernel_body {
+    ($name:ident<$t:ident>($($arg:ident: $ty:ty),*) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            // Index loops over slices cut to one length vectorise without bounds checks.
+            #[allow(clippy::needless_range_loop)]
+            #[inline(always)]
+            fn body<$t: Real>($($arg: $ty),*) $body
+
+            pub(super) fn portable<$t: Real>($($arg: $ty),*) {
+                body($($arg),*)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            pub(super) unsafe fn avx2<$t: Real>($($arg: $ty),*) {
+                body($($arg),*)
+            }
+        }
     };
-    clip.apply(raw)
 }
 
 /// GSAM's mix for `g1 − α·g0⊥`, where `g0⊥ = g0 − (g0·g1/‖g1‖²)·g1` is the part of `g0`
@@ -126,18 +180,35 @@ pub struct SgdStep {
 }
 
 /// `v ← μ·v + lr·g ; p ← p_start − v`.
-pub fn sgd<T: Real>((p, g, velocity, start, g0): SgdLanes<'_, T>, step: &SgdStep) {
+pub fn sgd<T: Real>(lanes: SgdLanes<'_, T>, step: &SgdStep) {
+    widest!(sgd_body(lanes, step))
+}
+
+kernel_body!(sgd_body<T>(lanes: SgdLanes<'_, T>, step: &SgdStep) {
+    let (p, g, velocity, start, g0) = lanes;
     let n = p.len();
     let (g, velocity) = (&g[..n], &mut velocity[..n]);
-    let (start, g0) = (start.map(|s| &s[..n]), g0.map(|s| &s[..n]));
-    for i in 0..n {
-        let gi = gradient_at(g, g0, step.mix, step.clip, i);
-        let vi = step.momentum * velocity[i].to_f64() + step.lr * gi;
-        let p0 = start.map_or(p[i], |s| s[i]).to_f64();
-        velocity[i] = T::from_f64(vi);
-        p[i] = T::from_f64(p0 - vi);
+    let g0 = g0.map_or(g, |s| &s[..n]);
+    match start {
+        Some(start) => {
+            let start = &start[..n];
+            for i in 0..n {
+                let gi = gradient_at(g, g0, step.mix, step.clip, i);
+                let vi = step.momentum * velocity[i].to_f64() + step.lr * gi;
+                velocity[i] = T::from_f64(vi);
+                p[i] = T::from_f64(start[i].to_f64() - vi);
+            }
+        }
+        None => {
+            for i in 0..n {
+                let gi = gradient_at(g, g0, step.mix, step.clip, i);
+                let vi = step.momentum * velocity[i].to_f64() + step.lr * gi;
+                velocity[i] = T::from_f64(vi);
+                p[i] = T::from_f64(p[i].to_f64() - vi);
+            }
+        }
     }
-}
+});
 
 /// Parameter, gradient, first moment, second moment, start and `g0` (as for SGD).
 pub type AdamLanes<'a, T> = (
@@ -163,21 +234,44 @@ pub struct AdamStep {
 }
 
 /// `m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g² ; p ← p_start − lr_t·m/(√v+ε) − decay·p_start`.
-pub fn adam<T: Real>((p, g, m, v, start, g0): AdamLanes<'_, T>, step: &AdamStep) {
+pub fn adam<T: Real>(lanes: AdamLanes<'_, T>, step: &AdamStep) {
+    widest!(adam_body(lanes, step))
+}
+
+/// One element of Adam in f64: the new `(p, m, v)` from the start value `p0`.
+#[inline(always)]
+fn adam_element(p0: f64, gi: f64, m: f64, v: f64, step: &AdamStep) -> (f64, f64, f64) {
+    let m = step.beta1 * m + (1.0 - step.beta1) * gi;
+    let v = step.beta2 * v + (1.0 - step.beta2) * gi * gi;
+    let p = p0 - step.lr_t * m / (v.sqrt() + step.epsilon) - step.decay * p0;
+    (p, m, v)
+}
+
+kernel_body!(adam_body<T>(lanes: AdamLanes<'_, T>, step: &AdamStep) {
+    let (p, g, m, v, start, g0) = lanes;
     let n = p.len();
     let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
-    let (start, g0) = (start.map(|s| &s[..n]), g0.map(|s| &s[..n]));
-    let (b1, b2) = (step.beta1, step.beta2);
-    for i in 0..n {
-        let gi = gradient_at(g, g0, step.mix, step.clip, i);
-        let mi = b1 * m[i].to_f64() + (1.0 - b1) * gi;
-        let vi = b2 * v[i].to_f64() + (1.0 - b2) * gi * gi;
-        let p0 = start.map_or(p[i], |s| s[i]).to_f64();
-        m[i] = T::from_f64(mi);
-        v[i] = T::from_f64(vi);
-        p[i] = T::from_f64(p0 - step.lr_t * mi / (vi.sqrt() + step.epsilon) - step.decay * p0);
+    let g0 = g0.map_or(g, |s| &s[..n]);
+    match start {
+        Some(start) => {
+            let start = &start[..n];
+            for i in 0..n {
+                let gi = gradient_at(g, g0, step.mix, step.clip, i);
+                let (pi, mi, vi) =
+                    adam_element(start[i].to_f64(), gi, m[i].to_f64(), v[i].to_f64(), step);
+                (p[i], m[i], v[i]) = (T::from_f64(pi), T::from_f64(mi), T::from_f64(vi));
+            }
+        }
+        None => {
+            for i in 0..n {
+                let gi = gradient_at(g, g0, step.mix, step.clip, i);
+                let (pi, mi, vi) =
+                    adam_element(p[i].to_f64(), gi, m[i].to_f64(), v[i].to_f64(), step);
+                (p[i], m[i], v[i]) = (T::from_f64(pi), T::from_f64(mi), T::from_f64(vi));
+            }
+        }
     }
-}
+});
 
 /// Parameter, gradient, the buffer that receives the parameter's value before the move,
 /// and (GSAM) a buffer that keeps the gradient.
@@ -193,7 +287,12 @@ pub enum Ascent {
 }
 
 /// `saved ← p ; p ← p + e` (and `kept ← g`).
-pub fn perturb<T: Real>((p, g, saved, kept): PerturbLanes<'_, T>, ascent: &Ascent) {
+pub fn perturb<T: Real>(lanes: PerturbLanes<'_, T>, ascent: &Ascent) {
+    widest!(perturb_body(lanes, ascent))
+}
+
+kernel_body!(perturb_body<T>(lanes: PerturbLanes<'_, T>, ascent: &Ascent) {
+    let (p, g, saved, kept) = lanes;
     let n = p.len();
     let (g, saved) = (&g[..n], &mut saved[..n]);
     match *ascent {
@@ -215,7 +314,7 @@ pub fn perturb<T: Real>((p, g, saved, kept): PerturbLanes<'_, T>, ascent: &Ascen
     if let Some(kept) = kept {
         kept.copy_from_slice(g);
     }
-}
+});
 
 /// Parameter and its saved value.
 pub type RestoreLanes<'a, T> = (&'a mut [T], &'a mut [T]);
@@ -245,7 +344,7 @@ mod tests {
         let step = SgdStep {
             lr: 0.1,
             momentum: 0.9,
-            clip: Clip::Value(1.0),
+            clip: Clip::value(1.0),
             mix: Mix::PLAIN,
         };
         sgd((&mut p, &g, &mut vel, Some(&saved), None), &step);
@@ -268,7 +367,7 @@ mod tests {
             beta2: b2,
             epsilon: eps,
             decay: lr * wd,
-            clip: Clip::Scale(0.5),
+            clip: Clip::scale(0.5),
             mix: Mix::PLAIN,
         };
         adam((&mut p, &g, &mut m, &mut v, None, None), &step);
@@ -288,7 +387,7 @@ mod tests {
         let step = SgdStep {
             lr: 1.0,
             momentum: 0.0,
-            clip: Clip::Off,
+            clip: Clip::OFF,
             mix: Mix::PLAIN,
         };
         sgd((&mut p, &g, &mut vel, None, None), &step);
@@ -324,7 +423,7 @@ mod tests {
         let step = SgdStep {
             lr: 1.0,
             momentum: 0.0,
-            clip: Clip::Value(0.75),
+            clip: Clip::value(0.75),
             mix,
         };
         sgd((&mut p, &g, &mut vel, None, Some(&g0)), &step);
