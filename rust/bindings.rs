@@ -291,6 +291,31 @@ fn is_float_dtype<T: Element>(array: &Bound<'_, PyUntypedArray>) -> bool {
     array.dtype().is_equiv_to(&numpy::dtype::<T>(array.py()))
 }
 
+/// Whether Rust may view the array's memory as `&[T]`: native byte order (which
+/// `is_float_dtype` checks) and aligned elements.
+fn is_aligned(array: &Bound<'_, PyUntypedArray>) -> bool {
+    // SAFETY: reads the flags field of a live NumPy array object.
+    let flags = unsafe { (*array.as_array_ptr()).fields.flags };
+    flags & numpy::npyffi::NPY_ARRAY_ALIGNED != 0
+}
+
+/// A float gradient as a native, aligned float32 or float64 array: the array itself when it
+/// already is one, else a NumPy copy (float16 widens to float32 exactly; byte-swapped or
+/// unaligned arrays are copied at their own precision).
+fn native_float<'py>(array: Bound<'py, PyUntypedArray>) -> PyResult<Bound<'py, PyUntypedArray>> {
+    let single = is_float_dtype::<f32>(&array);
+    if (single || is_float_dtype::<f64>(&array)) && is_aligned(&array) {
+        return Ok(array);
+    }
+    let py = array.py();
+    let target = match array.dtype().itemsize() {
+        8 => numpy::dtype::<f64>(py),
+        _ => numpy::dtype::<f32>(py),
+    };
+    let copy = array.call_method1("astype", (target,))?;
+    Ok(copy.cast_into::<PyUntypedArray>().expect("astype returns an ndarray"))
+}
+
 /// Looks up, checks, converts if needed and borrows the gradient of one parameter.
 fn borrow_grad<'py, T: Element + Real>(
     grads: &Bound<'py, PyDict>,
@@ -326,6 +351,7 @@ fn borrow_grad<'py, T: Element + Real>(
             ),
         ));
     }
+    let array = native_float(array)?;
     if is_float_dtype::<T>(&array) {
         let typed = array.cast::<PyArrayDyn<T>>().expect("dtype checked");
         let guard = typed
@@ -333,26 +359,14 @@ fn borrow_grad<'py, T: Element + Real>(
             .map_err(|e| borrow_conflict("gradient", name, e))?;
         return Ok(Source::new(guard, order));
     }
-    // float16 widens to float32 exactly; float32 <-> float64 is rounded here, in Rust, so
-    // an overflow to infinity is reported as a non-finite gradient, not warned about.
-    let array = if dtype.itemsize() == 2 {
-        widen_to_f32(&array)?
-    } else {
-        array
-    };
+    // float32 <-> float64 is rounded here, in Rust, so an overflow to infinity is reported
+    // as a non-finite gradient, not warned about by NumPy.
     let values = if is_float_dtype::<f32>(&array) {
         convert::<f32, T>(&array, name, order)?
     } else {
         convert::<f64, T>(&array, name, order)?
     };
     Ok(Source::Staged(values))
-}
-
-fn widen_to_f32<'py>(array: &Bound<'py, PyUntypedArray>) -> PyResult<Bound<'py, PyUntypedArray>> {
-    let widened = array.call_method1("astype", (numpy::dtype::<f32>(array.py()),))?;
-    Ok(widened
-        .cast_into::<PyUntypedArray>()
-        .expect("astype returns an ndarray"))
 }
 
 fn convert<S: Element + Real, T: Real>(
@@ -466,6 +480,12 @@ fn prepare<'py>(
     for name in &names {
         let object = params.get_item(name)?.expect("name taken from the dict");
         let array = as_array(&object, "parameter", name)?;
+        if !is_aligned(&array) {
+            return Err(optimizer_error(
+                name,
+                format!("parameter '{name}' is not aligned in memory (copy it to update it)"),
+            ));
+        }
         let entry = if is_float_dtype::<f32>(&array) {
             AnyEntry::Single(new_entry(borrow_param::<f32>(&array, name)?))
         } else if is_float_dtype::<f64>(&array) {
@@ -1055,11 +1075,8 @@ fn borrow_for_norm<'py>(
     array: &Bound<'py, PyUntypedArray>,
     name: &str,
 ) -> PyResult<NormSource<'py>> {
-    let array = if is_float_dtype::<f32>(array) || is_float_dtype::<f64>(array) {
-        array.clone()
-    } else if array.dtype().kind() == b'f' && array.dtype().itemsize() == 2 {
-        widen_to_f32(array)?
-    } else {
+    let dtype = array.dtype();
+    if dtype.kind() != b'f' || !matches!(dtype.itemsize(), 2 | 4 | 8) {
         return Err(optimizer_error(
             name,
             format!(
@@ -1068,7 +1085,8 @@ fn borrow_for_norm<'py>(
                 dtype_name(array)
             ),
         ));
-    };
+    }
+    let array = native_float(array.clone())?;
     // Any contiguous layout will do for a norm; anything else is gathered in C order.
     let order = Order::of(&array);
     if is_float_dtype::<f32>(&array) {

@@ -28,19 +28,22 @@ def check_real(
     minimum: float | None = None,
     above: float | None = None,
     below: float | None = None,
+    label: str | None = None,
 ) -> float:
-    """``value`` as a finite float within the given bounds, else an OptimizerError."""
+    """``value`` as a finite float within the given bounds, else an OptimizerError whose
+    key is ``key`` and whose message calls the value ``label`` (default: the key)."""
+    what = label or key
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise OptimizerError(f"{key} must be a real number, got {value!r}", key)
+        raise OptimizerError(f"{what} must be a real number, got {value!r}", key)
     number = float(value)
     if not math.isfinite(number):
-        raise OptimizerError(f"{key} must be finite, got {number!r}", key)
+        raise OptimizerError(f"{what} must be finite, got {number!r}", key)
     if minimum is not None and number < minimum:
-        raise OptimizerError(f"{key} must be >= {minimum}, got {number!r}", key)
+        raise OptimizerError(f"{what} must be >= {minimum}, got {number!r}", key)
     if above is not None and number <= above:
-        raise OptimizerError(f"{key} must be > {above}, got {number!r}", key)
+        raise OptimizerError(f"{what} must be > {above}, got {number!r}", key)
     if below is not None and number >= below:
-        raise OptimizerError(f"{key} must be < {below}, got {number!r}", key)
+        raise OptimizerError(f"{what} must be < {below}, got {number!r}", key)
     return number
 
 

@@ -40,9 +40,10 @@ def _scalar(state: Mapping[str, Any], key: str) -> object:
 def scalar_entry(state: Mapping[str, Any], key: str, *, positive: bool = False) -> float:
     """A finite, non-negative (or positive) float from a state dict."""
     value = _scalar(state, key)
+    label = f"state '{key}'"
     if positive:
-        return check_real(f"state '{key}'", value, above=0.0)
-    return check_real(f"state '{key}'", value, minimum=0.0)
+        return check_real(key, value, above=0.0, label=label)
+    return check_real(key, value, minimum=0.0, label=label)
 
 
 def time_step_entry(state: Mapping[str, Any], key: str) -> int:
