@@ -1,0 +1,399 @@
+"""A plain float64 NumPy reference for samopt, written from SPEC.md's formulas.
+
+It does not use samopt. Everything here is float64 and loops over dicts: simple over fast.
+
+Conventions, as in SPEC.md and the API contract:
+- a gradient is first converted to its parameter's dtype (that is what samopt does), then
+  everything is computed in float64 (`to_ref_grads`);
+- state keys: SGD `lr`, `velocity_<name>`; Adam/AdamW `lr`, `t`, `m_<name>`, `v_<name>`;
+  SAM adds `rho` and `saved_<name>` while a perturbation is pending;
+- state entries are created (zeros) at a parameter's first step.
+
+The second half of this file holds small helpers the tests share (array builders,
+snapshots, comparisons against the reference); they are not part of the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------
+# The reference
+# --------------------------------------------------------------------------------------
+
+
+def to_ref_grads(
+    grads: Mapping[str, np.ndarray], param_dtypes: Mapping[str, np.dtype]
+) -> dict[str, np.ndarray]:
+    """Gradients as samopt sees them: converted to the parameter dtype, then float64.
+
+    Only the names in `param_dtypes` are kept (gradients of absent names are ignored).
+    """
+    return {
+        k: np.asarray(grads[k]).astype(param_dtypes[k]).astype(np.float64)
+        for k in param_dtypes
+    }
+
+
+def global_norm(grads: Mapping[str, np.ndarray]) -> float:
+    """L2 norm over all elements of all arrays, float64."""
+    total = 0.0
+    for g in grads.values():
+        total += float(np.sum(np.asarray(g, dtype=np.float64) ** 2))
+    return math.sqrt(total)
+
+
+def clip_grads(
+    grads: Mapping[str, np.ndarray], clip: float | None, mode: str
+) -> dict[str, np.ndarray]:
+    """SPEC "Clipping": VALUE clamps each element to [-c, c]; NORM scales every gradient
+    by c/||g|| when the global norm ||g|| exceeds c. Works on copies."""
+    out = {k: np.array(g, dtype=np.float64, copy=True) for k, g in grads.items()}
+    if clip is None:
+        return out
+    if mode == "value":
+        return {k: np.clip(g, -clip, clip) for k, g in out.items()}
+    if mode == "norm":
+        n = global_norm(out)
+        if n > clip:
+            return {k: g * (clip / n) for k, g in out.items()}
+        return out
+    raise ValueError(mode)
+
+
+class RefSGD:
+    """v <- mu*v + lr*g ; p <- p - v."""
+
+    def __init__(self, lr: float, momentum: float, clip: float | None = None,
+                 clip_mode: str = "value") -> None:
+        self.lr = lr
+        self.momentum = momentum
+        self.clip = clip
+        self.clip_mode = clip_mode
+        self.velocity: dict[str, np.ndarray] = {}
+
+    def step(self, params: dict[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
+        if not params:
+            return
+        g = clip_grads({k: grads[k] for k in params}, self.clip, self.clip_mode)
+        for k in params:
+            if k not in self.velocity:
+                self.velocity[k] = np.zeros(params[k].shape)
+            self.velocity[k] = self.momentum * self.velocity[k] + self.lr * g[k]
+            params[k] = params[k] - self.velocity[k]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = {"lr": np.array(self.lr)}
+        for k, v in self.velocity.items():
+            out["velocity_" + k] = v.copy()
+        return out
+
+
+class RefAdam:
+    """t <- t+1 ; lr_t = lr*sqrt(1-b2^t)/(1-b1^t) ; m <- b1*m + (1-b1)*g ;
+    v <- b2*v + (1-b2)*g^2 ; p <- p - lr_t*m/(sqrt(v)+eps)
+    and for AdamW additionally  - lr*wd*p_old."""
+
+    def __init__(self, lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float = 0.0, decoupled: bool = False,
+                 clip: float | None = None, clip_mode: str = "value") -> None:
+        self.lr = lr
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.decoupled = decoupled
+        self.clip = clip
+        self.clip_mode = clip_mode
+        self.t = 0
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
+
+    def step(self, params: dict[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
+        if not params:
+            return
+        g = clip_grads({k: grads[k] for k in params}, self.clip, self.clip_mode)
+        self.t += 1
+        t = self.t
+        lr_t = self.lr * math.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)
+        for k in params:
+            if k not in self.m:
+                self.m[k] = np.zeros(params[k].shape)
+                self.v[k] = np.zeros(params[k].shape)
+            self.m[k] = self.beta1 * self.m[k] + (1.0 - self.beta1) * g[k]
+            self.v[k] = self.beta2 * self.v[k] + (1.0 - self.beta2) * g[k] * g[k]
+            p_old = params[k]
+            new = p_old - lr_t * self.m[k] / (np.sqrt(self.v[k]) + self.eps)
+            if self.decoupled:
+                new = new - self.lr * self.weight_decay * p_old
+            params[k] = new
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = {"lr": np.array(self.lr), "t": np.array(self.t, dtype=np.int64)}
+        for k in self.m:
+            out["m_" + k] = self.m[k].copy()
+            out["v_" + k] = self.v[k].copy()
+        return out
+
+
+def RefAdamW(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+             clip: float | None = None, clip_mode: str = "value") -> RefAdam:
+    return RefAdam(lr, beta1, beta2, eps, weight_decay, decoupled=True, clip=clip,
+                   clip_mode=clip_mode)
+
+
+class RefSAM:
+    """first_step: n = ||g|| (or ||T*g|| with T = |p|+eta when adaptive); if n == 0 nothing
+    happens; else save p and p <- p + rho*g/n (or rho*T^2*g/n).
+    second_step: p <- saved; base.step(p, g)."""
+
+    def __init__(self, base: Any, rho: float, adaptive: bool = False,
+                 eta: float = 0.0) -> None:
+        self.base = base
+        self.rho = rho
+        self.adaptive = adaptive
+        self.eta = eta
+        self.saved: dict[str, np.ndarray] | None = None
+
+    def first_step(self, params: dict[str, np.ndarray],
+                   grads: Mapping[str, np.ndarray]) -> None:
+        assert self.saved is None
+        if self.adaptive:
+            scale = {k: np.abs(params[k]) + self.eta for k in params}
+            n = global_norm({k: scale[k] * grads[k] for k in params})
+        else:
+            n = global_norm({k: grads[k] for k in params})
+        if n == 0.0:
+            return
+        self.saved = {k: params[k].copy() for k in params}
+        for k in params:
+            if self.adaptive:
+                params[k] = params[k] + self.rho * scale[k] * scale[k] * grads[k] / n
+            else:
+                params[k] = params[k] + self.rho * grads[k] / n
+
+    def second_step(self, params: dict[str, np.ndarray],
+                    grads: Mapping[str, np.ndarray]) -> None:
+        if self.saved is not None:
+            for k in params:
+                params[k] = self.saved[k].copy()
+            self.saved = None
+        self.base.step(params, grads)
+
+    step = second_step
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = self.base.state_dict()
+        out["rho"] = np.array(self.rho)
+        if self.saved is not None:
+            for k, v in self.saved.items():
+                out["saved_" + k] = v.copy()
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Helpers shared by the tests (not part of the reference)
+# --------------------------------------------------------------------------------------
+
+# State keys samopt may add beyond SPEC.md: SamOptimizer's counter of sam_step calls (for
+# its `interval` option, a later extension); 0-d int64, 0 unless sam_step is used.
+EXTRA_SAM_KEYS = ("sam_calls",)
+
+FLOAT64_TOL = 1e-12
+FLOAT32_TOL = 2e-5
+
+LAYOUTS = ("C", "F", "strided", "reversed", "transposed")
+
+
+class Holder:
+    """An array built in a given memory layout; `array` may be a view into `base`.
+    `outside` is a mask of the elements of `base` that are not part of `array`."""
+
+    def __init__(self, array: np.ndarray, base: np.ndarray | None,
+                 outside: np.ndarray | None) -> None:
+        self.array = array
+        self.base = base
+        self.outside = outside
+        self.outside_values = None if base is None else base[outside].copy()
+
+    def outside_untouched(self) -> bool:
+        if self.base is None:
+            return True
+        return bool(np.array_equal(self.base[self.outside], self.outside_values,
+                                   equal_nan=True))
+
+
+def make_array(values: np.ndarray, dtype: Any, layout: str) -> Holder:
+    """An array of `dtype` holding `values` (float64), in the requested memory layout."""
+    values = np.asarray(values, dtype=np.float64)
+    shape = values.shape
+    nd = values.ndim
+    if layout == "F":
+        return Holder(np.array(values, dtype=dtype, order="F"), None, None)
+    if layout == "strided" and nd > 0:
+        big = np.full(tuple(2 * d + 1 for d in shape), -7.25, dtype=dtype)
+        sl = tuple(slice(1, None, 2) for _ in shape)
+        view = big[sl]
+        view[...] = values
+        outside = np.ones(big.shape, dtype=bool)
+        outside[sl] = False
+        return Holder(view, big, outside)
+    if layout == "reversed" and nd > 0:
+        big = np.full((*shape[:-1], shape[-1] + 3), 3.5, dtype=dtype)
+        view = big[..., : shape[-1]][..., ::-1]
+        view[...] = values
+        outside = np.ones(big.shape, dtype=bool)
+        outside[..., : shape[-1]] = False
+        return Holder(view, big, outside)
+    if layout == "transposed" and nd > 1:
+        perm = tuple(range(nd))[::-1]
+        base = np.empty(tuple(shape[i] for i in perm), dtype=dtype)
+        view = base.transpose(np.argsort(perm))
+        view[...] = values
+        assert view.shape == shape
+        return Holder(view, None, None)
+    return Holder(np.array(values, dtype=dtype, order="C"), None, None)
+
+
+def snapshot(d: Mapping[str, Any]) -> dict[str, Any]:
+    """A bitwise snapshot of a dict of arrays (or other objects)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, np.ndarray):
+            out[k] = ("nd", id(v), v.dtype.str, v.shape,
+                      np.ascontiguousarray(v).tobytes() if v.dtype != object
+                      else repr(v.tolist()))
+        else:
+            out[k] = ("obj", id(v), repr(v))
+    return out
+
+
+def assert_same_snapshot(before: Mapping[str, Any], after: Mapping[str, Any],
+                         what: str = "") -> None:
+    assert list(before.keys()) == list(after.keys()), f"{what}: keys changed"
+    for k in before:
+        assert before[k] == after[k], f"{what}: {k!r} changed"
+
+
+def without_extra_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in state.items() if k not in EXTRA_SAM_KEYS}
+
+
+def state_snapshot(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Bitwise snapshot of a state dict (order-insensitive, dtype-sensitive)."""
+    return {k: (np.asarray(v).dtype.str, np.asarray(v).shape,
+                np.ascontiguousarray(v).tobytes())
+            for k, v in sorted(state.items())}
+
+
+class ScaleTracker:
+    """The largest max|ref| each array (param or state entry) has had so far.
+
+    Used as the denominator of the relative error: a value that passes near zero (a 0-d
+    Adam moment whose gradients cancel, a weight crossing zero) carries the rounding error
+    of the larger values it was computed from, and dividing that by its own tiny size
+    would measure the cancellation, not samopt."""
+
+    def __init__(self) -> None:
+        self.hist: dict[str, float] = {}
+
+    def update(self, arrays: Mapping[str, np.ndarray], prefix: str = "") -> None:
+        for k, v in arrays.items():
+            v = np.asarray(v)
+            if v.size and v.dtype.kind == "f":
+                m = float(np.max(np.abs(v)))
+                key = prefix + k
+                if not m <= self.hist.get(key, 0.0):
+                    self.hist[key] = m
+
+    def get(self, key: str) -> float:
+        return self.hist.get(key, 0.0)
+
+
+def rel_err(x: np.ndarray, ref: np.ndarray, floor: float = 0.0) -> float:
+    """max|x - ref| / max(max|ref|, floor); when that is zero, x must equal ref exactly."""
+    x = np.asarray(x, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if ref.size == 0:
+        return 0.0
+    diff = float(np.max(np.abs(x - ref)))
+    if math.isnan(diff):
+        return math.inf
+    scale = max(float(np.max(np.abs(ref))), floor)
+    if scale == 0.0:
+        return diff * 1e300 if diff else 0.0  # zero reference: must be exactly zero
+    return diff / scale
+
+
+def tol_for(dtype: Any, f64_tol: float = FLOAT64_TOL) -> float:
+    return f64_tol if np.dtype(dtype) == np.float64 else FLOAT32_TOL
+
+
+def coupled_f64_tol(params: Mapping[str, np.ndarray], coupled: bool) -> float:
+    """The tolerance for float64 arrays. When one array's update depends on the values of
+    the others' parameters (adaptive SAM's norm over |p|*g, or gradients that are functions
+    of the params entering a global norm), float32 parameters in the same dict, stored
+    rounded, pass their float32-level deviation from the float64 reference on to the
+    float64 ones: those then get the float32 tolerance."""
+    if coupled and any(p.dtype == np.float32 and p.size for p in params.values()):
+        return FLOAT32_TOL
+    return FLOAT64_TOL
+
+
+def assert_params_close(params: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray],
+                        what: str = "", f64_tol: float = FLOAT64_TOL,
+                        scales: ScaleTracker | None = None) -> None:
+    for k, p in params.items():
+        assert p.shape == ref[k].shape, f"{what} {k!r}: shape"
+        e = rel_err(p, ref[k], scales.get("param:" + k) if scales else 0.0)
+        assert e <= tol_for(p.dtype, f64_tol), (
+            f"{what} param {k!r} ({p.dtype}): rel err {e:.3g}")
+
+
+def state_key_param(key: str, param_names: Any) -> str | None:
+    for prefix in ("velocity_", "m_", "v_", "saved_"):
+        if key.startswith(prefix) and key[len(prefix):] in param_names:
+            return key[len(prefix):]
+    return None
+
+
+def assert_state_close(state: Mapping[str, np.ndarray], ref_state: Mapping[str, np.ndarray],
+                       params: Mapping[str, np.ndarray], what: str = "",
+                       f64_tol: float = FLOAT64_TOL,
+                       scales: ScaleTracker | None = None) -> None:
+    """samopt's state_dict against the reference's.
+
+    Scalars (lr, t, rho) must match exactly with dtypes float64 / int64 / float64; per-
+    parameter arrays must have the parameter's dtype and shape and agree within SPEC's
+    tolerance. Entries for size-0 parameters may be absent (nothing to store)."""
+    assert isinstance(state, dict), f"{what}: state_dict() is not a dict"
+    for k in ref_state:
+        pk = state_key_param(k, params)
+        if k not in state:
+            assert pk is not None and params[pk].size == 0, f"{what}: missing key {k!r}"
+    for k, v in state.items():
+        if k in EXTRA_SAM_KEYS and "rho" in ref_state:
+            assert v.shape == () and v.dtype == np.int64 and int(v) == 0, f"{what}: {k!r}"
+            continue
+        assert k in ref_state, f"{what}: unexpected state key {k!r}"
+        assert isinstance(v, np.ndarray), f"{what}: {k!r} is not an ndarray"
+        r = ref_state[k]
+        if k in ("lr", "rho"):
+            assert v.shape == () and v.dtype == np.float64, f"{what}: {k!r} {v.dtype}{v.shape}"
+            assert float(v) == float(r), f"{what}: {k!r} = {float(v)!r}, expected {float(r)!r}"
+        elif k == "t":
+            assert v.shape == () and v.dtype == np.int64, f"{what}: t is {v.dtype}{v.shape}"
+            assert int(v) == int(r), f"{what}: t = {int(v)}, expected {int(r)}"
+        else:
+            pk = state_key_param(k, params)
+            assert pk is not None
+            p = params[pk]
+            assert v.dtype == p.dtype, f"{what}: {k!r} has dtype {v.dtype}, param {p.dtype}"
+            assert v.shape == p.shape, f"{what}: {k!r} has shape {v.shape}, param {p.shape}"
+            e = rel_err(v, r, scales.get("state:" + k) if scales else 0.0)
+            assert e <= tol_for(p.dtype, f64_tol), (
+                f"{what}: state {k!r} ({p.dtype}) rel err {e:.3g}")
