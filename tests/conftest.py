@@ -17,3 +17,9 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "samopt"))
+
+
+def pytest_report_header(config: object) -> str:
+    import samopt
+
+    return f"samopt {samopt.__version__} from {os.path.dirname(samopt.__file__)}"

@@ -77,7 +77,6 @@ def test_init_mlp_shapes_and_determinism() -> None:
 
 
 def test_load_noisy_digits() -> None:
-    pytest.importorskip("sklearn")
     d = demo.load_digits_split(noise=0.4, seed=0)
     X_train, y_train, X_test, y_test = demo.load_noisy_digits(noise=0.4, seed=0)
     assert X_train.shape[1] == X_test.shape[1] == 64
@@ -100,7 +99,6 @@ def test_load_noisy_digits() -> None:
 
 
 def test_sam_train_step_changes_params_and_lowers_loss() -> None:
-    pytest.importorskip("sklearn")
     d = demo.load_digits_split(noise=0.0, seed=0)
     for spec in demo.default_specs():
         params = demo.init_mlp(seed=0)
@@ -136,8 +134,6 @@ def test_seed_and_per_family_parsing() -> None:
 
 
 def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
     png = tmp_path / "sub" / "demo.png"
     out_json = tmp_path / "demo.json"
     argv = ["--epochs", "2", "--seeds", "2", "--batch-size", "64", "--no-progress"]
@@ -169,8 +165,6 @@ def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_main_is_deterministic(tmp_path: Path) -> None:
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
     reports = []
     for i in range(2):
         path = tmp_path / f"{i}.json"
