@@ -1,0 +1,66 @@
+"""MPI tests: run them with ``bash tests/mpi/run.sh`` (``mpirun -n 2 ... pytest tests/mpi``).
+
+Under a plain ``pytest`` (no ``mpirun``) these modules are not collected at all, so the
+normal test run neither needs mpi4py nor initializes MPI. With ``SAMOPT_MPI_REQUIRED=1``
+(set by run.sh) a missing mpi4py, a world of fewer than two ranks or a session in which no
+test passed is an error, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # `import mpi_helpers` whatever pytest's import mode
+    sys.path.insert(0, _HERE)
+
+REQUIRED = os.environ.get("SAMOPT_MPI_REQUIRED") == "1"
+# Set by the launchers of Open MPI (OMPI_*, PMIX_*), MPICH/Hydra (PMI_*) and Intel MPI.
+UNDER_MPIRUN = any(
+    v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK")
+)
+
+if not (UNDER_MPIRUN or REQUIRED):
+    collect_ignore_glob = ["test_*.py"]
+
+
+@pytest.fixture(scope="session")
+def comm() -> Any:
+    """``MPI.COMM_WORLD`` with at least two ranks."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        if REQUIRED:
+            pytest.fail(f"mpi4py is not importable: {exc}")
+        pytest.skip("mpi4py is not installed")
+    world = MPI.COMM_WORLD
+    if world.Get_size() < 2:
+        msg = f"the MPI tests need at least 2 ranks, this world has {world.Get_size()}"
+        if REQUIRED:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return world
+
+
+@pytest.fixture(autouse=True)
+def _reset_counts(request: pytest.FixtureRequest) -> Iterator[None]:
+    if "comm" in request.fixturenames:
+        from samopt.mpi import reset_collective_counts
+
+        reset_collective_counts()
+    yield
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not REQUIRED or exitstatus != 0:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    stats = getattr(reporter, "stats", {}) if reporter is not None else {}
+    if not stats.get("passed"):
+        print("\nSAMOPT_MPI_REQUIRED=1 but no MPI test passed", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
