@@ -1,0 +1,1371 @@
+#!/usr/bin/env python
+"""Benchmark of one optimizer step: samopt against NumPy and the memory-bandwidth floor.
+
+Usage (from the repository root, with the venv's python):
+
+    python benches/bench_step.py                 # full run (~2 min): table + benches/results.json
+    python benches/bench_step.py --quick         # seconds-long smoke (small sizes, few reps);
+                                                 # writes benches/results_quick.json
+    python benches/bench_step.py --json out.json # choose where the figures go
+    python benches/bench_step.py --check         # only check that the NumPy baseline and samopt
+                                                 # compute the same thing (exit 1 if not)
+
+Every row is measured in the same run, as the median of several repetitions after a warm-up.
+One subprocess per RAYON_NUM_THREADS setting (rayon reads the variable when the process
+starts) times, for each size, all of these rows interleaved rep by rep (so a change in the
+machine's load hits every row alike); speedups compare rows measured in the same process:
+
+* NumPy baseline: the SAM(Adam) step a careful NumPy user would write (in-place ufuncs with
+  ``out=``, one preallocated scratch buffer, one Python loop over the arrays per phase, the
+  restore fused into the final ``p = saved - update``).  Extra rows: the same step walked in
+  cache-sized blocks, NumPy Adam alone and NumPy SAM(SGD).
+* samopt: SAM(Adam) full step (first_step + second_step), SAM(SGD) full step, Adam alone.
+* torch.optim.Adam(fused=True) (foreach if fused is unsupported) when torch is importable.
+
+Also measured, in the parent process or fresh subprocesses:
+
+* Floor: the memory bandwidth measured at the start and at the end of the run with all cores
+  busy (each thread streams ``np.add(a, b, out=a)`` over its share of two 512 MiB arrays: 3
+  streams; the better of the two is used), times the bytes a step must move: Adam 7 streams
+  of the parameter bytes (read p g m v, write p m v), SAM(Adam) 12 (norm 1, perturb-and-save
+  4, restore fused into Adam 7), SAM(SGD) 10 (norm 1, perturb-and-save 4, restore fused into
+  SGD 5: read saved g v, write p v).
+* Peak RSS over a few steps after a warm-up step, in a fresh subprocess per optimizer and
+  layout (20 arrays, and 1 array so a per-array temporary shows as a whole 1x), with VmHWM
+  reset through /proc/self/clear_refs around each phase and MALLOC_MMAP_THRESHOLD_ fixed so
+  freed buffers leave RSS (ru_maxrss before/after is recorded too).
+* Check: before timing, the NumPy baseline and samopt are run from the same values for each
+  size and optimizer and compared after first_step, after second_step and after 3 full steps
+  (relative error max|x-ref|/max|ref| per array, SPEC.md tolerances); the sha256 of samopt's
+  results is compared across the thread settings (bitwise determinism).
+
+* Machine state: "effective cores" (threads doing compute-bound NumPy work in parallel against
+  one alone) at the start and end, and per row the process CPU time / wall time: a run during
+  which another process held a core is flagged, its multi-thread figures mean little.
+
+Nothing here asserts on the figures (the CI smoke only prints them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import importlib
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# OptimizerConfig defaults (SPEC.md) and SAM's default rho.
+LR = 1e-3
+MOMENTUM = 0.9
+BETA1 = 0.9
+BETA2 = 0.999
+EPS = 1e-8
+RHO = 0.05
+
+KINDS = ("sam_adam", "sam_sgd", "adam")
+KIND_LABEL = {"sam_adam": "SAM(Adam)", "sam_sgd": "SAM(SGD)", "adam": "Adam"}
+# Bytes a step must move, in units of the parameters' bytes (issue 3).
+STREAMS = {"sam_adam": 12, "adam": 7, "sam_sgd": 10}
+# Per-parameter memory SPEC.md allows: the optimizer state (+ SAM's saved values).
+STATE_ARRAYS = {"sam_adam": 2, "adam": 2, "sam_sgd": 1}
+SAVED_ARRAYS = {"sam_adam": 1, "adam": 0, "sam_sgd": 1}
+
+TOL = {"float64": 1e-12, "float32": 2e-5}  # SPEC.md "Numerics"
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes and data
+# --------------------------------------------------------------------------------------------
+def size_specs(quick: bool) -> list[dict[str, Any]]:
+    if quick:
+        return [
+            {
+                "key": "200k_f64",
+                "label": "200k f64 (20x10k)",
+                "n_arrays": 20,
+                "elems": 10_000,
+                "dtype": "float64",
+            },
+            {
+                "key": "200k_f32",
+                "label": "200k f32 (20x10k)",
+                "n_arrays": 20,
+                "elems": 10_000,
+                "dtype": "float32",
+            },
+            {
+                "key": "200x1k_f64",
+                "label": "200x1k f64",
+                "n_arrays": 200,
+                "elems": 1_000,
+                "dtype": "float64",
+            },
+            {
+                "key": "1x10_f64",
+                "label": "1x10 f64",
+                "n_arrays": 1,
+                "elems": 10,
+                "dtype": "float64",
+            },
+        ]
+    return [
+        {
+            "key": "10M_f64",
+            "label": "10M f64 (20x500k)",
+            "n_arrays": 20,
+            "elems": 500_000,
+            "dtype": "float64",
+        },
+        {
+            "key": "10M_f32",
+            "label": "10M f32 (20x500k)",
+            "n_arrays": 20,
+            "elems": 500_000,
+            "dtype": "float32",
+        },
+        {
+            "key": "200x1k_f64",
+            "label": "200x1k f64",
+            "n_arrays": 200,
+            "elems": 1_000,
+            "dtype": "float64",
+        },
+        {"key": "1x10_f64", "label": "1x10 f64", "n_arrays": 1, "elems": 10, "dtype": "float64"},
+    ]
+
+
+def param_bytes(spec: dict[str, Any]) -> int:
+    return int(spec["n_arrays"] * spec["elems"] * np.dtype(spec["dtype"]).itemsize)
+
+
+def make_data(
+    spec: dict[str, Any], seed: int = 0
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Parameters ~ N(0, 1), gradients ~ N(0, 0.01^2); no temporaries larger than one array."""
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(spec["dtype"])
+    params: dict[str, np.ndarray] = {}
+    grads: dict[str, np.ndarray] = {}
+    for i in range(spec["n_arrays"]):
+        name = f"w{i:03d}"
+        p = np.empty(spec["elems"], dtype=dt)
+        rng.standard_normal(dtype=dt, out=p)
+        g = np.empty(spec["elems"], dtype=dt)
+        rng.standard_normal(dtype=dt, out=g)
+        g *= 0.01
+        params[name] = p
+        grads[name] = g
+    return params, grads
+
+
+def copy_params(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.copy() for k, v in params.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The NumPy baseline (what a careful NumPy user writes)
+# --------------------------------------------------------------------------------------------
+class NumpyOpt:
+    """SAM over Adam/SGD, or the base optimizer alone, written with in-place ufuncs.
+
+    State (m, v / velocity, saved values) and one flat scratch buffer (the size of the largest
+    parameter) are preallocated; every ufunc writes through ``out=``.  Formulas: SPEC.md.
+    The restore of SAM's saved values is fused into the last ufunc (``p = saved - update``).
+    """
+
+    def __init__(self, params: dict[str, np.ndarray], base: str, sam: bool) -> None:
+        self.base = base  # "adam" | "sgd"
+        self.sam = sam
+        self.t = 0
+        self.pending = False
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
+        self.saved: dict[str, np.ndarray] = {}
+        self.s: dict[str, np.ndarray] = {}
+        biggest: dict[np.dtype, int] = {}
+        for p in params.values():
+            biggest[p.dtype] = max(biggest.get(p.dtype, 0), p.size)
+        scratch = {dt: np.empty(n, dtype=dt) for dt, n in biggest.items()}
+        for name, p in params.items():
+            self.s[name] = scratch[p.dtype][: p.size].reshape(p.shape)
+            self.v[name] = np.zeros_like(p)
+            if base == "adam":
+                self.m[name] = np.zeros_like(p)
+            if sam:
+                self.saved[name] = np.empty_like(p)
+
+    # SAM phase 1: n = ||g||, save p, p += rho * g / n
+    def first_step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        ss = 0.0
+        for name in params:
+            g = grads[name]
+            ss += float(np.vdot(g, g))
+        n = math.sqrt(ss)
+        if n == 0.0:
+            self.pending = False
+            return
+        scale = RHO / n
+        saved, s = self.saved, self.s
+        for name, p in params.items():
+            np.copyto(saved[name], p)
+            np.multiply(grads[name], scale, out=s[name])
+            np.add(p, s[name], out=p)
+        self.pending = True
+
+    # SAM phase 2 (restore fused into the update) / the base optimizer's step
+    def second_step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        pending = self.pending
+        self.pending = False
+        if self.base == "adam":
+            self.t += 1
+            lr_t = LR * math.sqrt(1.0 - BETA2**self.t) / (1.0 - BETA1**self.t)
+            c1, c2 = 1.0 - BETA1, 1.0 - BETA2
+            for name, p in params.items():
+                g, m, v, s = grads[name], self.m[name], self.v[name], self.s[name]
+                np.multiply(m, BETA1, out=m)
+                np.multiply(g, c1, out=s)
+                np.add(m, s, out=m)
+                np.multiply(v, BETA2, out=v)
+                np.multiply(g, g, out=s)
+                np.multiply(s, c2, out=s)
+                np.add(v, s, out=v)
+                np.sqrt(v, out=s)
+                np.add(s, EPS, out=s)
+                np.divide(m, s, out=s)
+                np.multiply(s, lr_t, out=s)
+                np.subtract(self.saved[name] if pending else p, s, out=p)
+        else:
+            for name, p in params.items():
+                g, v, s = grads[name], self.v[name], self.s[name]
+                np.multiply(v, MOMENTUM, out=v)
+                np.multiply(g, LR, out=s)
+                np.add(v, s, out=v)
+                np.subtract(self.saved[name] if pending else p, v, out=p)
+
+    step = second_step
+
+
+class NumpyOptBlocked(NumpyOpt):
+    """The same SAM(Adam) step, but walking each array in cache-sized blocks (extra row).
+
+    Each block's ufunc chain then runs on cache-resident data, so memory traffic drops to
+    about one pass per stream, at the price of more Python calls.  Block views are built once.
+    """
+
+    BLOCK_BYTES = 128 * 1024  # per stream; ~6 streams per block stay in a 1 MiB L2
+
+    def __init__(self, params: dict[str, np.ndarray], base: str, sam: bool) -> None:
+        assert base == "adam"
+        super().__init__(params, base, sam)
+        scratch = {
+            dt: np.empty(self.BLOCK_BYTES // dt.itemsize, dtype=dt)
+            for dt in {p.dtype for p in params.values()}
+        }
+        self.blocks: dict[str, list[tuple[Any, ...]]] = {}
+        for name, p in params.items():
+            sc = scratch[p.dtype]
+            blk = sc.size
+            pf, mf, vf = p.reshape(-1), self.m[name].reshape(-1), self.v[name].reshape(-1)
+            sf = self.saved[name].reshape(-1) if sam else pf
+            lst = []
+            for a in range(0, p.size, blk):
+                b = min(a + blk, p.size)
+                lst.append((a, b, pf[a:b], mf[a:b], vf[a:b], sf[a:b], sc[: b - a]))
+            self.blocks[name] = lst
+
+    def first_step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        ss = 0.0
+        for name in params:
+            g = grads[name]
+            ss += float(np.vdot(g, g))
+        n = math.sqrt(ss)
+        if n == 0.0:
+            self.pending = False
+            return
+        scale = RHO / n
+        for name in params:
+            gf = grads[name].reshape(-1)
+            for a, b, p, _m, _v, sv, s in self.blocks[name]:
+                np.copyto(sv, p)
+                np.multiply(gf[a:b], scale, out=s)
+                np.add(p, s, out=p)
+        self.pending = True
+
+    def second_step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        pending = self.pending
+        self.pending = False
+        self.t += 1
+        lr_t = LR * math.sqrt(1.0 - BETA2**self.t) / (1.0 - BETA1**self.t)
+        c1, c2 = 1.0 - BETA1, 1.0 - BETA2
+        for name in params:
+            gf = grads[name].reshape(-1)
+            for a, b, p, m, v, sv, s in self.blocks[name]:
+                g = gf[a:b]
+                np.multiply(m, BETA1, out=m)
+                np.multiply(g, c1, out=s)
+                np.add(m, s, out=m)
+                np.multiply(v, BETA2, out=v)
+                np.multiply(g, g, out=s)
+                np.multiply(s, c2, out=s)
+                np.add(v, s, out=v)
+                np.sqrt(v, out=s)
+                np.add(s, EPS, out=s)
+                np.divide(m, s, out=s)
+                np.multiply(s, lr_t, out=s)
+                np.subtract(sv if pending else p, s, out=p)
+
+    step = second_step
+
+
+def numpy_step_fn(
+    kind: str, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], blocked: bool = False
+) -> Callable[[], None]:
+    base = "sgd" if kind == "sam_sgd" else "adam"
+    sam = kind != "adam"
+    opt = (NumpyOptBlocked if blocked else NumpyOpt)(params, base, sam)
+    if sam:
+
+        def full() -> None:
+            opt.first_step(params, grads)
+            opt.second_step(params, grads)
+
+        return full
+    return lambda: opt.step(params, grads)
+
+
+# --------------------------------------------------------------------------------------------
+# samopt (imported lazily: only the worker subprocesses need it)
+# --------------------------------------------------------------------------------------------
+def samopt_make(kind: str) -> Any:
+    samopt = importlib.import_module("samopt")
+
+    if kind == "sam_adam":
+        return samopt.SamOptimizer(samopt.AdamOptimizer(), rho=RHO)
+    if kind == "sam_sgd":
+        return samopt.SamOptimizer(samopt.SgdOptimizer(), rho=RHO)
+    return samopt.AdamOptimizer()
+
+
+def samopt_step_fn(
+    kind: str, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]
+) -> Callable[[], None]:
+    opt = samopt_make(kind)
+    if kind == "adam":
+        step = opt.step
+        return lambda: step(params, grads)
+    first, second = opt.first_step, opt.second_step
+
+    def full() -> None:
+        first(params, grads)
+        second(params, grads)
+
+    return full
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+def bench_interleaved(
+    fns: dict[str, Callable[[], None]], reps: int, warmup: int, min_time: float
+) -> dict[str, dict[str, Any]]:
+    """Time several step functions rep by rep (rep 1 of every row, then rep 2, ...; the order
+    rotates each rep), so slow drifts of the machine's load hit all rows alike.
+
+    Each row gets `warmup` calls first; a repetition runs `inner` calls (enough to last about
+    `min_time`) and records the mean time per call.  Result per row: median over the `reps`
+    repetitions (and min, max).  GC is off while timing."""
+    inner: dict[str, int] = {}
+    for name, fn in fns.items():
+        for _ in range(max(1, warmup)):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        one = time.perf_counter() - t0
+        inner[name] = max(1, min(200_000, math.ceil(min_time / max(one, 1e-9))))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, float] = {name: 0.0 for name in fns}
+    wall: dict[str, float] = {name: 0.0 for name in fns}
+    names = list(fns)
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for rep in range(reps):
+            k = rep % len(names)
+            for name in names[k:] + names[:k]:
+                fn, n = fns[name], inner[name]
+                c0 = time.process_time()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                dt = time.perf_counter() - t0
+                cpu[name] += time.process_time() - c0
+                wall[name] += dt
+                times[name].append(dt / n)
+    finally:
+        if gc_was:
+            gc.enable()
+    return {
+        name: {
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "reps": reps,
+            "inner": inner[name],
+            "cpu_per_wall": cpu[name] / wall[name] if wall[name] > 0 else None,
+        }
+        for name, ts in times.items()
+    }
+
+
+def measure_bandwidth(n_elems: int, n_threads: int, reps: int) -> dict[str, Any]:
+    """GB/s of np.add(a, b, out=a) (read a, read b, write a: 3 streams) with `n_threads`
+    threads each streaming its share of the arrays at the same time (numpy releases the GIL)."""
+    a = np.ones(n_elems)
+    b = np.ones(n_elems)
+    bounds = [(i * n_elems // n_threads, (i + 1) * n_elems // n_threads) for i in range(n_threads)]
+    parts = [(a[lo:hi], b[lo:hi]) for lo, hi in bounds]
+    barrier = threading.Barrier(n_threads)
+    times: list[float] = []
+    warm = 2
+
+    def work(k: int) -> None:
+        x, y = parts[k]
+        for _ in range(warm + reps):
+            barrier.wait()
+            t0 = time.perf_counter()
+            np.add(x, y, out=x)
+            barrier.wait()
+            if k == 0:
+                times.append(time.perf_counter() - t0)
+
+    helpers = [threading.Thread(target=work, args=(k,)) for k in range(1, n_threads)]
+    for t in helpers:
+        t.start()
+    work(0)
+    for t in helpers:
+        t.join()
+    ts = times[warm:]
+    nbytes = 3 * a.nbytes
+    del a, b
+    return {
+        "threads": n_threads,
+        "GBps": nbytes / statistics.median(ts) / 1e9,
+        "GBps_best": nbytes / min(ts) / 1e9,
+        "array_bytes": n_elems * 8,
+        "reps": reps,
+        "method": "np.add(a, b, out=a) per thread share, 3 streams",
+    }
+
+
+def measure_cores(n_threads: int, reps: int = 2000) -> float:
+    """Effective cores available right now: n threads each doing the same compute-bound,
+    cache-resident work (np.exp on 64k doubles; numpy releases the GIL) against one thread
+    doing it alone.  About n_threads on an idle machine; about 1 when another process
+    holds the other core (then the multi-thread figures of this run mean little)."""
+    x = [np.full(1 << 16, 0.5) for _ in range(n_threads)]
+    y = [np.empty(1 << 16) for _ in range(n_threads)]
+
+    def work(k: int) -> None:
+        for _ in range(reps):
+            np.exp(x[k], out=y[k])
+
+    def run(n: int) -> float:
+        ths = [threading.Thread(target=work, args=(k,)) for k in range(n)]
+        t0 = time.perf_counter()
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        return time.perf_counter() - t0
+
+    best1 = min(run(1) for _ in range(5))
+    bestn = min(run(n_threads) for _ in range(5))
+    return n_threads * best1 / bestn
+
+
+# --------------------------------------------------------------------------------------------
+# Machine info
+# --------------------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": sys.version.split()[0],
+        "python_executable": sys.executable,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "nproc": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "env": {
+            k: os.environ.get(k)
+            for k in (
+                "OPENBLAS_CORETYPE",
+                "OPENBLAS_NUM_THREADS",
+                "OMP_NUM_THREADS",
+                "RAYON_NUM_THREADS",
+            )
+        },
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            info["l3_cache"] = f.read().strip()
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total"] = f.readline().split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        threadpoolctl = importlib.import_module("threadpoolctl")
+        info["threadpools"] = [
+            {k: d.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+            for d in threadpoolctl.threadpool_info()
+        ]
+    except Exception as exc:
+        info["threadpools"] = f"unavailable: {type(exc).__name__}"
+    try:
+        repo = os.path.dirname(HERE)
+        head = subprocess.run(
+            ["git", "-C", repo, "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", repo, "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        info["git_head"] = head.stdout.strip() or None
+        info["git_dirty"] = bool(dirty.stdout.strip())
+    except Exception as exc:
+        info["git_head"] = f"unavailable: {type(exc).__name__}"
+    return info
+
+
+def l3_bytes() -> int:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            s = f.read().strip().upper()
+        mult = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(s[-1], 1)
+        return int(s.rstrip("KMG")) * mult
+    except (OSError, ValueError):
+        return 32 * 1024**2
+
+
+# --------------------------------------------------------------------------------------------
+# Check: NumPy baseline vs samopt
+# --------------------------------------------------------------------------------------------
+def rel_err(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    worst = 0.0
+    for k, arr in a.items():
+        x = arr.astype(np.float64)
+        r = b[k].astype(np.float64)
+        den = float(np.max(np.abs(r))) if r.size else 0.0
+        num = float(np.max(np.abs(x - r))) if r.size else 0.0
+        worst = max(worst, num / den if den > 0 else num)
+    return worst
+
+
+def digest(arrs: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(arrs):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(arrs[k]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_one(kind: str, spec: dict[str, Any], seed: int = 1) -> dict[str, Any]:
+    params, grads = make_data(spec, seed)
+    ref_p, so_p = copy_params(params), copy_params(params)
+    ref = NumpyOpt(ref_p, "sgd" if kind == "sam_sgd" else "adam", kind != "adam")
+    so = samopt_make(kind)
+    out: dict[str, Any] = {"kind": kind, "size": spec["key"]}
+    if kind == "adam":
+        ref.step(ref_p, grads)
+        so.step(so_p, grads)
+        out["err_step1"] = rel_err(so_p, ref_p)
+    else:
+        ref.first_step(ref_p, grads)
+        so.first_step(so_p, grads)
+        out["err_first_step"] = rel_err(so_p, ref_p)
+        ref.second_step(ref_p, grads)
+        so.second_step(so_p, grads)
+        out["err_step1"] = rel_err(so_p, ref_p)
+    for _ in range(2):
+        if kind == "adam":
+            ref.step(ref_p, grads)
+            so.step(so_p, grads)
+        else:
+            ref.first_step(ref_p, grads)
+            so.first_step(so_p, grads)
+            ref.second_step(ref_p, grads)
+            so.second_step(so_p, grads)
+    out["err_step3"] = rel_err(so_p, ref_p)
+    out["tol"] = TOL[spec["dtype"]]
+    out["ok"] = all(out[k] <= out["tol"] for k in out if k.startswith("err_"))
+    out["grads_unchanged"] = digest(grads) == digest(make_data(spec, seed)[1])
+    out["ok"] = out["ok"] and out["grads_unchanged"]
+    out["sha256_step3"] = digest(so_p)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Workers (subprocesses)
+# --------------------------------------------------------------------------------------------
+def run_params(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"reps": 3, "warmup": 1, "min_time": 0.003}
+    return {"reps": 7, "warmup": 2, "min_time": 0.1}
+
+
+def worker_rows(args: argparse.Namespace) -> dict[str, Any]:
+    """One process per RAYON_NUM_THREADS setting: for each size, check the NumPy baseline
+    against samopt, then time the NumPy, samopt and torch rows interleaved."""
+    threads = int(os.environ.get("RAYON_NUM_THREADS", "0") or 0)
+    rp = run_params(args.quick)
+    res: dict[str, Any] = {"threads": threads, "rows": [], "checks": [], "errors": []}
+    have_samopt = not args.numpy_only
+    if have_samopt:
+        samopt = importlib.import_module("samopt")
+        try:
+            from importlib.metadata import version
+
+            res["samopt_version"] = getattr(samopt, "__version__", None) or version("samopt")
+        except Exception:
+            res["samopt_version"] = getattr(samopt, "__version__", None)
+        res["samopt_file"] = getattr(samopt, "__file__", None)
+    torch_mod = None
+    if not args.no_torch:
+        try:
+            torch = importlib.import_module("torch")
+            torch.set_num_threads(max(1, threads or (os.cpu_count() or 1)))
+            torch_mod = torch
+            res["torch_version"] = torch.__version__
+        except Exception as exc:
+            res["torch_skipped"] = f"{type(exc).__name__}: {exc}"
+    for spec in size_specs(args.quick):
+        if have_samopt and not args.no_check:
+            for kind in KINDS:
+                res["checks"].append(check_one(kind, spec))
+                gc.collect()
+        params, grads = make_data(spec)
+        fns: dict[str, Callable[[], None]] = {}
+        meta: dict[str, dict[str, Any]] = {}
+        for kind in KINDS:
+            fns[f"numpy/{kind}"] = numpy_step_fn(kind, copy_params(params), grads)
+            meta[f"numpy/{kind}"] = {"impl": "numpy", "kind": kind, "blocked": False}
+        fns["numpy/sam_adam/blocked"] = numpy_step_fn(
+            "sam_adam", copy_params(params), grads, blocked=True
+        )
+        meta["numpy/sam_adam/blocked"] = {"impl": "numpy", "kind": "sam_adam", "blocked": True}
+        if have_samopt:
+            for kind in KINDS:
+                fns[f"samopt/{kind}"] = samopt_step_fn(kind, copy_params(params), grads)
+                meta[f"samopt/{kind}"] = {"impl": "samopt", "kind": kind}
+        if torch_mod is not None:
+            trow = torch_setup(torch_mod, params, grads)
+            if "fn" in trow:
+                fns["torch/adam"] = trow.pop("fn")
+                meta["torch/adam"] = {"impl": "torch", "kind": "adam", **trow}
+            else:
+                res["rows"].append(
+                    {
+                        "size": spec["key"],
+                        "impl": "torch",
+                        "kind": "adam",
+                        "threads": threads,
+                        **trow,
+                    }
+                )
+        timed = bench_interleaved(fns, **rp)
+        for name, r in timed.items():
+            r.update(meta[name], size=spec["key"], threads=threads)
+            res["rows"].append(r)
+        del fns, timed, params, grads
+        gc.collect()
+    return res
+
+
+def torch_setup(
+    torch: Any, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """torch.optim.Adam(fused=True) (foreach if fused is unsupported) on a copy of the data:
+    {"fn": step, "variant": ...}, or {"skipped": reason}."""
+    try:
+        p = copy_params(params)
+        tps = []
+        for name, arr in p.items():
+            tp = torch.from_numpy(arr)
+            tp.grad = torch.from_numpy(grads[name])
+            tps.append(tp)
+        kw = {"lr": LR, "betas": (BETA1, BETA2), "eps": EPS}
+        try:
+            opt = torch.optim.Adam(tps, fused=True, **kw)
+            opt.step()
+            variant = "fused"
+        except (RuntimeError, ValueError, TypeError):
+            opt = torch.optim.Adam(tps, foreach=True, **kw)
+            opt.step()
+            variant = "foreach"
+        step = opt.step
+
+        def fn() -> None:
+            step()
+
+        fn.keep = (p, tps)  # type: ignore[attr-defined]
+        return {"fn": fn, "variant": variant}
+    except Exception as exc:
+        return {"skipped": f"{type(exc).__name__}: {exc}"}
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker_rss(args: argparse.Namespace) -> dict[str, Any]:
+    """Fresh process: params+grads, one warm-up step (state exists), then peak RSS per phase
+    over several further steps.  Figures in MiB and in units of the parameters' bytes."""
+    kind = args.kind
+    n_arrays = int(args.layout)
+    total = 1_000_000 if args.quick else 10_000_000
+    spec = {
+        "key": f"{n_arrays}x{total // n_arrays}_f64",
+        "n_arrays": n_arrays,
+        "elems": total // n_arrays,
+        "dtype": "float64",
+    }
+    params, grads = make_data(spec)
+    pb = param_bytes(spec)
+    opt = samopt_make(kind)
+    phases: list[tuple[str, Callable[[], None]]]
+    if kind == "adam":
+        phases = [("step", lambda: opt.step(params, grads))]
+    else:
+        phases = [
+            ("first_step", lambda: opt.first_step(params, grads)),
+            ("second_step", lambda: opt.second_step(params, grads)),
+        ]
+    gc.collect()
+    rss_data = _status_kb("VmRSS")
+    can_reset = _reset_hwm()
+    for _, ph in phases:  # warm-up step: the state exists afterwards
+        ph()
+    warm_hwm = _status_kb("VmHWM")
+    gc.collect()
+    rss_warm = _status_kb("VmRSS")
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peaks: dict[str, int] = {name: 0 for name, _ in phases}
+    hwm_abs = rss_warm
+    steps = 3 if args.quick else 5
+    for _ in range(steps):
+        for name, ph in phases:
+            before = _status_kb("VmRSS")
+            if can_reset:
+                _reset_hwm()
+            ph()
+            if can_reset:
+                hwm = _status_kb("VmHWM")
+                peaks[name] = max(peaks[name], hwm - before)
+                hwm_abs = max(hwm_abs, hwm)
+    rss_end = _status_kb("VmRSS")
+    maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kib_p = pb / 1024
+    allowed = STATE_ARRAYS[kind] + SAVED_ARRAYS[kind]
+    peak_above_data = hwm_abs - rss_data
+    return {
+        "kind": kind,
+        "size": spec["key"],
+        "param_bytes": pb,
+        "steps": steps,
+        "hwm_reset": can_reset,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "warmup_peak_above_params_grads_x": (warm_hwm - rss_data) / kib_p if can_reset else None,
+        "retained_after_warmup_x": (rss_warm - rss_data) / kib_p,
+        "transient_peak_x": {k: v / kib_p for k, v in peaks.items()} if can_reset else None,
+        "peak_above_params_grads_x": peak_above_data / kib_p if can_reset else None,
+        "allowed_x": allowed,
+        "growth_over_steps_x": (rss_end - rss_warm) / kib_p,
+        "ru_maxrss_growth_x": (maxrss_after - maxrss_before) / kib_p,
+        "rss_data_mib": rss_data / 1024,
+        "rss_warm_mib": rss_warm / 1024,
+        "rss_end_mib": rss_end / 1024,
+    }
+
+
+def spawn_worker(
+    extra: list[str],
+    env_threads: int | None,
+    quick: bool,
+    timeout: float = 1200,
+    env_extra: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    if env_threads is not None:
+        env["RAYON_NUM_THREADS"] = str(env_threads)
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+        out = tmp.name
+    cmd = [sys.executable, os.path.abspath(__file__), *extra, "--out", out]
+    if quick:
+        cmd.append("--quick")
+    try:
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()
+            return {
+                "error": f"worker {' '.join(extra)} exited {proc.returncode}: "
+                f"{tail[-1] if tail else '(no stderr)'}",
+                "stderr_tail": proc.stderr[-3000:],
+            }
+        with open(out) as f:
+            loaded: dict[str, Any] = json.load(f)
+            return loaded
+    except subprocess.TimeoutExpired:
+        return {"error": f"worker {' '.join(extra)} timed out after {timeout}s"}
+    finally:
+        try:
+            os.unlink(out)
+        except OSError:
+            pass
+
+
+def samopt_available() -> tuple[bool, str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", "import samopt; samopt.SamOptimizer"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return proc.returncode == 0, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+def fmt_t(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s >= 1.0:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def fmt_x(x: float | None, nd: int = 2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def row_label(r: dict[str, Any]) -> str:
+    if r["impl"] == "numpy":
+        return f"numpy {KIND_LABEL[r['kind']]}" + (" blocked*" if r.get("blocked") else "")
+    if r["impl"] == "torch":
+        return f"torch Adam({r.get('variant', '?')})"
+    return f"samopt {KIND_LABEL[r['kind']]}"
+
+
+def build_report(res: dict[str, Any]) -> str:
+    specs = {s["key"]: s for s in res["sizes"]}
+    bw = res["bandwidth"]["floor_GBps"]
+    lines = []
+    m = res["meta"]
+    lines.append(
+        f"samopt step benchmark  ({'QUICK smoke' if res['quick'] else 'full run'})  "
+        f"{m.get('cpu_model', '?')}, {m.get('nproc')} cpus, L3 {m.get('l3_cache', '?')}, "
+        f"numpy {m['numpy']}, samopt {res.get('samopt_version')}, "
+        f"loadavg(1min) start {m['loadavg_start'][0]:.2f} end {m['loadavg_end'][0]:.2f}"
+    )
+    lines.append(
+        f"effective cores (threads doing compute-bound numpy work in parallel vs one alone): "
+        f"start {m['effective_cores_start']:.2f}, end {m['effective_cores_end']:.2f} "
+        f"of {m.get('nproc')}"
+        + (
+            "  <- WARNING: another process held a core; multi-thread figures are unreliable"
+            if min(m["effective_cores_start"], m["effective_cores_end"])
+            < 0.85 * (m.get("nproc") or 1)
+            else ""
+        )
+    )
+    b = res["bandwidth"]
+    lines.append(
+        "memory bandwidth (np.add(a,b,out=a), 3 streams, "
+        f"2x{b['runs'][0]['array_bytes'] / 2**20:.0f} MiB): "
+        + ", ".join(f"{x['threads']} thr {x['GBps']:.1f} GB/s" for x in b["runs"])
+        + f"  -> floor uses {bw:.1f} GB/s (all cores, best of start/end)"
+    )
+    lines.append(
+        "floor = streams x parameter bytes / bandwidth; streams: Adam 7, SAM(Adam) 12, "
+        "SAM(SGD) 10.  GB/s = those bytes / median time.  cpu = process CPU time / wall time "
+        "while the row ran (about 2.0 = both cores busy)."
+    )
+    lines.append(
+        "'vs numpy' = NumPy time of the same optimizer (measured in the same process, "
+        "interleaved) / this row's time.  thr '(n)': a NumPy row measured in the "
+        "RAYON_NUM_THREADS=n process (NumPy itself does not use rayon)."
+    )
+    lines.append("")
+    hdr = (
+        f"{'size':<18} {'row':<24} {'thr':>3} {'median':>10} {'min':>10} {'GB/s':>7} "
+        f"{'floor':>9} {'/floor':>7} {'vs numpy':>8} {'cpu':>4}"
+    )
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    for key, spec in specs.items():
+        first = True
+        rows = [r for r in res["rows"] if r["size"] == key]
+        order = {"numpy": 0, "samopt": 1, "torch": 2}
+        rows.sort(
+            key=lambda r: (
+                order[r["impl"]],
+                r.get("blocked", False) if r["impl"] == "numpy" else 0,
+                KINDS.index(r["kind"]),
+                r.get("threads") or 0,
+            )
+        )
+        for r in rows:
+            thr = f"({r.get('threads')})" if r["impl"] == "numpy" else str(r.get("threads"))
+            if "skipped" in r:
+                lines.append(
+                    f"{spec['label'] if first else '':<18} {row_label(r):<24} {thr:>3} "
+                    f"skipped: {r['skipped'][:60]}"
+                )
+                first = False
+                continue
+            cache = r.get("cache_resident")
+            lines.append(
+                f"{spec['label'] if first else '':<18} {row_label(r):<24} {thr:>3} "
+                f"{fmt_t(r['median_s']):>10} {fmt_t(r['min_s']):>10} {r['GBps']:>7.1f} "
+                f"{('cache' if cache else fmt_t(r['floor_s'])):>9} "
+                f"{('-' if cache else fmt_x(r['ratio_floor'])):>7} "
+                f"{fmt_x(r.get('speedup_vs_numpy')):>8} {fmt_x(r.get('cpu_per_wall'), 1):>4}"
+            )
+            first = False
+        lines.append("")
+    lines.append(
+        "* blocked: the NumPy SAM(Adam) step walked in 128 KiB blocks per array "
+        "(extra row, not the target baseline)."
+    )
+    lines.append("'cache': working set < 2x L3, so a DRAM floor does not apply.")
+    lines.append("")
+    lines.append("Ratios (issue 3 targets; informational, nothing asserted):")
+    for t in res["targets"]:
+        val = t["value"]
+        shown = "-" if val is None else (f"{val:.1f} us" if t["unit"] == "us" else f"{val:.2f}x")
+        status = "" if t["ok"] is None else ("ok" if t["ok"] else "MISS")
+        lines.append(f"  {t['name']:<58} {shown:>10}   target {t['target']:<8} {status}")
+    if res.get("scaling"):
+        lines.append("")
+        lines.append("Thread scaling (time with RAYON_NUM_THREADS=1 / time with 2):")
+        for s in res["scaling"]:
+            lines.append(f"  {s['size']:<14} {KIND_LABEL[s['kind']]:<10} {s['t1_over_t2']:.2f}x")
+    if res.get("rss"):
+        lines.append("")
+        lines.append(
+            "Peak RSS over params+grads (fresh process per row, one warm-up step then "
+            "several steps; MALLOC_MMAP_THRESHOLD_=65536 so freed buffers leave RSS; "
+            "unit P = parameter bytes; allowed = optimizer state (+ SAM saved values)):"
+        )
+        lines.append(
+            f"  {'optimizer':<10} {'layout':<14} {'kept after warm-up':>18} {'warm-up peak':>12} "
+            f"{'steady peak':>11} {'allowed':>7} {'excess':>7}  transient per phase"
+        )
+        for r in res["rss"]:
+            if "error" in r:
+                lines.append(f"  {r['error'][:300]}")
+                continue
+            tp = r["transient_peak_x"]
+            tps = ", ".join(f"{k} +{v:.2f}P" for k, v in tp.items()) if tp else "n/a"
+            peak = r["peak_above_params_grads_x"]
+            excess = None if peak is None else peak - r["allowed_x"]
+            lines.append(
+                f"  {KIND_LABEL[r['kind']]:<10} {r['size']:<14} "
+                f"{r['retained_after_warmup_x']:>17.2f}P "
+                f"{fmt_x(r['warmup_peak_above_params_grads_x']):>11}P {fmt_x(peak):>10}P "
+                f"{r['allowed_x']:>6}P {fmt_x(excess):>6}P  {tps}"
+            )
+    lines.append("")
+    chk = res.get("checks_summary")
+    if chk:
+        lines.append(f"Check numpy baseline vs samopt: {chk}")
+    for err in res.get("errors", []):
+        lines.append(f"ERROR: {err}")
+    return "\n".join(lines)
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    quick = args.quick
+    specs = size_specs(quick)
+    rp = run_params(quick)
+    res: dict[str, Any] = {
+        "quick": quick,
+        "meta": machine_info(),
+        "sizes": [dict(s, param_bytes=param_bytes(s)) for s in specs],
+        "run_params": rp,
+        "hyperparameters": {
+            "lr": LR,
+            "momentum": MOMENTUM,
+            "beta1": BETA1,
+            "beta2": BETA2,
+            "eps": EPS,
+            "rho": RHO,
+        },
+        "streams": STREAMS,
+        "rows": [],
+        "errors": [],
+    }
+    threads_list = [int(x) for x in args.threads.split(",") if x.strip()]
+    ncpu = os.cpu_count() or 1
+    bw_elems = (1 << 22) if quick else (1 << 26)  # 32 MiB / 512 MiB per array
+    bw_reps = 5 if quick else 15
+    t_start = time.perf_counter()
+
+    def log(*a: object) -> None:
+        if not args.silent:
+            print(*a, file=sys.stderr, flush=True)
+
+    res["meta"]["loadavg_start"] = os.getloadavg()
+    if os.getloadavg()[0] > 0.5:
+        log(
+            f"warning: load average {os.getloadavg()[0]:.2f} at start: other processes compete "
+            "for the cores and the memory bus; figures will be noisy"
+        )
+    res["meta"]["effective_cores_start"] = measure_cores(ncpu)
+    log("measuring bandwidth ...")
+    bw_runs = [measure_bandwidth(bw_elems, ncpu, bw_reps), measure_bandwidth(bw_elems, 1, bw_reps)]
+
+    # All step rows: one subprocess per RAYON_NUM_THREADS setting (rayon reads it at start);
+    # each times the NumPy, samopt (and torch) rows interleaved, for every size.
+    ok, why = samopt_available()
+    if not ok:
+        res["errors"].append(f"samopt not importable ({why}); only the NumPy rows were measured")
+        threads_list = threads_list[-1:]
+    workers: dict[int, dict[str, Any]] = {}
+    # The baseline's norm (np.vdot -> OpenBLAS ddot) runs on one thread: a multi-threaded
+    # ddot spin-waits for its helper thread and collapses (x5 on the SAM rows) as soon as any
+    # other process holds a core; one thread costs it < 1 ms per 10M step.
+    blas_env = {"OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
+    res["meta"]["worker_OPENBLAS_NUM_THREADS"] = blas_env["OPENBLAS_NUM_THREADS"]
+    for n in threads_list:
+        log(f"step rows, RAYON_NUM_THREADS={n} (subprocess) ...")
+        extra = (
+            ["--worker", "rows"]
+            + (["--no-torch"] if args.no_torch else [])
+            + (["--no-check"] if args.no_check else [])
+            + ([] if ok else ["--numpy-only"])
+        )
+        w = spawn_worker(extra, n, quick, env_extra=blas_env)
+        if "error" in w and ok:
+            res["errors"].append(w["error"] + " -> NumPy rows only for this setting")
+            log(w.get("stderr_tail", ""))
+            w = spawn_worker([*extra, "--numpy-only", "--no-check"], n, quick, env_extra=blas_env)
+        if "error" in w:
+            res["errors"].append(w["error"])
+            log(w.get("stderr_tail", ""))
+            continue
+        workers[n] = w
+        res["rows"].extend(w["rows"])
+        res.setdefault("samopt_version", w.get("samopt_version"))
+        res.setdefault("samopt_file", w.get("samopt_file"))
+        if "torch_version" in w:
+            res["meta"]["torch"] = w["torch_version"]
+        elif "torch_skipped" in w:
+            res["meta"]["torch"] = None
+            res["torch_skipped"] = w["torch_skipped"]
+    res["checks"] = {str(n): w["checks"] for n, w in workers.items()}
+    # Peak RSS: fresh subprocess per optimizer and layout
+    if ok and not args.no_rss:
+        res["rss"] = []
+        for layout in ("20", "1"):
+            for kind in KINDS:
+                log(f"peak RSS: {kind}, {layout} array(s) (subprocess) ...")
+                res["rss"].append(
+                    spawn_worker(
+                        ["--worker", "rss", "--kind", kind, "--layout", layout],
+                        None,
+                        quick,
+                        env_extra={"MALLOC_MMAP_THRESHOLD_": "65536"},
+                    )
+                )
+
+    log("measuring bandwidth again ...")
+    bw_runs += [measure_bandwidth(bw_elems, ncpu, bw_reps), measure_bandwidth(bw_elems, 1, bw_reps)]
+    floor_bw = max(r["GBps"] for r in bw_runs if r["threads"] == ncpu)
+    floor_bw1 = max(r["GBps"] for r in bw_runs if r["threads"] == 1)
+    res["bandwidth"] = {
+        "runs": bw_runs,
+        "floor_GBps": floor_bw,
+        "one_thread_GBps": floor_bw1,
+        "note": "floor uses the all-cores figure (best median of the start and end runs)",
+    }
+
+    # derived figures
+    l3 = l3_bytes()
+    spec_by = {s["key"]: s for s in specs}
+    # speedups use the NumPy figure measured in the same process, interleaved with the row
+    numpy_t = {
+        (r["size"], r["kind"], r["threads"]): r["median_s"]
+        for r in res["rows"]
+        if r["impl"] == "numpy" and not r.get("blocked") and "median_s" in r
+    }
+    for r in res["rows"]:
+        if "median_s" not in r:
+            continue
+        spec = spec_by[r["size"]]
+        pb = param_bytes(spec)
+        moved = STREAMS[r["kind"]] * pb
+        working = (2 + STATE_ARRAYS[r["kind"]] + SAVED_ARRAYS[r["kind"]]) * pb
+        r["bytes_model"] = moved
+        r["GBps"] = moved / r["median_s"] / 1e9
+        r["floor_s"] = moved / (floor_bw * 1e9)
+        r["floor_1thread_s"] = moved / (floor_bw1 * 1e9)
+        r["ratio_floor"] = r["median_s"] / r["floor_s"]
+        r["cache_resident"] = working < 2 * l3
+        if r["impl"] != "numpy" or r.get("blocked"):
+            base = numpy_t.get((r["size"], r["kind"], r["threads"]))
+            r["speedup_vs_numpy"] = base / r["median_s"] if base else None
+        else:
+            r["speedup_vs_numpy"] = 1.0
+
+    main_thr = 2 if 2 in workers else (max(workers) if workers else None)
+    res["main_threads"] = main_thr
+
+    def srow(size: str, kind: str, thr: int | None = main_thr) -> Any:
+        for r in res["rows"]:
+            if (
+                r["impl"] == "samopt"
+                and r["size"] == size
+                and r["kind"] == kind
+                and r["threads"] == thr
+                and "median_s" in r
+            ):
+                return r
+        return None
+
+    targets = []
+    big = [s for s in specs if s["n_arrays"] == 20]
+    small_many = [s for s in specs if s["n_arrays"] == 200]
+    tiny = [s for s in specs if s["elems"] == 10]
+    sp_target = {"float64": 2.5, "float32": 2.0}
+    sfx = f" [{main_thr} thr]" if main_thr else ""
+    for s in big:
+        r = srow(s["key"], "sam_adam")
+        v = r["speedup_vs_numpy"] if r else None
+        targets.append(
+            {
+                "name": f"SAM(Adam) speedup vs numpy, {s['label']}{sfx}",
+                "value": v,
+                "target": f">= {sp_target[s['dtype']]}x",
+                "unit": "x",
+                "ok": None if v is None or quick else v >= sp_target[s["dtype"]],
+            }
+        )
+    for s in small_many:
+        r = srow(s["key"], "sam_adam")
+        v = r["speedup_vs_numpy"] if r else None
+        targets.append(
+            {
+                "name": f"SAM(Adam) speedup vs numpy, {s['label']}{sfx}",
+                "value": v,
+                "target": ">= 8x",
+                "unit": "x",
+                "ok": None if v is None or quick else v >= 8,
+            }
+        )
+    for s in big:
+        for kind, lim in (("adam", 1.3), ("sam_adam", 1.5)):
+            r = srow(s["key"], kind)
+            v = r["ratio_floor"] if r else None
+            targets.append(
+                {
+                    "name": f"{KIND_LABEL[kind]} / floor, {s['label']}{sfx}",
+                    "value": v,
+                    "target": f"<= {lim}x",
+                    "unit": "x",
+                    "ok": None if v is None or quick else v <= lim,
+                }
+            )
+    for s in tiny:
+        for thr in sorted(workers):
+            r = srow(s["key"], "sam_adam", thr)
+            v = r["median_s"] * 1e6 if r else None
+            targets.append(
+                {
+                    "name": f"SAM(Adam) whole step, {s['label']} [{thr} thr]",
+                    "value": v,
+                    "target": "< 20 us",
+                    "unit": "us",
+                    "ok": None if v is None else v < 20,
+                }
+            )
+    res["targets"] = targets
+    if 1 in workers and 2 in workers:
+        res["scaling"] = []
+        for s in specs:
+            for kind in KINDS:
+                r1, r2 = srow(s["key"], kind, 1), srow(s["key"], kind, 2)
+                if r1 and r2:
+                    res["scaling"].append(
+                        {
+                            "size": s["key"],
+                            "kind": kind,
+                            "t1_over_t2": r1["median_s"] / r2["median_s"],
+                        }
+                    )
+    # checks
+    all_checks = [c for w in workers.values() for c in w["checks"]]
+    if not all_checks:
+        res["checks_ok"] = None
+        res["checks_summary"] = "not run" + (" (--no-check)" if args.no_check else "")
+    else:
+        bad = [c for c in all_checks if not c["ok"]]
+        hashes: dict[tuple[str, str], set[str]] = {}
+        for c in all_checks:
+            hashes.setdefault((c["size"], c["kind"]), set()).add(c["sha256_step3"])
+        det = all(len(v) == 1 for v in hashes.values())
+        worst = {
+            dt: max(
+                (
+                    max(v for k, v in c.items() if k.startswith("err_"))
+                    for c in all_checks
+                    if spec_by[c["size"]]["dtype"] == dt
+                ),
+                default=0.0,
+            )
+            for dt in TOL
+        }
+        res["checks_ok"] = not bad
+        res["deterministic_across_threads"] = det if len(workers) > 1 else None
+        res["checks_summary"] = (
+            (
+                "OK"
+                if not bad
+                else f"FAILED ({len(bad)}: "
+                + ", ".join(f"{c['size']}/{c['kind']}" for c in bad)
+                + ")"
+            )
+            + "; worst rel. error "
+            + ", ".join(f"{dt} {worst[dt]:.2e} (tol {TOL[dt]:g})" for dt in TOL)
+            + (
+                "; bitwise identical across RAYON_NUM_THREADS="
+                f"{','.join(map(str, sorted(workers)))}: "
+                f"{'yes' if det else 'NO'}"
+                if len(workers) > 1
+                else ""
+            )
+        )
+    res["wall_s"] = time.perf_counter() - t_start
+    res["meta"]["loadavg_end"] = os.getloadavg()
+    res["meta"]["effective_cores_end"] = measure_cores(ncpu)
+
+    report = build_report(res)
+    print(report)
+    path = args.json or os.path.join(HERE, "results_quick.json" if quick else "results.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    print(f"\nfigures written to {path} (run took {res['wall_s']:.0f} s)")
+    return 0
+
+
+def check_mode(args: argparse.Namespace) -> int:
+    bad = 0
+    for spec in size_specs(args.quick):
+        for kind in KINDS:
+            c = check_one(kind, spec)
+            errs = ", ".join(f"{k}={v:.2e}" for k, v in c.items() if k.startswith("err_"))
+            print(
+                f"{spec['label']:<20} {KIND_LABEL[kind]:<10} {'ok ' if c['ok'] else 'BAD'} "
+                f"{errs} (tol {c['tol']:g})"
+                f"{'' if c['grads_unchanged'] else ' GRADS MODIFIED'}"
+            )
+            bad += not c["ok"]
+    print("check:", "OK" if not bad else f"{bad} FAILED")
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="seconds-long smoke: small sizes, few reps"
+    )
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        help="where to write the figures "
+        "(default benches/results.json, or benches/results_quick.json with --quick)",
+    )
+    ap.add_argument(
+        "--check", action="store_true", help="only compare the NumPy baseline with samopt"
+    )
+    ap.add_argument(
+        "--threads", default="1,2", help="RAYON_NUM_THREADS settings to run (default 1,2)"
+    )
+    ap.add_argument(
+        "--no-torch", action="store_true", help="skip the torch row even if torch is importable"
+    )
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--no-check", action="store_true", help="skip the baseline-vs-samopt check")
+    ap.add_argument("--silent", action="store_true", help="no progress messages on stderr")
+    ap.add_argument("--worker", choices=("rows", "rss"), help=argparse.SUPPRESS)
+    ap.add_argument("--numpy-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
+    ap.add_argument("--layout", default="20", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        out = worker_rows(args) if args.worker == "rows" else worker_rss(args)
+        with open(args.out, "w") as f:
+            json.dump(out, f, default=str)
+        return 0
+    if args.check:
+        return check_mode(args)
+    return orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
