@@ -6,14 +6,15 @@ Also the typed usage example that CI checks with ``mypy --strict``.
 from __future__ import annotations
 
 import numpy as np
-from numpy.typing import NDArray
-
 import samopt
+from numpy.typing import NDArray
 
 Arrays = dict[str, NDArray[np.float64]]
 
 
-def loss_and_grads(params: Arrays, x: NDArray[np.float64], y: NDArray[np.float64]) -> tuple[float, Arrays]:
+def loss_and_grads(
+    params: Arrays, x: NDArray[np.float64], y: NDArray[np.float64]
+) -> tuple[float, Arrays]:
     residual = x @ params["w"] + params["b"] - y
     loss = float(np.mean(residual**2))
     grads = {

@@ -11,12 +11,14 @@
 //! Everything that can fail happens before the first write, so an error changes nothing.
 
 use ndarray::{ArrayView, ArrayViewD, IxDyn, ShapeBuilder};
+use numpy::npyffi::NPY_TYPES;
 use numpy::{
     BorrowError, Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
     PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
+use std::os::raw::c_int;
 
 use crate::kernels::{self, Ascent, Clip, Mix, Real};
 use crate::norm::{self, DotItem, NormError, NormItem};
@@ -192,7 +194,7 @@ enum AnyEntry<'py> {
 
 /// A validated, fully borrowed call.
 struct Prepared<'py> {
-    names: Vec<String>,
+    names: Vec<Bound<'py, PyString>>,
     entries: Vec<AnyEntry<'py>>,
 }
 
@@ -222,13 +224,25 @@ fn dtype_name(array: &Bound<'_, PyUntypedArray>) -> String {
     array.dtype().to_string()
 }
 
+/// A parameter name: the dict's own key object (so lookups reuse its cached hash) and its
+/// text.
+#[derive(Clone, Copy)]
+struct Name<'a, 'py> {
+    object: &'a Bound<'py, PyString>,
+    text: &'a str,
+}
+
 /// The keys of `params`, sorted so that results never depend on insertion order.
-fn sorted_names(params: &Bound<'_, PyDict>) -> PyResult<Vec<String>> {
+fn sorted_names<'py>(params: &Bound<'py, PyDict>) -> PyResult<Vec<Bound<'py, PyString>>> {
     let mut names = Vec::with_capacity(params.len());
     for key in params.keys() {
-        match key.cast::<PyString>() {
-            Ok(name) => names.push(name.to_str()?.to_owned()),
-            Err(_) => {
+        match key.cast_into::<PyString>() {
+            Ok(name) => {
+                name.to_str()?;
+                names.push(name);
+            }
+            Err(error) => {
+                let key = error.into_inner();
                 let shown = key.repr().map(|r| r.to_string()).unwrap_or_default();
                 return Err(optimizer_error(
                     &shown,
@@ -240,8 +254,13 @@ fn sorted_names(params: &Bound<'_, PyDict>) -> PyResult<Vec<String>> {
             }
         }
     }
-    names.sort_unstable();
+    names.sort_unstable_by(|a, b| text_of(a).cmp(text_of(b)));
     Ok(names)
+}
+
+/// The text of a name already checked to be valid UTF-8.
+fn text_of<'a>(name: &'a Bound<'_, PyString>) -> &'a str {
+    name.to_str().unwrap_or_default()
 }
 
 fn as_array<'py>(
@@ -287,8 +306,24 @@ fn borrow_param<'py, T: Element + Copy>(
     Ok(Target::new(guard, Order::of(array)))
 }
 
-fn is_float_dtype<T: Element>(array: &Bound<'_, PyUntypedArray>) -> bool {
-    array.dtype().is_equiv_to(&numpy::dtype::<T>(array.py()))
+/// A parameter dtype, identified by NumPy's type number (cheaper than comparing dtype
+/// objects, which matters with hundreds of small arrays per call).
+trait Float: Element + Real {
+    const TYPE_NUM: NPY_TYPES;
+}
+
+impl Float for f32 {
+    const TYPE_NUM: NPY_TYPES = NPY_TYPES::NPY_FLOAT;
+}
+
+impl Float for f64 {
+    const TYPE_NUM: NPY_TYPES = NPY_TYPES::NPY_DOUBLE;
+}
+
+/// Whether the array holds `T` in native byte order.
+fn is_float_dtype<T: Float>(array: &Bound<'_, PyUntypedArray>) -> bool {
+    let dtype = array.dtype();
+    dtype.num() == T::TYPE_NUM as c_int && dtype.is_native_byteorder() != Some(false)
 }
 
 /// Whether Rust may view the array's memory as `&[T]`: native byte order (which
@@ -313,17 +348,22 @@ fn native_float<'py>(array: Bound<'py, PyUntypedArray>) -> PyResult<Bound<'py, P
         _ => numpy::dtype::<f32>(py),
     };
     let copy = array.call_method1("astype", (target,))?;
-    Ok(copy.cast_into::<PyUntypedArray>().expect("astype returns an ndarray"))
+    Ok(copy
+        .cast_into::<PyUntypedArray>()
+        .expect("astype returns an ndarray"))
 }
 
 /// Looks up, checks, converts if needed and borrows the gradient of one parameter.
-fn borrow_grad<'py, T: Element + Real>(
+fn borrow_grad<'py, T: Float>(
     grads: &Bound<'py, PyDict>,
-    name: &str,
+    Name {
+        object: key,
+        text: name,
+    }: Name<'_, 'py>,
     param_shape: &[usize],
     order: Order,
 ) -> PyResult<Source<'py, T>> {
-    let Some(object) = grads.get_item(name)? else {
+    let Some(object) = grads.get_item(key)? else {
         return Err(optimizer_error(
             name,
             format!("missing gradient for parameter '{name}'"),
@@ -385,22 +425,27 @@ fn convert<S: Element + Real, T: Real>(
 type NewArray<'py, T> = Bound<'py, PyArrayDyn<T>>;
 
 /// Looks up or creates, checks and borrows one state array of one parameter.
-fn borrow_state<'py, T: Element + Copy>(
+fn borrow_state<'py, T: Float>(
     spec: &StateSpec<'_, 'py>,
-    name: &str,
+    Name {
+        object: key,
+        text: name,
+    }: Name<'_, 'py>,
     param_shape: &[usize],
     order: Order,
 ) -> PyResult<(Target<'py, T>, Option<NewArray<'py, T>>)> {
     let py = spec.dict.py();
-    let key = format!("{}{name}", spec.prefix);
-    let existing = match spec.dict.get_item(name)? {
+    // The state-dict key, for messages: only formatted on an error path.
+    let state_key = || format!("{}{name}", spec.prefix);
+    let existing = match spec.dict.get_item(key)? {
         Some(object) => {
-            let array = as_array(&object, "state", &key)?;
+            let array = as_array(&object, "state", &state_key())?;
             let fits = is_float_dtype::<T>(&array) && array.shape() == param_shape;
             match (fits, spec.policy) {
                 (true, _) => Some(array),
                 (false, Policy::Scratch) => None,
                 (false, _) => {
+                    let key = state_key();
                     return Err(optimizer_error(
                         &key,
                         format!(
@@ -411,11 +456,12 @@ fn borrow_state<'py, T: Element + Copy>(
                             numpy::dtype::<T>(py),
                             describe_shape(param_shape)
                         ),
-                    ))
+                    ));
                 }
             }
         }
         None if spec.policy == Policy::Required => {
+            let key = state_key();
             return Err(optimizer_error(&key, format!("state '{key}' is missing")));
         }
         None => None,
@@ -425,32 +471,33 @@ fn borrow_state<'py, T: Element + Copy>(
             let typed = array.cast::<PyArrayDyn<T>>().expect("dtype checked");
             let guard = typed
                 .try_readwrite()
-                .map_err(|e| borrow_conflict("state", &key, e))?;
+                .map_err(|e| borrow_conflict("state", &state_key(), e))?;
             Ok((Target::new(guard, order), None))
         }
         None => {
             let created = PyArrayDyn::<T>::zeros(py, param_shape, order == Order::F);
             let guard = created
                 .try_readwrite()
-                .map_err(|e| borrow_conflict("state", &key, e))?;
+                .map_err(|e| borrow_conflict("state", &state_key(), e))?;
             Ok((Target::new(guard, order), Some(created)))
         }
     }
 }
 
-fn finish_entry<'py, T: Element + Real>(
+fn finish_entry<'py, T: Float>(
     entry: &mut Entry<'py, T>,
-    name: &str,
+    name: Name<'_, 'py>,
     grads: Option<&Bound<'py, PyDict>>,
     states: &[StateSpec<'_, 'py>],
 ) -> PyResult<()> {
-    let shape = entry.param.guard.shape().to_vec();
+    let param = entry.param.guard.as_untyped().clone();
+    let shape = param.shape();
     let order = entry.param.order;
     if let Some(grads) = grads {
-        entry.grad = Some(borrow_grad::<T>(grads, name, &shape, order)?);
+        entry.grad = Some(borrow_grad::<T>(grads, name, shape, order)?);
     }
     for (index, spec) in states.iter().enumerate() {
-        let (target, created) = borrow_state::<T>(spec, name, &shape, order)?;
+        let (target, created) = borrow_state::<T>(spec, name, shape, order)?;
         entry.states.push(target);
         if let Some(array) = created {
             entry.created.push((index, array));
@@ -477,8 +524,9 @@ fn prepare<'py>(
     let names = sorted_names(params)?;
     let mut entries = Vec::with_capacity(names.len());
     // Every parameter is borrowed writable before any gradient or state is looked at.
-    for name in &names {
-        let object = params.get_item(name)?.expect("name taken from the dict");
+    for key in &names {
+        let name = text_of(key);
+        let object = params.get_item(key)?.expect("name taken from the dict");
         let array = as_array(&object, "parameter", name)?;
         if !is_aligned(&array) {
             return Err(optimizer_error(
@@ -501,7 +549,11 @@ fn prepare<'py>(
         };
         entries.push(entry);
     }
-    for (name, entry) in names.iter().zip(&mut entries) {
+    for (key, entry) in names.iter().zip(&mut entries) {
+        let name = Name {
+            object: key,
+            text: text_of(key),
+        };
         match entry {
             AnyEntry::Single(e) => finish_entry(e, name, grads, states)?,
             AnyEntry::Double(e) => finish_entry(e, name, grads, states)?,
@@ -515,7 +567,7 @@ impl<'py> Prepared<'py> {
     fn commit(mut self, states: &[StateSpec<'_, 'py>]) -> PyResult<()> {
         fn finish<'py, T: Element + Copy>(
             entry: &mut Entry<'py, T>,
-            name: &str,
+            name: &Bound<'py, PyString>,
             states: &[StateSpec<'_, 'py>],
         ) -> PyResult<()> {
             entry.param.write_back();
@@ -537,11 +589,11 @@ impl<'py> Prepared<'py> {
     fn norm_error(&self, error: NormError) -> PyErr {
         match error {
             NormError::NonFiniteGradient(index) => {
-                let name = &self.names[index];
+                let name = text_of(&self.names[index]);
                 non_finite_error(name, format!("gradient '{name}' contains NaN or infinity"))
             }
             NormError::NonFiniteParameter(index) => {
-                let name = &self.names[index];
+                let name = text_of(&self.names[index]);
                 optimizer_error(name, format!("parameter '{name}' contains NaN or infinity"))
             }
         }
@@ -1110,8 +1162,9 @@ fn borrow_for_norm<'py>(
 fn gradient_norm(py: Python<'_>, grads: &Bound<'_, PyDict>) -> PyResult<f64> {
     let names = sorted_names(grads)?;
     let mut sources = Vec::with_capacity(names.len());
-    for name in &names {
-        let object = grads.get_item(name)?.expect("name taken from the dict");
+    for key in &names {
+        let name = text_of(key);
+        let object = grads.get_item(key)?.expect("name taken from the dict");
         sources.push(borrow_for_norm(
             &as_array(&object, "gradient", name)?,
             name,

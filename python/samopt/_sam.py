@@ -248,7 +248,7 @@ class SamOptimizer:
             buffers[attribute] = {k[len(prefix):]: state_array(state, k) for k in keys}
         names = {attribute: set(b) for attribute, b in buffers.items()}
         pending_names = names["_saved"]
-        for attribute, found in names.items():
+        for found in names.values():
             if found != pending_names:
                 key = sorted(found ^ pending_names)[0]
                 raise OptimizerError(

@@ -610,7 +610,8 @@ def _parse_seeds(tokens: Sequence[str]) -> list[int]:
     try:
         values = [int(p) for p in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds expects integers, got {' '.join(tokens)!r}")
+        message = f"--seeds expects integers, got {' '.join(tokens)!r}"
+        raise argparse.ArgumentTypeError(message) from None
     if not values:
         raise argparse.ArgumentTypeError("--seeds needs a count or a list of seeds")
     if is_list:
@@ -638,7 +639,7 @@ def _parse_per_family(flag: str, tokens: Sequence[str]) -> dict[str, float]:
         try:
             number = float(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag}: {value!r} is not a number")
+            raise argparse.ArgumentTypeError(f"{flag}: {value!r} is not a number") from None
         if not math.isfinite(number) or number <= 0:
             raise argparse.ArgumentTypeError(f"{flag}: must be a positive number, got {value}")
         for f in families:
