@@ -10,8 +10,8 @@
 //!
 //! Everything that can fail happens before the first write, so an error changes nothing.
 
-use ndarray::{ArrayView, ArrayViewD, IxDyn, ShapeBuilder};
-use numpy::npyffi::NPY_TYPES;
+use ndarray::{ArrayView, ArrayViewD, ArrayViewMutD, IxDyn, ShapeBuilder};
+use numpy::npyffi::{NPY_ARRAY_BEHAVED, NPY_TYPES};
 use numpy::{
     BorrowError, Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
     PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
@@ -77,43 +77,139 @@ impl Order {
     }
 }
 
+/// How a call holds an array it writes.
+enum Access<'py, T: Element> {
+    /// A caller's array, borrowed through rust-numpy's borrow checking, which catches the
+    /// same memory passed twice and a concurrent call writing it.
+    Borrowed(PyReadwriteArrayDyn<'py, T>),
+    /// An optimizer's private state array: never handed out (state dicts are copies), only
+    /// used under that optimizer's lock, and checked not to overlap any array of the
+    /// caller's (`UserExtents`). Skipping the borrow bookkeeping matters with hundreds of
+    /// small arrays per call.
+    Private(Bound<'py, PyArrayDyn<T>>),
+}
+
+impl<'py, T: Element> Access<'py, T> {
+    fn untyped(&self) -> &Bound<'py, PyUntypedArray> {
+        match self {
+            Access::Borrowed(guard) => guard.as_untyped(),
+            Access::Private(array) => array.cast::<PyUntypedArray>().expect("a numpy array"),
+        }
+    }
+
+    fn view(&self) -> ArrayViewD<'_, T> {
+        match self {
+            Access::Borrowed(guard) => guard.as_array(),
+            // SAFETY: private arrays are not aliased (see the variant's documentation).
+            Access::Private(array) => unsafe { array.as_array() },
+        }
+    }
+
+    fn view_mut(&mut self) -> ArrayViewMutD<'_, T> {
+        match self {
+            Access::Borrowed(guard) => guard.as_array_mut(),
+            // SAFETY: as for `view`.
+            Access::Private(array) => unsafe { array.as_array_mut() },
+        }
+    }
+
+    fn slice_mut(&mut self) -> &mut [T] {
+        let slice = match self {
+            Access::Borrowed(guard) => guard.as_slice_mut(),
+            // SAFETY: as for `view`.
+            Access::Private(array) => unsafe { array.as_slice_mut() },
+        };
+        slice.expect("layout checked when staged")
+    }
+}
+
 /// A stream the kernels write: the array itself when its layout fits, else a staged copy
 /// that is written back after the kernels.
 struct Target<'py, T: Element> {
-    guard: PyReadwriteArrayDyn<'py, T>,
+    access: Access<'py, T>,
     staged: Option<Vec<T>>,
     order: Order,
 }
 
 impl<'py, T: Element + Copy> Target<'py, T> {
-    fn new(guard: PyReadwriteArrayDyn<'py, T>, order: Order) -> Self {
-        let fits = order.holds(guard.as_untyped());
-        let staged = (!fits).then(|| order.gather(guard.as_array(), |x| x));
+    fn new(access: Access<'py, T>, order: Order) -> Self {
+        let fits = order.holds(access.untyped());
+        let staged = (!fits).then(|| order.gather(access.view(), |x| x));
         Target {
-            guard,
+            access,
             staged,
             order,
         }
     }
 
+    fn shape(&self) -> &[usize] {
+        self.access.untyped().shape()
+    }
+
     fn slice(&mut self) -> &mut [T] {
         match &mut self.staged {
             Some(buffer) => buffer,
-            None => self
-                .guard
-                .as_slice_mut()
-                .expect("layout checked when staged"),
+            None => self.access.slice_mut(),
         }
     }
 
     fn write_back(&mut self) {
         if let Some(buffer) = &self.staged {
-            let shape = self.guard.shape().to_vec();
-            self.guard
-                .as_array_mut()
+            let shape = self.shape().to_vec();
+            self.access
+                .view_mut()
                 .assign(&self.order.view(&shape, buffer));
         }
     }
+}
+
+/// The memory the caller's arrays of one call span, to check that no private state array
+/// overlaps any of them.
+struct UserExtents {
+    /// `[start, end)` byte ranges sorted by start, with the running maximum of the ends.
+    ranges: Vec<(usize, usize, usize)>,
+}
+
+impl UserExtents {
+    fn new(mut ranges: Vec<(usize, usize)>) -> Self {
+        ranges.sort_unstable();
+        let mut reach = 0;
+        let ranges = ranges
+            .into_iter()
+            .map(|(start, end)| {
+                reach = reach.max(end);
+                (start, end, reach)
+            })
+            .collect();
+        UserExtents { ranges }
+    }
+
+    fn overlaps(&self, (start, end): (usize, usize)) -> bool {
+        let before = self.ranges.partition_point(|&(s, _, _)| s < end);
+        start < end && before > 0 && self.ranges[before - 1].2 > start
+    }
+}
+
+/// The bytes an array's elements span, `[lowest, highest + itemsize)`; empty for size 0.
+fn extent(array: &Bound<'_, PyUntypedArray>) -> (usize, usize) {
+    if array.len() == 0 || array.shape().contains(&0) {
+        return (0, 0);
+    }
+    // SAFETY: reads the data pointer and strides of a live NumPy array object.
+    let (data, strides) = unsafe {
+        let object = &*array.as_array_ptr();
+        (object.fields.data as isize, array.strides())
+    };
+    let (mut low, mut high) = (data, data);
+    for (&dim, &stride) in array.shape().iter().zip(strides) {
+        let reach = (dim as isize - 1) * stride;
+        if reach < 0 {
+            low += reach;
+        } else {
+            high += reach;
+        }
+    }
+    (low as usize, high as usize + array.dtype().itemsize())
 }
 
 /// A stream the kernels only read, staged the same way.
@@ -303,7 +399,7 @@ fn borrow_param<'py, T: Element + Copy>(
     let guard = typed
         .try_readwrite()
         .map_err(|e| borrow_conflict("parameter", name, e))?;
-    Ok(Target::new(guard, Order::of(array)))
+    Ok(Target::new(Access::Borrowed(guard), Order::of(array)))
 }
 
 /// A parameter dtype, identified by NumPy's type number (cheaper than comparing dtype
@@ -326,12 +422,17 @@ fn is_float_dtype<T: Float>(array: &Bound<'_, PyUntypedArray>) -> bool {
     dtype.num() == T::TYPE_NUM as c_int && dtype.is_native_byteorder() != Some(false)
 }
 
+/// Whether the array's flags have all of `flags` set.
+fn has_flags(array: &Bound<'_, PyUntypedArray>, flags: c_int) -> bool {
+    // SAFETY: reads the flags field of a live NumPy array object.
+    let set = unsafe { (*array.as_array_ptr()).fields.flags };
+    set & flags == flags
+}
+
 /// Whether Rust may view the array's memory as `&[T]`: native byte order (which
 /// `is_float_dtype` checks) and aligned elements.
 fn is_aligned(array: &Bound<'_, PyUntypedArray>) -> bool {
-    // SAFETY: reads the flags field of a live NumPy array object.
-    let flags = unsafe { (*array.as_array_ptr()).fields.flags };
-    flags & numpy::npyffi::NPY_ARRAY_ALIGNED != 0
+    has_flags(array, numpy::npyffi::NPY_ARRAY_ALIGNED)
 }
 
 /// A float gradient as a native, aligned float32 or float64 array: the array itself when it
@@ -356,6 +457,7 @@ fn native_float<'py>(array: Bound<'py, PyUntypedArray>) -> PyResult<Bound<'py, P
 /// Looks up, checks, converts if needed and borrows the gradient of one parameter.
 fn borrow_grad<'py, T: Float>(
     grads: &Bound<'py, PyDict>,
+    extents: &mut Vec<(usize, usize)>,
     Name {
         object: key,
         text: name,
@@ -391,6 +493,7 @@ fn borrow_grad<'py, T: Float>(
             ),
         ));
     }
+    extents.push(extent(&array));
     let array = native_float(array)?;
     if is_float_dtype::<T>(&array) {
         let typed = array.cast::<PyArrayDyn<T>>().expect("dtype checked");
@@ -433,6 +536,7 @@ fn borrow_state<'py, T: Float>(
     }: Name<'_, 'py>,
     param_shape: &[usize],
     order: Order,
+    user: &UserExtents,
 ) -> PyResult<(Target<'py, T>, Option<NewArray<'py, T>>)> {
     let py = spec.dict.py();
     // The state-dict key, for messages: only formatted on an error path.
@@ -468,36 +572,55 @@ fn borrow_state<'py, T: Float>(
     };
     match existing {
         Some(array) => {
+            if !has_flags(&array, NPY_ARRAY_BEHAVED) || user.overlaps(extent(&array)) {
+                let key = state_key();
+                return Err(optimizer_error(
+                    &key,
+                    format!(
+                        "state '{key}' is not the optimizer's own writable, aligned array \
+                         (it shares memory with an array of this call)"
+                    ),
+                ));
+            }
             let typed = array.cast::<PyArrayDyn<T>>().expect("dtype checked");
-            let guard = typed
-                .try_readwrite()
-                .map_err(|e| borrow_conflict("state", &state_key(), e))?;
-            Ok((Target::new(guard, order), None))
+            Ok((Target::new(Access::Private(typed.clone()), order), None))
         }
         None => {
             let created = PyArrayDyn::<T>::zeros(py, param_shape, order == Order::F);
-            let guard = created
-                .try_readwrite()
-                .map_err(|e| borrow_conflict("state", &state_key(), e))?;
-            Ok((Target::new(guard, order), Some(created)))
+            let target = Target::new(Access::Private(created.clone()), order);
+            Ok((target, Some(created)))
         }
     }
 }
 
-fn finish_entry<'py, T: Float>(
+fn borrow_entry_grad<'py, T: Float>(
     entry: &mut Entry<'py, T>,
     name: Name<'_, 'py>,
-    grads: Option<&Bound<'py, PyDict>>,
-    states: &[StateSpec<'_, 'py>],
+    grads: &Bound<'py, PyDict>,
+    extents: &mut Vec<(usize, usize)>,
 ) -> PyResult<()> {
-    let param = entry.param.guard.as_untyped().clone();
-    let shape = param.shape();
+    let param = entry.param.access.untyped().clone();
     let order = entry.param.order;
-    if let Some(grads) = grads {
-        entry.grad = Some(borrow_grad::<T>(grads, name, shape, order)?);
-    }
+    entry.grad = Some(borrow_grad::<T>(
+        grads,
+        extents,
+        name,
+        param.shape(),
+        order,
+    )?);
+    Ok(())
+}
+
+fn borrow_entry_states<'py, T: Float>(
+    entry: &mut Entry<'py, T>,
+    name: Name<'_, 'py>,
+    states: &[StateSpec<'_, 'py>],
+    user: &UserExtents,
+) -> PyResult<()> {
+    let param = entry.param.access.untyped().clone();
+    let order = entry.param.order;
     for (index, spec) in states.iter().enumerate() {
-        let (target, created) = borrow_state::<T>(spec, name, shape, order)?;
+        let (target, created) = borrow_state::<T>(spec, name, param.shape(), order, user)?;
         entry.states.push(target);
         if let Some(array) = created {
             entry.created.push((index, array));
@@ -523,11 +646,13 @@ fn prepare<'py>(
 ) -> PyResult<Prepared<'py>> {
     let names = sorted_names(params)?;
     let mut entries = Vec::with_capacity(names.len());
+    let mut extents = Vec::with_capacity(2 * names.len());
     // Every parameter is borrowed writable before any gradient or state is looked at.
     for key in &names {
         let name = text_of(key);
         let object = params.get_item(key)?.expect("name taken from the dict");
         let array = as_array(&object, "parameter", name)?;
+        extents.push(extent(&array));
         if !is_aligned(&array) {
             return Err(optimizer_error(
                 name,
@@ -549,14 +674,23 @@ fn prepare<'py>(
         };
         entries.push(entry);
     }
+    let name_of = |key| Name {
+        object: key,
+        text: text_of(key),
+    };
+    if let Some(grads) = grads {
+        for (key, entry) in names.iter().zip(&mut entries) {
+            match entry {
+                AnyEntry::Single(e) => borrow_entry_grad(e, name_of(key), grads, &mut extents)?,
+                AnyEntry::Double(e) => borrow_entry_grad(e, name_of(key), grads, &mut extents)?,
+            }
+        }
+    }
+    let user = UserExtents::new(extents);
     for (key, entry) in names.iter().zip(&mut entries) {
-        let name = Name {
-            object: key,
-            text: text_of(key),
-        };
         match entry {
-            AnyEntry::Single(e) => finish_entry(e, name, grads, states)?,
-            AnyEntry::Double(e) => finish_entry(e, name, grads, states)?,
+            AnyEntry::Single(e) => borrow_entry_states(e, name_of(key), states, &user)?,
+            AnyEntry::Double(e) => borrow_entry_states(e, name_of(key), states, &user)?,
         }
     }
     Ok(Prepared { names, entries })
