@@ -20,7 +20,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use std::os::raw::c_int;
 
-use crate::kernels::{self, Ascent, Clip, Mix, Real};
+use crate::kernels::{self, Ascent, Clip, Mix, Real, WideFactor};
 use crate::norm::{self, DotItem, NormError, NormItem};
 use crate::parallel::{for_each, ByDtype};
 
@@ -812,8 +812,8 @@ fn plan_mix<S: WithGradient<f32>, D: WithGradient<f64>>(
     gsam: GsamMix,
 ) -> Result<(Mix, f64), NormError> {
     let n0 = gsam.grad0_norm;
-    let n1 = norm::global_norm(&gradient_items(items), 0.0)?;
-    let cos = if n0 > 0.0 && n1 > 0.0 {
+    let n1 = norm::global_norm_parts(&gradient_items(items), 0.0)?;
+    let cos = if n0 > 0.0 && n1.mantissa > 0.0 {
         let pairs: Vec<DotItem<'_>> = items
             .iter()
             .map(|item| match item {
@@ -826,7 +826,7 @@ fn plan_mix<S: WithGradient<f32>, D: WithGradient<f64>>(
         0.0
     };
     let mix = kernels::gsam_mix(gsam.alpha, n0, n1, cos);
-    Ok((mix, kernels::mixed_norm(mix, n0, n1, cos)))
+    Ok((mix, kernels::mixed_norm(gsam.alpha, n0, n1.value(), cos)))
 }
 
 fn reference_of<T>(lanes: &impl WithGradient<T>) -> &[T] {
@@ -1178,11 +1178,16 @@ fn sam_perturb<'py>(
                 ByDtype::Double(l) => ByDtype::Double((l.1, adaptive.then_some(&*l.0))),
             })
             .collect();
-        let norm = norm::global_norm(&weighted, eta)?;
-        if norm == 0.0 {
-            return Ok(norm);
+        let parts = norm::global_norm_parts(&weighted, eta)?;
+        let norm = parts.value();
+        if parts.mantissa == 0.0 {
+            return Ok(0.0);
         }
-        let scale = rho / (norm + eps);
+        let scale = if eps > 0.0 {
+            WideFactor::ratio(rho, norm + eps)
+        } else {
+            WideFactor::ratio_scaled(rho, parts.mantissa, parts.exponent)
+        };
         let ascent = if adaptive {
             Ascent::Adaptive { scale, eta }
         } else {
@@ -1210,16 +1215,10 @@ fn perturb_lanes<'a, T: Element + Real>(
     (param, grad.expect("gradients were borrowed"), saved, kept)
 }
 
-/// Puts every parameter back to its saved value; with `swap`, the saved buffers receive
-/// the values the parameters had, so a second swap undoes the first.
+/// Puts every parameter back to its saved value, bit for bit.
 #[pyfunction]
-#[pyo3(signature = (params, saved, swap))]
-fn restore(
-    py: Python<'_>,
-    params: &Bound<'_, PyDict>,
-    saved: &Bound<'_, PyDict>,
-    swap: bool,
-) -> PyResult<()> {
+#[pyo3(signature = (params, saved))]
+fn restore(py: Python<'_>, params: &Bound<'_, PyDict>, saved: &Bound<'_, PyDict>) -> PyResult<()> {
     let states = [StateSpec {
         dict: saved,
         prefix: "saved_",
@@ -1228,17 +1227,10 @@ fn restore(
     let mut prepared = prepare(params, None, &states)?;
     let items = lanes_of(&mut prepared, restore_lanes, restore_lanes);
     py.detach(move || {
-        if swap {
-            for_each(items, |piece| match piece {
-                ByDtype::Single(lanes) => kernels::swap(lanes),
-                ByDtype::Double(lanes) => kernels::swap(lanes),
-            });
-        } else {
-            for_each(items, |piece| match piece {
-                ByDtype::Single(lanes) => kernels::restore(lanes),
-                ByDtype::Double(lanes) => kernels::restore(lanes),
-            });
-        }
+        for_each(items, |piece| match piece {
+            ByDtype::Single(lanes) => kernels::restore(lanes),
+            ByDtype::Double(lanes) => kernels::restore(lanes),
+        });
     });
     prepared.commit(&states)
 }

@@ -67,12 +67,76 @@ impl Clip {
 /// perturbed point and `g0` the one at the original point), used when a kernel gets `g0`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Mix {
-    pub a: f64,
+    pub a: WideFactor,
     pub b: f64,
 }
 
 impl Mix {
-    pub const PLAIN: Mix = Mix { a: 1.0, b: 0.0 };
+    pub const PLAIN: Mix = Mix {
+        a: WideFactor::ONE,
+        b: 0.0,
+    };
+}
+
+/// A factor that may lie beyond f64's range (ρ/‖g‖ for a subnormal ‖g‖), applied to
+/// values small enough that the product fits: `x·f` is computed as
+/// `((x·pre₀)·pre₁)·mantissa` with exact power-of-two `pre`. In range, `pre` is (1, 1) and
+/// the result is exactly `x·mantissa`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WideFactor {
+    mantissa: f64,
+    pre: (f64, f64),
+}
+
+impl WideFactor {
+    pub const ONE: WideFactor = WideFactor {
+        mantissa: 1.0,
+        pre: (1.0, 1.0),
+    };
+
+    /// `numerator / denominator` for a finite numerator and a positive, finite denominator.
+    pub fn ratio(numerator: f64, denominator: f64) -> WideFactor {
+        let direct = numerator / denominator;
+        if direct.is_finite() {
+            return WideFactor {
+                mantissa: direct,
+                pre: (1.0, 1.0),
+            };
+        }
+        // Bring the denominator into [1, 2) with an exact power of two split in two factors.
+        let shift = -(denominator.log2().floor() as i32);
+        let half = shift / 2;
+        let pre = (pow2(half), pow2(shift - half));
+        WideFactor {
+            mantissa: numerator / (denominator * pre.0 * pre.1),
+            pre,
+        }
+    }
+
+    /// `numerator / (mantissa·2^exponent)`: the same for a denominator given as a `Norm`
+    /// (a subnormal norm loses no bits this way). Exponents beyond ±2044 are clamped, far
+    /// past anything finite inputs produce.
+    pub fn ratio_scaled(numerator: f64, mantissa: f64, exponent: i32) -> WideFactor {
+        if exponent == 0 {
+            return WideFactor::ratio(numerator, mantissa);
+        }
+        let shift = (-exponent).clamp(-2044, 2044);
+        let half = shift / 2;
+        WideFactor {
+            mantissa: numerator / mantissa,
+            pre: (pow2(half), pow2(shift - half)),
+        }
+    }
+
+    #[inline(always)]
+    pub fn apply(self, x: f64) -> f64 {
+        x * self.pre.0 * self.pre.1 * self.mantissa
+    }
+}
+
+/// `2^e` for `e` in f64's normal exponent range.
+pub(crate) fn pow2(e: i32) -> f64 {
+    f64::from_bits(((e + 1023) as u64) << 52)
 }
 
 /// The gradient an update uses at element `i`: mixed with `g0` for GSAM, then clipped.
@@ -80,8 +144,10 @@ impl Mix {
 /// one loop serves both, and reading `g` twice costs no memory traffic.
 #[inline(always)]
 fn gradient_at<T: Real>(g: &[T], g0: &[T], mix: Mix, clip: Clip, i: usize) -> f64 {
-    clip.apply(mix.a * g[i].to_f64() + mix.b * g0[i].to_f64())
+    clip.apply(mix.a.apply(g[i].to_f64()) + mix.b * g0[i].to_f64())
 }
+
+use crate::norm::Norm;
 
 /// Runs a kernel body compiled for AVX2 when the CPU has it (wheels target baseline
 /// x86-64), else as compiled. Only the vector width changes, never the operations (no
@@ -126,25 +192,29 @@ macro_rules! kernel_body {
 }
 
 /// GSAM's mix for `g1 − α·g0⊥`, where `g0⊥ = g0 − (g0·g1/‖g1‖²)·g1` is the part of `g0`
-/// orthogonal to `g1`: `a = 1 + α·(g0·g1)/‖g1‖²`, `b = −α`. Takes the norms `n0 = ‖g0‖`,
-/// `n1 = ‖g1‖` and `cos = (g0·g1)/(n0·n1)`, which keeps every intermediate in range.
-pub fn gsam_mix(alpha: f64, n0: f64, n1: f64, cos: f64) -> Mix {
-    let parallel = if n1 > 0.0 { n0 * cos / n1 } else { 0.0 };
-    Mix {
-        a: 1.0 + alpha * parallel,
-        b: -alpha,
-    }
+/// orthogonal to `g1`: `a = 1 + α·(g0·g1)/‖g1‖² = (n1 + α·n0·cos)/n1`, `b = −α`. Takes the
+/// norms `n0 = ‖g0‖`, `n1 = ‖g1‖` and `cos = (g0·g1)/(n0·n1)`, which keeps every
+/// intermediate in range (`a` itself may not be: it is a `WideFactor`).
+pub fn gsam_mix(alpha: f64, n0: f64, n1: Norm, cos: f64) -> Mix {
+    let a = if n1.mantissa > 0.0 {
+        WideFactor::ratio_scaled(n1.value() + alpha * n0 * cos, n1.mantissa, n1.exponent)
+    } else {
+        WideFactor::ONE
+    };
+    Mix { a, b: -alpha }
 }
 
-/// `‖a·g1 + b·g0‖` from the same three numbers, scaled so it cannot overflow.
-pub fn mixed_norm(mix: Mix, n0: f64, n1: f64, cos: f64) -> f64 {
-    let (x, y) = (mix.a.abs() * n1, mix.b.abs() * n0);
+/// `‖a·g1 + b·g0‖` for GSAM's mix, from the same numbers, scaled so it cannot overflow.
+pub fn mixed_norm(alpha: f64, n0: f64, n1: f64, cos: f64) -> f64 {
+    // a·n1 = n1 + α·n0·cos (or n1 when n1 = 0); b = −α.
+    let along = n1 + alpha * n0 * cos;
+    let (x, y) = (along.abs(), alpha * n0);
     let largest = x.max(y);
     if largest == 0.0 {
         return 0.0;
     }
     let (x, y) = (x / largest, y / largest);
-    let sign = (mix.a * mix.b).signum();
+    let sign = -along.signum();
     largest * (x * x + 2.0 * sign * x * y * cos + y * y).max(0.0).sqrt()
 }
 
@@ -156,7 +226,7 @@ pub fn mix_into<T: Real>((out, g, g0): MixLanes<'_, T>, mix: Mix) {
     let n = out.len();
     let (g, g0) = (&g[..n], &g0[..n]);
     for i in 0..n {
-        out[i] = T::from_f64(mix.a * g[i].to_f64() + mix.b * g0[i].to_f64());
+        out[i] = T::from_f64(mix.a.apply(g[i].to_f64()) + mix.b * g0[i].to_f64());
     }
 }
 
@@ -281,9 +351,9 @@ pub type PerturbLanes<'a, T> = (&'a mut [T], &'a [T], &'a mut [T], Option<&'a mu
 #[derive(Clone, Copy, Debug)]
 pub enum Ascent {
     /// `ρ/n`.
-    Plain { scale: f64 },
+    Plain { scale: WideFactor },
     /// `ρ/n` and eta.
-    Adaptive { scale: f64, eta: f64 },
+    Adaptive { scale: WideFactor, eta: f64 },
 }
 
 /// `saved ← p ; p ← p + e` (and `kept ← g`).
@@ -299,7 +369,7 @@ kernel_body!(perturb_body<T>(lanes: PerturbLanes<'_, T>, ascent: &Ascent) {
         Ascent::Plain { scale } => {
             for i in 0..n {
                 saved[i] = p[i];
-                p[i] = T::from_f64(p[i].to_f64() + scale * g[i].to_f64());
+                p[i] = T::from_f64(p[i].to_f64() + scale.apply(g[i].to_f64()));
             }
         }
         Ascent::Adaptive { scale, eta } => {
@@ -307,7 +377,8 @@ kernel_body!(perturb_body<T>(lanes: PerturbLanes<'_, T>, ascent: &Ascent) {
                 saved[i] = p[i];
                 let pi = p[i].to_f64();
                 let t = pi.abs() + eta;
-                p[i] = T::from_f64(pi + scale * t * t * g[i].to_f64());
+                // Scaled first: a subnormal g times T² would lose bits before the scale.
+                p[i] = T::from_f64(pi + scale.apply(g[i].to_f64()) * (t * t));
             }
         }
     }
@@ -322,13 +393,6 @@ pub type RestoreLanes<'a, T> = (&'a mut [T], &'a mut [T]);
 /// `p ← saved`, bit for bit.
 pub fn restore<T: Real>((p, saved): RestoreLanes<'_, T>) {
     p.copy_from_slice(&saved[..p.len()]);
-}
-
-/// `p ↔ saved`: puts the saved values back while keeping the perturbed ones, so that a
-/// failing step of a foreign base optimizer can be undone by swapping again.
-pub fn swap<T: Real>((p, saved): RestoreLanes<'_, T>) {
-    let n = p.len();
-    p.swap_with_slice(&mut saved[..n]);
 }
 
 #[cfg(test)]
@@ -404,7 +468,7 @@ mod tests {
         perturb(
             (&mut p, &g, &mut saved, Some(&mut kept)),
             &Ascent::Adaptive {
-                scale: 0.05,
+                scale: WideFactor::ratio(0.05, 1.0),
                 eta: 0.01,
             },
         );
@@ -419,7 +483,10 @@ mod tests {
         let mut p = [0.0f64];
         let (g, g0) = ([2.0f64], [4.0f64]);
         let mut vel = [0.0f64];
-        let mix = Mix { a: 1.5, b: -0.5 };
+        let mix = Mix {
+            a: WideFactor::ratio(1.5, 1.0),
+            b: -0.5,
+        };
         let step = SgdStep {
             lr: 1.0,
             momentum: 0.0,
@@ -437,7 +504,7 @@ mod tests {
         let g0 = [1.0f64, 2.0];
         let (n0, n1) = (5.0f64.sqrt(), 3.0);
         let cos = 3.0 / (n0 * n1);
-        let mix = gsam_mix(0.4, n0, n1, cos);
+        let mix = gsam_mix(0.4, n0, Norm::of(n1), cos);
         let mut out = [0.0f64; 2];
         mix_into((&mut out, &g1, &g0), mix);
         // g0⊥ = (0, 2): the direction is g1 − 0.4·(0, 2).
@@ -445,24 +512,27 @@ mod tests {
             (out[0] - 3.0).abs() < 1e-15 && (out[1] + 0.8).abs() < 1e-15,
             "{out:?}"
         );
-        let norm = mixed_norm(mix, n0, n1, cos);
+        let norm = mixed_norm(0.4, n0, n1, cos);
         assert!((norm - (9.0f64 + 0.64).sqrt()).abs() < 1e-14, "{norm}");
-        assert_eq!(gsam_mix(0.4, n0, 0.0, 0.0), Mix { a: 1.0, b: -0.4 });
+        assert_eq!(
+            gsam_mix(0.4, n0, Norm::of(0.0), 0.0),
+            Mix {
+                a: WideFactor::ONE,
+                b: -0.4
+            }
+        );
     }
 
     #[test]
-    fn swap_twice_is_identity() {
-        let mut p = vec![1.0f64, 2.0];
-        let mut saved = vec![3.0f64, 4.0];
-        swap((&mut p, &mut saved));
-        assert_eq!(
-            (p.as_slice(), saved.as_slice()),
-            (&[3.0, 4.0][..], &[1.0, 2.0][..])
-        );
-        swap((&mut p, &mut saved));
-        assert_eq!(
-            (p.as_slice(), saved.as_slice()),
-            (&[1.0, 2.0][..], &[3.0, 4.0][..])
-        );
+    fn wide_factor_reaches_beyond_f64_range_exactly_in_range() {
+        let tiny = 4e-320; // subnormal: 0.05 / tiny overflows
+        let factor = WideFactor::ratio(0.05, tiny);
+        let moved = factor.apply(3e-320);
+        assert!((moved - 0.05 * 0.75).abs() < 1e-3 * 0.05, "{moved}");
+        assert_eq!(WideFactor::ratio(0.05, 2.0).apply(3.0), 3.0 * (0.05 / 2.0));
+        // GSAM with a vanishing g1: a = 1 + α·n0·cos/n1 overflows, a·g1 does not.
+        let mix = gsam_mix(0.4, 1.0, Norm::of(1e-310), 0.5);
+        let d = mix.a.apply(1e-310) + mix.b * 1.0;
+        assert!((d - (1e-310 + 0.4 * 0.5 - 0.4)).abs() < 1e-15, "{d}");
     }
 }

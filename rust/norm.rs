@@ -5,7 +5,7 @@
 //! that is not finite or is so small that squares may have lost bits to underflow sends the
 //! call to a rescaled second pass, with power-of-two factors so the rescaling is exact.
 
-use crate::kernels::Real;
+use crate::kernels::{pow2, Real, WideFactor};
 use crate::parallel::{max_of, ordered_sum, ByDtype};
 
 /// One array's streams for a norm: the gradient and, for adaptive SAM, its parameter
@@ -27,13 +27,51 @@ const SMALLEST_SAFE_SUM: f64 = 1.0e-270;
 /// `‖w⊙g‖₂` over all items, with `w = |p| + eta` where an item carries its parameter and
 /// `w = 1` where it does not.
 pub fn global_norm(items: &[NormItem<'_>], eta: f64) -> Result<f64, NormError> {
+    global_norm_parts(items, eta).map(Norm::value)
+}
+
+/// A norm as `mantissa·2^exponent`, so that one outside f64's range (or subnormal, with
+/// few significant bits) keeps its full precision for what is computed from it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Norm {
+    pub mantissa: f64,
+    pub exponent: i32,
+}
+
+impl Norm {
+    /// A norm already in f64 range.
+    pub fn of(value: f64) -> Norm {
+        Norm {
+            mantissa: value,
+            exponent: 0,
+        }
+    }
+
+    /// The norm as an f64 (infinite, subnormal or zero where it must be).
+    pub fn value(self) -> f64 {
+        let (mut x, mut e) = (self.mantissa, self.exponent);
+        while e > 1000 {
+            (x, e) = (x * pow2(1000), e - 1000);
+        }
+        while e < -1000 {
+            (x, e) = (x * pow2(-1000), e + 1000);
+        }
+        x * pow2(e)
+    }
+}
+
+/// `global_norm` as a `Norm`.
+pub fn global_norm_parts(items: &[NormItem<'_>], eta: f64) -> Result<Norm, NormError> {
     let unit = Pow2Scale::ONE;
     let sum = ordered_sum(items.iter().copied(), |piece| match piece {
         ByDtype::Single(lanes) => weighted_sum_squares(lanes, eta, unit, unit),
         ByDtype::Double(lanes) => weighted_sum_squares(lanes, eta, unit, unit),
     });
     if sum.is_finite() && sum >= SMALLEST_SAFE_SUM {
-        return Ok(sum.sqrt());
+        return Ok(Norm {
+            mantissa: sum.sqrt(),
+            exponent: 0,
+        });
     }
     if !sum.is_finite() {
         if let Some(error) = first_non_finite(items) {
@@ -62,13 +100,15 @@ pub type DotLanes<'a, T> = (&'a [T], &'a [T]);
 pub type DotItem<'a> = ByDtype<DotLanes<'a, f32>, DotLanes<'a, f64>>;
 
 /// `Σ (x/nx)·(y/ny)` over all items, reproducibly: with `nx`, `ny` the norms of the two
-/// streams this is their cosine, and no term can overflow.
-pub fn normalised_dot(items: &[DotItem<'_>], nx: f64, ny: f64) -> f64 {
-    fn partial<T: Real>((x, y): DotLanes<'_, T>, nx: f64, ny: f64) -> f64 {
+/// streams this is their cosine, and no term can overflow. `nx` comes as a `Norm`, so a
+/// subnormal one loses no bits.
+pub fn normalised_dot(items: &[DotItem<'_>], nx: Norm, ny: f64) -> f64 {
+    fn partial<T: Real>((x, y): DotLanes<'_, T>, nx: Norm, ny: f64) -> f64 {
         let y = &y[..x.len()];
+        let shift = WideFactor::ratio_scaled(1.0, 1.0, nx.exponent);
         let mut acc = [0.0f64; 4];
         for (i, (&xi, &yi)) in x.iter().zip(y).enumerate() {
-            acc[i % 4] += (xi.to_f64() / nx) * (yi.to_f64() / ny);
+            acc[i % 4] += (shift.apply(xi.to_f64()) / nx.mantissa) * (yi.to_f64() / ny);
         }
         (acc[0] + acc[1]) + (acc[2] + acc[3])
     }
@@ -107,7 +147,7 @@ fn first_non_finite(items: &[NormItem<'_>]) -> Option<NormError> {
         })
 }
 
-fn rescaled_norm(items: &[NormItem<'_>], eta: f64) -> f64 {
+fn rescaled_norm(items: &[NormItem<'_>], eta: f64) -> Norm {
     let max_g = max_of(items.iter().copied(), |piece| match piece {
         ByDtype::Single((g, _)) => max_abs(g),
         ByDtype::Double((g, _)) => max_abs(g),
@@ -117,14 +157,20 @@ fn rescaled_norm(items: &[NormItem<'_>], eta: f64) -> f64 {
         ByDtype::Double((g, p)) => max_weight(g.len(), p, eta),
     });
     if max_g == 0.0 || max_w == 0.0 {
-        return 0.0;
+        return Norm {
+            mantissa: 0.0,
+            exponent: 0,
+        };
     }
     let (scale_g, scale_w) = (Pow2Scale::normalising(max_g), Pow2Scale::normalising(max_w));
     let sum = ordered_sum(items.iter().copied(), |piece| match piece {
         ByDtype::Single(lanes) => weighted_sum_squares(lanes, eta, scale_g, scale_w),
         ByDtype::Double(lanes) => weighted_sum_squares(lanes, eta, scale_g, scale_w),
     });
-    scale_w.undo(scale_g.undo(sum.sqrt()))
+    Norm {
+        mantissa: sum.sqrt(),
+        exponent: scale_g.exponent + scale_w.exponent,
+    }
 }
 
 fn max_abs<T: Real>(g: &[T]) -> f64 {
@@ -170,16 +216,6 @@ impl Pow2Scale {
     fn apply(self, x: f64) -> f64 {
         x * self.first * self.second
     }
-
-    fn undo(self, x: f64) -> f64 {
-        let half = self.exponent / 2;
-        x * pow2(half) * pow2(self.exponent - half)
-    }
-}
-
-fn pow2(e: i32) -> f64 {
-    debug_assert!((-1022..=1023).contains(&e));
-    f64::from_bits(((e + 1023) as u64) << 52)
 }
 
 /// `Σ (w·g)²` over one piece, four independent accumulators so the loop vectorises; the
@@ -286,7 +322,11 @@ mod tests {
         let x = [3e300, 4e300];
         let y = [4e300, 3e300];
         let items = [ByDtype::Double((&x[..], &y[..]))];
-        let cos = normalised_dot(&items, 5e300, 5e300);
+        let norm = Norm {
+            mantissa: 5e300,
+            exponent: 0,
+        };
+        let cos = normalised_dot(&items, norm, 5e300);
         assert!((cos - 24.0 / 25.0).abs() < 1e-15, "{cos}");
     }
 

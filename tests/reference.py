@@ -6,7 +6,8 @@ Conventions, as in SPEC.md and the API contract:
 - a gradient is first converted to its parameter's dtype (that is what samopt does), then
   everything is computed in float64 (`to_ref_grads`);
 - state keys: SGD `lr`, `velocity_<name>`; Adam/AdamW `lr`, `t`, `m_<name>`, `v_<name>`;
-  SAM adds `rho` and `saved_<name>` while a perturbation is pending;
+  SAM adds `rho` and `saved_<name>` while a perturbation is pending; GSAM (issue 4) also
+  `grad0_<name>` and `grad_norm0`; sam_step's counter is `sam_calls`;
 - state entries are created (zeros) at a parameter's first step.
 
 The second half of this file holds small helpers the tests share (array builders,
@@ -192,6 +193,204 @@ class RefSAM:
         if self.saved is not None:
             for k, v in self.saved.items():
                 out["saved_" + k] = v.copy()
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# SAM in practice (issue 4): eps, sam_step with interval, GSAM
+#
+# Written from the issue and the papers: davda54/sam's `scale = rho / (grad_norm + 1e-12)`
+# for eps; Zhuang et al. (ICLR 2022), Algorithm 1, for GSAM. Same conventions as above
+# (float64, gradients already passed through `to_ref_grads`).
+# --------------------------------------------------------------------------------------
+
+
+def global_dot(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    """sum over all arrays of sum(a*b), float64 (a and b have the same keys)."""
+    total = 0.0
+    for k in a:
+        total += float(np.sum(np.asarray(a[k], dtype=np.float64) *
+                              np.asarray(b[k], dtype=np.float64)))
+    return total
+
+
+def scaled_norm(grads: Mapping[str, np.ndarray]) -> float:
+    """The global L2 norm computed as m*||g/m|| with m = max|g|: no overflow or underflow
+    of the squares for any finite input (1e-200 and 1e200 stay representable)."""
+    m = max((float(np.max(np.abs(np.asarray(g, dtype=np.float64)), initial=0.0))
+             for g in grads.values()), default=0.0)
+    if m == 0.0 or not math.isfinite(m):
+        return m
+    return m * global_norm({k: np.asarray(g, dtype=np.float64) / m for k, g in grads.items()})
+
+
+def sam_perturbation(params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray],
+                     rho: float, eps: float = 0.0, adaptive: bool = False,
+                     eta: float = 0.0) -> tuple[dict[str, np.ndarray] | None, float]:
+    """SAM's ascent e = rho*g/(n + eps), n = ||g|| (davda54/sam with eps = 1e-12); adaptive:
+    T = |p| + eta, n = ||T*g||, e = rho*T^2*g/(n + eps). Returns (e, n); e is None when
+    n == 0 (nothing moves)."""
+    if adaptive:
+        scale = {k: np.abs(np.asarray(params[k], dtype=np.float64)) + eta for k in params}
+        n = scaled_norm({k: scale[k] * grads[k] for k in params})
+    else:
+        scale = {k: 1.0 for k in params}
+        n = scaled_norm({k: grads[k] for k in params})
+    if n == 0.0:
+        return None, n
+    # g/(n + eps) first: exact-ish even for subnormal g (rho*g first would round there)
+    return {k: rho * (scale[k] * scale[k]) *
+            (np.asarray(grads[k], dtype=np.float64) / (n + eps)) for k in params}, n
+
+
+def gsam_decompose(g0: Mapping[str, np.ndarray], g1: Mapping[str, np.ndarray]
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """GSAM's decomposition of g0 with respect to g1 (global dot products over all arrays):
+    g0 = par + perp with par = (g0.g1 / ||g1||^2)*g1 and perp = g0 - par, which is
+    orthogonal to g1. When g1 == 0 everything of g0 is orthogonal: par = 0, perp = g0.
+
+    Computed as par = (g0.u)*u with u = g1/||g1||, g1 scaled by max|g1| first, so that
+    neither ||g1||^2 nor the coefficient over- or underflows (g1 ~ 1e-300, or subnormal)."""
+    m1 = max((float(np.max(np.abs(np.asarray(g, dtype=np.float64)), initial=0.0))
+              for g in g1.values()), default=0.0)
+    if m1 == 0.0:
+        par = {k: np.zeros(np.shape(g0[k])) for k in g0}
+    else:
+        v = {k: np.asarray(g1[k], dtype=np.float64) / m1 for k in g0}
+        nv = global_norm(v)
+        u = {k: v[k] / nv for k in g0}
+        c = global_dot(g0, u)
+        par = {k: c * u[k] for k in g0}
+    perp = {k: np.asarray(g0[k], dtype=np.float64) - par[k] for k in g0}
+    return par, perp
+
+
+def gsam_gradient(g0: Mapping[str, np.ndarray], g1: Mapping[str, np.ndarray],
+                  alpha: float) -> dict[str, np.ndarray]:
+    """The gradient GSAM gives the base optimizer: g1 - alpha*g0_perp."""
+    _, perp = gsam_decompose(g0, g1)
+    return {k: np.asarray(g1[k], dtype=np.float64) - alpha * perp[k] for k in g0}
+
+
+def gsam_rho(rho_max: float, rho_min: float | None, lr: float, lr_min: float,
+             lr_max: float) -> float:
+    """GSAM's rho schedule: rho_max without rho_min or when lr_max <= lr_min, else
+    rho_min + (rho_max - rho_min)*(lr - lr_min)/(lr_max - lr_min), clamped into
+    [rho_min, rho_max] (samopt's documented behaviour for lr outside [lr_min, lr_max])."""
+    if rho_min is None or lr_max <= lr_min:
+        return rho_max
+    rho = rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
+    return min(rho_max, max(rho_min, rho))
+
+
+class RefSAMEps(RefSAM):
+    """RefSAM with eps added to the norm: p <- p + rho*g/(n + eps) (adaptive likewise)."""
+
+    def __init__(self, base: Any, rho: float, adaptive: bool = False, eta: float = 0.0,
+                 eps: float = 0.0) -> None:
+        super().__init__(base, rho, adaptive, eta)
+        self.eps = eps
+
+    def first_step(self, params: dict[str, np.ndarray],
+                   grads: Mapping[str, np.ndarray]) -> None:
+        assert self.saved is None
+        e, _ = sam_perturbation(params, grads, self.rho, self.eps, self.adaptive, self.eta)
+        if e is None:
+            return
+        self.saved = {k: params[k].copy() for k in params}
+        for k in params:
+            params[k] = params[k] + e[k]
+
+
+class RefGSAM:
+    """GSAM (Zhuang et al., ICLR 2022) over a reference base optimizer (with an `lr`).
+
+    first_step: g0 = grads, n0 = ||g0||; if n0 == 0 nothing happens; else save p and g0,
+    p <- p + rho*g0/(n0 + eps) with rho = gsam_rho(rho_max, rho_min, base.lr, lr_min,
+    lr_max), lr_max being the base's lr at construction.
+    second_step(g1): p <- saved; base.step(p, g1 - alpha*g0_perp) (a plain base step with
+    g1 when nothing is pending). The base clips (if it does) the combined gradient."""
+
+    def __init__(self, base: Any, rho_max: float = 0.05, rho_min: float | None = None,
+                 alpha: float = 0.4, lr_min: float = 0.0, eps: float = 0.0) -> None:
+        self.base = base
+        self.rho_max = rho_max
+        self.rho_min = rho_min
+        self.alpha = alpha
+        self.lr_min = lr_min
+        self.lr_max = base.lr
+        self.eps = eps
+        self.saved: dict[str, np.ndarray] | None = None
+        self.grad0: dict[str, np.ndarray] | None = None
+        self.grad_norm0 = 0.0
+
+    @property
+    def rho(self) -> float:
+        return gsam_rho(self.rho_max, self.rho_min, self.base.lr, self.lr_min, self.lr_max)
+
+    def first_step(self, params: dict[str, np.ndarray],
+                   grads: Mapping[str, np.ndarray]) -> None:
+        assert self.saved is None
+        e, n = sam_perturbation(params, grads, self.rho, self.eps)
+        if e is None:
+            return
+        self.saved = {k: params[k].copy() for k in params}
+        self.grad0 = {k: np.array(grads[k], dtype=np.float64) for k in params}
+        self.grad_norm0 = n  # ||g0||, without eps
+        for k in params:
+            params[k] = params[k] + e[k]
+
+    def second_step(self, params: dict[str, np.ndarray],
+                    grads: Mapping[str, np.ndarray]) -> None:
+        if self.saved is None:
+            self.base.step(params, grads)
+            return
+        assert self.grad0 is not None
+        for k in params:
+            params[k] = self.saved[k].copy()
+        combined = gsam_gradient(self.grad0, {k: grads[k] for k in params}, self.alpha)
+        self.saved = self.grad0 = None
+        self.base.step(params, combined)
+
+    step = second_step
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = self.base.state_dict()
+        out["rho"] = np.array(self.rho_max)
+        if self.saved is not None:
+            assert self.grad0 is not None
+            for k in self.saved:
+                out["saved_" + k] = self.saved[k].copy()
+                out["grad0_" + k] = self.grad0[k].copy()
+            out["grad_norm0"] = np.array(self.grad_norm0)
+        return out
+
+
+class RefSamStep:
+    """sam_step(params, grad_fn) over a reference SAM/GSAM, with `interval`:
+    calls 0, k, 2k, ... are SAM steps (grad_fn at p, first_step, grad_fn at the perturbed
+    point, second_step); the others a plain base step with the one gradient at p. Returns
+    the first loss. `sam_calls` counts the calls."""
+
+    def __init__(self, sam: Any, interval: int = 1) -> None:
+        self.sam = sam
+        self.interval = interval
+        self.calls = 0
+
+    def sam_step(self, params: dict[str, np.ndarray], grad_fn: Any) -> Any:
+        loss, grads = grad_fn(params)
+        if self.calls % self.interval:
+            self.sam.base.step(params, grads)
+        else:
+            self.sam.first_step(params, grads)
+            _, grads2 = grad_fn(params)
+            self.sam.second_step(params, grads2)
+        self.calls += 1
+        return loss
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = self.sam.state_dict()
+        out["sam_calls"] = np.array(self.calls, dtype=np.int64)
         return out
 
 

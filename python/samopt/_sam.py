@@ -67,8 +67,8 @@ class SamOptimizer:
         self._rho = check_real("rho", rho, above=0.0)
         self.adaptive = adaptive
         self.eta = check_real("eta", eta, minimum=0.0)
-        self.eps = check_real("eps", eps, minimum=0.0)
-        self.interval = _check_interval(interval)
+        self._eps = check_real("eps", eps, minimum=0.0)
+        self._interval = _check_interval(interval)
         # Scratch buffers that receive the values first_step moves away from; reused across
         # steps so a step allocates nothing proportional to the parameters.
         self._saved: dict[str, NDArray[Any]] = {}
@@ -87,6 +87,24 @@ class SamOptimizer:
     @rho.setter
     def rho(self, value: float) -> None:
         self._rho = check_real("rho", value, above=0.0)
+
+    @property
+    def eps(self) -> float:
+        """Added to the norm in the ascent ``ρ·g/(‖g‖ + eps)`` (davda54/sam uses 1e-12)."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self._eps = check_real("eps", value, minimum=0.0)
+
+    @property
+    def interval(self) -> int:
+        """sam_step is a SAM step every ``interval``-th call, a plain base step otherwise."""
+        return self._interval
+
+    @interval.setter
+    def interval(self, value: int) -> None:
+        self._interval = _check_interval(value)
 
     @property
     def pending(self) -> bool:
@@ -126,13 +144,14 @@ class SamOptimizer:
                 base.step_from(params_dict, grads_dict, self._saved, self._gsam_mix())
             else:
                 step_grads = self._foreign_gradients(params_dict, grads_dict)
-                # A foreign optimizer sees the restored parameters; swapping (rather than
-                # copying) keeps the perturbed values, so a failing step can be undone.
-                _core.restore(params_dict, self._saved, True)
+                _core.restore(params_dict, self._saved)
                 try:
                     base.step(params_dict, step_grads)
                 except BaseException:
-                    _core.restore(params_dict, self._saved, True)
+                    # What a foreign optimizer changed before raising is unknown: go back
+                    # to the values before first_step, which the saved buffers still hold.
+                    _core.restore(params_dict, self._saved)
+                    self._pending = None
                     raise
             self._pending = None
 
@@ -152,6 +171,12 @@ class SamOptimizer:
         left as they were."""
         params_dict = as_dict(params, "params")
         with self._lock:
+            if self._pending is not None:
+                raise OptimizerError(
+                    "sam_step called while a first_step is pending (call second_step or "
+                    "restore first)",
+                    None,
+                )
             loss, grads = _call(grad_fn, params_dict)
             if self._calls % self.interval != 0:
                 self.base_optimizer.step(params_dict, grads)
@@ -174,7 +199,7 @@ class SamOptimizer:
             if self._pending is None:
                 return
             self._check_pending_names(params_dict)
-            _core.restore(params_dict, self._saved, False)
+            _core.restore(params_dict, self._saved)
             self._pending = None
 
     def _check_pending_names(self, params: dict[str, Any]) -> None:
@@ -284,8 +309,8 @@ class SamOptimizer:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.base_optimizer!r}, rho={self._rho!r}, "
-            f"adaptive={self.adaptive!r}, eta={self.eta!r}, eps={self.eps!r}, "
-            f"interval={self.interval!r})"
+            f"adaptive={self.adaptive!r}, eta={self.eta!r}, eps={self._eps!r}, "
+            f"interval={self._interval!r})"
         )
 
 
@@ -323,15 +348,16 @@ class GsamOptimizer(SamOptimizer):
         eps: float = 0.0,
         interval: int = 1,
     ) -> None:
+        rho_max = check_real("rho_max", rho_max, above=0.0)
         super().__init__(base_optimizer, rho_max, eps=eps, interval=interval)
         if rho_min is not None:
             rho_min = check_real("rho_min", rho_min, above=0.0)
-            if rho_min > self._rho:
+            if rho_min > rho_max:
                 raise OptimizerError(
-                    f"rho_min must be <= rho_max, got {rho_min!r} > {self._rho!r}", "rho_min"
+                    f"rho_min must be <= rho_max, got {rho_min!r} > {rho_max!r}", "rho_min"
                 )
         self.rho_min = rho_min
-        self.alpha = check_real("alpha", alpha, minimum=0.0)
+        self._alpha = check_real("alpha", alpha, minimum=0.0)
         self.lr_min = check_real("lr_min", lr_min, minimum=0.0)
         self.lr_max = float(base_optimizer.get_lr())
         self._grad0: dict[str, NDArray[Any]] = {}
@@ -341,6 +367,15 @@ class GsamOptimizer(SamOptimizer):
     @property
     def rho_max(self) -> float:
         return self._rho
+
+    @property
+    def alpha(self) -> float:
+        """How much of g0's part orthogonal to g1 the step removes."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._alpha = check_real("alpha", value, minimum=0.0)
 
     @property
     def rho(self) -> float:
@@ -354,7 +389,12 @@ class GsamOptimizer(SamOptimizer):
 
     @rho.setter
     def rho(self, value: float) -> None:
-        self._rho = check_real("rho", value, above=0.0)
+        rho_max = check_real("rho", value, above=0.0)
+        if self.rho_min is not None and rho_max < self.rho_min:
+            raise OptimizerError(
+                f"rho (rho_max) must be >= rho_min {self.rho_min!r}, got {rho_max!r}", "rho"
+            )
+        self._rho = rho_max
 
     def _perturb(self, params: dict[str, Any], grads: dict[str, Any]) -> float:
         norm = _core.sam_perturb(
