@@ -35,7 +35,10 @@ def check_real(
     what = label or key
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise OptimizerError(f"{what} must be a real number, got {value!r}", key)
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf  # an integer beyond float's range
     if not math.isfinite(number):
         raise OptimizerError(f"{what} must be finite, got {number!r}", key)
     if minimum is not None and number < minimum:

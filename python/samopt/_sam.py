@@ -143,17 +143,24 @@ class SamOptimizer:
             if isinstance(base, NativeOptimizer):
                 base.step_from(params_dict, grads_dict, self._saved, self._gsam_mix())
             else:
-                step_grads = self._foreign_gradients(params_dict, grads_dict)
-                _core.restore(params_dict, self._saved)
-                try:
-                    base.step(params_dict, step_grads)
-                except BaseException:
-                    # What a foreign optimizer changed before raising is unknown: go back
-                    # to the values before first_step, which the saved buffers still hold.
-                    _core.restore(params_dict, self._saved)
-                    self._pending = None
-                    raise
+                self._foreign_step(base, params_dict, grads_dict)
             self._pending = None
+
+    def _foreign_step(
+        self, base: Optimizer, params: dict[str, Any], grads: dict[str, Any]
+    ) -> None:
+        """Restores and steps a base optimizer written in Python. Whatever it changed
+        before raising is undone: the perturbed values are kept (a copy: this path is not
+        the fused one), so an error leaves everything as it was, the step still pending."""
+        step_grads = self._foreign_gradients(params, grads)
+        perturbed = {name: np.copy(array) for name, array in params.items()}
+        _core.restore(params, self._saved)
+        try:
+            base.step(params, step_grads)
+        except BaseException:
+            for name, array in perturbed.items():
+                np.copyto(params[name], array)
+            raise
 
     def _gsam_mix(self) -> GsamMix | None:
         return None
@@ -207,11 +214,12 @@ class SamOptimizer:
         if self._pending == params.keys():
             return
         missing = sorted(self._pending - params.keys())
-        extra = sorted(set(params) - self._pending)
+        extra = sorted(set(params) - self._pending, key=repr)  # keys of any type
+        first = [*missing, *extra][0]
         raise OptimizerError(
             "second_step must get the same parameter names as the pending first_step: "
             f"missing {missing}, unexpected {extra}",
-            (missing + extra)[0],
+            first if isinstance(first, str) else repr(first),
         )
 
     def zero_grad(self) -> None:

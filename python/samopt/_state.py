@@ -46,10 +46,19 @@ def scalar_entry(state: Mapping[str, Any], key: str, *, positive: bool = False) 
     return check_real(key, value, minimum=0.0, label=label)
 
 
+_LARGEST_COUNT = 2**62  # counters are stored as int64; no run gets near this
+
+
 def time_step_entry(state: Mapping[str, Any], key: str) -> int:
     value = _scalar(state, key)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise OptimizerError(f"state '{key}' must be a non-negative integer, got {value!r}", key)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not 0 <= int(value) <= _LARGEST_COUNT
+    ):
+        raise OptimizerError(
+            f"state '{key}' must be an integer in [0, 2**62], got {value!r}", key
+        )
     return int(value)
 
 
@@ -70,6 +79,8 @@ def split_by_prefix(
     state: Mapping[str, Any], prefixes: tuple[str, ...], scalars: tuple[str, ...]
 ) -> dict[str, dict[str, Any]]:
     """Groups a state dict's per-parameter keys by prefix; unknown keys are an error."""
+    if not isinstance(state, Mapping):
+        raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
     groups: dict[str, dict[str, Any]] = {prefix: {} for prefix in prefixes}
     for key in state:
         if not isinstance(key, str):
