@@ -168,7 +168,7 @@ macro_rules! widest {
 
 /// Declares a kernel body once and compiles it twice: portable and with AVX2 enabled.
 macro_rules! kernel_body {
-    ($name:ident<$t:ident>($($arg:ident: $ty:ty),*) $body:block) => {
+    ($name:ident<$t:ident: $bound:path>($($arg:ident: $ty:ty),*) $body:block) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
@@ -176,15 +176,15 @@ macro_rules! kernel_body {
             // Index loops over slices cut to one length vectorise without bounds checks.
             #[allow(clippy::needless_range_loop)]
             #[inline(always)]
-            fn body<$t: Real>($($arg: $ty),*) $body
+            fn body<$t: $bound>($($arg: $ty),*) $body
 
-            pub(super) fn portable<$t: Real>($($arg: $ty),*) {
+            pub(super) fn portable<$t: $bound>($($arg: $ty),*) {
                 body($($arg),*)
             }
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2")]
-            pub(super) unsafe fn avx2<$t: Real>($($arg: $ty),*) {
+            pub(super) unsafe fn avx2<$t: $bound>($($arg: $ty),*) {
                 body($($arg),*)
             }
         }
@@ -254,7 +254,7 @@ pub fn sgd<T: Real>(lanes: SgdLanes<'_, T>, step: &SgdStep) {
     widest!(sgd_body(lanes, step))
 }
 
-kernel_body!(sgd_body<T>(lanes: SgdLanes<'_, T>, step: &SgdStep) {
+kernel_body!(sgd_body<T: Real>(lanes: SgdLanes<'_, T>, step: &SgdStep) {
     let (p, g, velocity, start, g0) = lanes;
     let n = p.len();
     let (g, velocity) = (&g[..n], &mut velocity[..n]);
@@ -304,20 +304,42 @@ pub struct AdamStep {
 }
 
 /// `m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g² ; p ← p_start − lr_t·m/(√v+ε) − decay·p_start`.
-pub fn adam<T: Real>(lanes: AdamLanes<'_, T>, step: &AdamStep) {
+pub fn adam<T: AdamElement>(lanes: AdamLanes<'_, T>, step: &AdamStep) {
     widest!(adam_body(lanes, step))
 }
 
-/// One element of Adam in f64: the new `(p, m, v)` from the start value `p0`.
-#[inline(always)]
-fn adam_element(p0: f64, gi: f64, m: f64, v: f64, step: &AdamStep) -> (f64, f64, f64) {
-    let m = step.beta1 * m + (1.0 - step.beta1) * gi;
-    let v = step.beta2 * v + (1.0 - step.beta2) * gi * gi;
-    let p = p0 - step.lr_t * m / (v.sqrt() + step.epsilon) - step.decay * p0;
-    (p, m, v)
+/// One element of Adam: the new `(p, m, v)` from the start value `p0` and the (clipped,
+/// mixed) gradient. Computed in the parameter's own precision: for float32 the square root
+/// and the division dominate, and 8-wide f32 arithmetic keeps the kernel memory-bound.
+pub trait AdamElement: Real {
+    fn adam_element(p0: Self, gi: f64, m: Self, v: Self, step: &AdamStep) -> (Self, Self, Self);
 }
 
-kernel_body!(adam_body<T>(lanes: AdamLanes<'_, T>, step: &AdamStep) {
+impl AdamElement for f64 {
+    #[inline(always)]
+    fn adam_element(p0: f64, gi: f64, m: f64, v: f64, step: &AdamStep) -> (f64, f64, f64) {
+        let m = step.beta1 * m + (1.0 - step.beta1) * gi;
+        let v = step.beta2 * v + (1.0 - step.beta2) * gi * gi;
+        let p = p0 - step.lr_t * m / (v.sqrt() + step.epsilon) - step.decay * p0;
+        (p, m, v)
+    }
+}
+
+impl AdamElement for f32 {
+    #[inline(always)]
+    fn adam_element(p0: f32, gi: f64, m: f32, v: f32, step: &AdamStep) -> (f32, f32, f32) {
+        let g = gi as f32;
+        let (b1, b2) = (step.beta1 as f32, step.beta2 as f32);
+        let (c1, c2) = ((1.0 - step.beta1) as f32, (1.0 - step.beta2) as f32);
+        let m = b1 * m + c1 * g;
+        let v = b2 * v + c2 * g * g;
+        let p =
+            p0 - step.lr_t as f32 * m / (v.sqrt() + step.epsilon as f32) - step.decay as f32 * p0;
+        (p, m, v)
+    }
+}
+
+kernel_body!(adam_body<T: AdamElement>(lanes: AdamLanes<'_, T>, step: &AdamStep) {
     let (p, g, m, v, start, g0) = lanes;
     let n = p.len();
     let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
@@ -327,17 +349,13 @@ kernel_body!(adam_body<T>(lanes: AdamLanes<'_, T>, step: &AdamStep) {
             let start = &start[..n];
             for i in 0..n {
                 let gi = gradient_at(g, g0, step.mix, step.clip, i);
-                let (pi, mi, vi) =
-                    adam_element(start[i].to_f64(), gi, m[i].to_f64(), v[i].to_f64(), step);
-                (p[i], m[i], v[i]) = (T::from_f64(pi), T::from_f64(mi), T::from_f64(vi));
+                (p[i], m[i], v[i]) = T::adam_element(start[i], gi, m[i], v[i], step);
             }
         }
         None => {
             for i in 0..n {
                 let gi = gradient_at(g, g0, step.mix, step.clip, i);
-                let (pi, mi, vi) =
-                    adam_element(p[i].to_f64(), gi, m[i].to_f64(), v[i].to_f64(), step);
-                (p[i], m[i], v[i]) = (T::from_f64(pi), T::from_f64(mi), T::from_f64(vi));
+                (p[i], m[i], v[i]) = T::adam_element(p[i], gi, m[i], v[i], step);
             }
         }
     }
@@ -361,7 +379,7 @@ pub fn perturb<T: Real>(lanes: PerturbLanes<'_, T>, ascent: &Ascent) {
     widest!(perturb_body(lanes, ascent))
 }
 
-kernel_body!(perturb_body<T>(lanes: PerturbLanes<'_, T>, ascent: &Ascent) {
+kernel_body!(perturb_body<T: Real>(lanes: PerturbLanes<'_, T>, ascent: &Ascent) {
     let (p, g, saved, kept) = lanes;
     let n = p.len();
     let (g, saved) = (&g[..n], &mut saved[..n]);
