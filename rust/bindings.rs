@@ -290,7 +290,7 @@ enum AnyEntry<'py> {
 
 /// A validated, fully borrowed call.
 struct Prepared<'py> {
-    names: Vec<Bound<'py, PyString>>,
+    names: Vec<Key<'py>>,
     entries: Vec<AnyEntry<'py>>,
 }
 
@@ -328,14 +328,31 @@ struct Name<'a, 'py> {
     text: &'a str,
 }
 
+/// A key of the caller's dict: the key object itself (lookups reuse its cached hash) and
+/// its text (a copy: the limited API of CPython 3.9, which the wheel targets, has no
+/// borrowed UTF-8 view of a str).
+struct Key<'py> {
+    object: Bound<'py, PyString>,
+    text: String,
+}
+
+impl<'py> Key<'py> {
+    fn name(&self) -> Name<'_, 'py> {
+        Name {
+            object: &self.object,
+            text: &self.text,
+        }
+    }
+}
+
 /// The keys of `params`, sorted so that results never depend on insertion order.
-fn sorted_names<'py>(params: &Bound<'py, PyDict>) -> PyResult<Vec<Bound<'py, PyString>>> {
+fn sorted_names<'py>(params: &Bound<'py, PyDict>) -> PyResult<Vec<Key<'py>>> {
     let mut names = Vec::with_capacity(params.len());
     for key in params.keys() {
         match key.cast_into::<PyString>() {
-            Ok(name) => {
-                name.to_str()?;
-                names.push(name);
+            Ok(object) => {
+                let text = object.to_cow()?.into_owned();
+                names.push(Key { object, text });
             }
             Err(error) => {
                 let key = error.into_inner();
@@ -350,13 +367,8 @@ fn sorted_names<'py>(params: &Bound<'py, PyDict>) -> PyResult<Vec<Bound<'py, PyS
             }
         }
     }
-    names.sort_unstable_by(|a, b| text_of(a).cmp(text_of(b)));
+    names.sort_unstable_by(|a, b| a.text.cmp(&b.text));
     Ok(names)
-}
-
-/// The text of a name already checked to be valid UTF-8.
-fn text_of<'a>(name: &'a Bound<'_, PyString>) -> &'a str {
-    name.to_str().unwrap_or_default()
 }
 
 fn as_array<'py>(
@@ -649,8 +661,10 @@ fn prepare<'py>(
     let mut extents = Vec::with_capacity(2 * names.len());
     // Every parameter is borrowed writable before any gradient or state is looked at.
     for key in &names {
-        let name = text_of(key);
-        let object = params.get_item(key)?.expect("name taken from the dict");
+        let name = key.text.as_str();
+        let object = params
+            .get_item(&key.object)?
+            .expect("name taken from the dict");
         let array = as_array(&object, "parameter", name)?;
         extents.push(extent(&array));
         if !is_aligned(&array) {
@@ -674,23 +688,19 @@ fn prepare<'py>(
         };
         entries.push(entry);
     }
-    let name_of = |key| Name {
-        object: key,
-        text: text_of(key),
-    };
     if let Some(grads) = grads {
         for (key, entry) in names.iter().zip(&mut entries) {
             match entry {
-                AnyEntry::Single(e) => borrow_entry_grad(e, name_of(key), grads, &mut extents)?,
-                AnyEntry::Double(e) => borrow_entry_grad(e, name_of(key), grads, &mut extents)?,
+                AnyEntry::Single(e) => borrow_entry_grad(e, key.name(), grads, &mut extents)?,
+                AnyEntry::Double(e) => borrow_entry_grad(e, key.name(), grads, &mut extents)?,
             }
         }
     }
     let user = UserExtents::new(extents);
     for (key, entry) in names.iter().zip(&mut entries) {
         match entry {
-            AnyEntry::Single(e) => borrow_entry_states(e, name_of(key), states, &user)?,
-            AnyEntry::Double(e) => borrow_entry_states(e, name_of(key), states, &user)?,
+            AnyEntry::Single(e) => borrow_entry_states(e, key.name(), states, &user)?,
+            AnyEntry::Double(e) => borrow_entry_states(e, key.name(), states, &user)?,
         }
     }
     Ok(Prepared { names, entries })
@@ -713,8 +723,8 @@ impl<'py> Prepared<'py> {
         }
         for (name, entry) in self.names.iter().zip(&mut self.entries) {
             match entry {
-                AnyEntry::Single(e) => finish(e, name, states)?,
-                AnyEntry::Double(e) => finish(e, name, states)?,
+                AnyEntry::Single(e) => finish(e, &name.object, states)?,
+                AnyEntry::Double(e) => finish(e, &name.object, states)?,
             }
         }
         Ok(())
@@ -723,11 +733,11 @@ impl<'py> Prepared<'py> {
     fn norm_error(&self, error: NormError) -> PyErr {
         match error {
             NormError::NonFiniteGradient(index) => {
-                let name = text_of(&self.names[index]);
+                let name = self.names[index].text.as_str();
                 non_finite_error(name, format!("gradient '{name}' contains NaN or infinity"))
             }
             NormError::NonFiniteParameter(index) => {
-                let name = text_of(&self.names[index]);
+                let name = self.names[index].text.as_str();
                 optimizer_error(name, format!("parameter '{name}' contains NaN or infinity"))
             }
         }
@@ -1289,8 +1299,10 @@ fn gradient_norm(py: Python<'_>, grads: &Bound<'_, PyDict>) -> PyResult<f64> {
     let names = sorted_names(grads)?;
     let mut sources = Vec::with_capacity(names.len());
     for key in &names {
-        let name = text_of(key);
-        let object = grads.get_item(key)?.expect("name taken from the dict");
+        let name = key.text.as_str();
+        let object = grads
+            .get_item(&key.object)?
+            .expect("name taken from the dict");
         sources.push(borrow_for_norm(
             &as_array(&object, "gradient", name)?,
             name,
