@@ -466,6 +466,21 @@ fn native_float<'py>(array: Bound<'py, PyUntypedArray>) -> PyResult<Bound<'py, P
         .expect("astype returns an ndarray"))
 }
 
+/// Gradients may be float16, float32 or float64 (anything else is refused, not cast).
+fn check_gradient_dtype(array: &Bound<'_, PyUntypedArray>, name: &str) -> PyResult<()> {
+    let dtype = array.dtype();
+    if dtype.kind() == b'f' && matches!(dtype.itemsize(), 2 | 4 | 8) {
+        return Ok(());
+    }
+    Err(optimizer_error(
+        name,
+        format!(
+            "gradient '{name}' has unsupported dtype {} (expected float16, float32 or float64)",
+            dtype_name(array)
+        ),
+    ))
+}
+
 /// Looks up, checks, converts if needed and borrows the gradient of one parameter.
 fn borrow_grad<'py, T: Float>(
     grads: &Bound<'py, PyDict>,
@@ -484,17 +499,7 @@ fn borrow_grad<'py, T: Float>(
         ));
     };
     let array = as_array(&object, "gradient", name)?;
-    let dtype = array.dtype();
-    if dtype.kind() != b'f' || !matches!(dtype.itemsize(), 2 | 4 | 8) {
-        return Err(optimizer_error(
-            name,
-            format!(
-                "gradient '{name}' has unsupported dtype {} (expected float16, float32 or \
-                 float64)",
-                dtype_name(&array)
-            ),
-        ));
-    }
+    check_gradient_dtype(&array, name)?;
     if array.shape() != param_shape {
         return Err(optimizer_error(
             name,
@@ -1263,17 +1268,7 @@ fn borrow_for_norm<'py>(
     array: &Bound<'py, PyUntypedArray>,
     name: &str,
 ) -> PyResult<NormSource<'py>> {
-    let dtype = array.dtype();
-    if dtype.kind() != b'f' || !matches!(dtype.itemsize(), 2 | 4 | 8) {
-        return Err(optimizer_error(
-            name,
-            format!(
-                "gradient '{name}' has unsupported dtype {} (expected float16, float32 or \
-                 float64)",
-                dtype_name(array)
-            ),
-        ));
-    }
+    check_gradient_dtype(array, name)?;
     let array = native_float(array.clone())?;
     // Any contiguous layout will do for a norm; anything else is gathered in C order.
     let order = Order::of(&array);
