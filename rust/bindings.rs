@@ -371,12 +371,15 @@ fn sorted_names<'py>(params: &Bound<'py, PyDict>) -> PyResult<Vec<Key<'py>>> {
     Ok(names)
 }
 
-fn as_array<'py>(
+/// `name` is only formatted on the error path: it may be built (a state key) per call.
+fn as_array<'py, N: AsRef<str>>(
     object: &Bound<'py, PyAny>,
     what: &str,
-    name: &str,
+    name: impl FnOnce() -> N,
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
     object.cast::<PyUntypedArray>().cloned().map_err(|_| {
+        let name = name();
+        let name = name.as_ref();
         optimizer_error(
             name,
             format!(
@@ -498,7 +501,7 @@ fn borrow_grad<'py, T: Float>(
             format!("missing gradient for parameter '{name}'"),
         ));
     };
-    let array = as_array(&object, "gradient", name)?;
+    let array = as_array(&object, "gradient", || name)?;
     check_gradient_dtype(&array, name)?;
     if array.shape() != param_shape {
         return Err(optimizer_error(
@@ -560,7 +563,7 @@ fn borrow_state<'py, T: Float>(
     let state_key = || format!("{}{name}", spec.prefix);
     let existing = match spec.dict.get_item(key)? {
         Some(object) => {
-            let array = as_array(&object, "state", &state_key())?;
+            let array = as_array(&object, "state", state_key)?;
             let fits = is_float_dtype::<T>(&array) && array.shape() == param_shape;
             match (fits, spec.policy) {
                 (true, _) => Some(array),
@@ -670,7 +673,7 @@ fn prepare<'py>(
         let object = params
             .get_item(&key.object)?
             .expect("name taken from the dict");
-        let array = as_array(&object, "parameter", name)?;
+        let array = as_array(&object, "parameter", || name)?;
         extents.push(extent(&array));
         if !is_aligned(&array) {
             return Err(optimizer_error(
@@ -1299,7 +1302,7 @@ fn gradient_norm(py: Python<'_>, grads: &Bound<'_, PyDict>) -> PyResult<f64> {
             .get_item(&key.object)?
             .expect("name taken from the dict");
         sources.push(borrow_for_norm(
-            &as_array(&object, "gradient", name)?,
+            &as_array(&object, "gradient", || name)?,
             name,
         )?);
     }

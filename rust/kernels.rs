@@ -147,16 +147,29 @@ fn gradient_at<T: Real>(g: &[T], g0: &[T], mix: Mix, clip: Clip, i: usize) -> f6
     clip.apply(mix.a.apply(g[i].to_f64()) + mix.b * g0[i].to_f64())
 }
 
+/// Whether the update's gradient is `g` itself: no clipping and no mix. `gradient_at` then
+/// returns exactly `g[i]` for the finite values an update is given, so a kernel may skip
+/// its eight operations per element.
+fn is_plain(mix: Mix, clip: Clip) -> bool {
+    mix == Mix::PLAIN && clip == Clip::OFF
+}
+
 use crate::norm::Norm;
 
-/// Runs a kernel body compiled for AVX2 when the CPU has it (wheels target baseline
-/// x86-64), else as compiled. Only the vector width changes, never the operations (no
-/// fused multiply-add), so results are bitwise the same on every machine. (AVX-512 was
-/// measured slower here: see the README's performance notes.)
+/// Runs a kernel body compiled for the widest vectors the CPU has: AVX-512, else AVX2, else
+/// as compiled (wheels target baseline x86-64). Only the vector width changes, never the
+/// operations (Rust never fuses a multiply and an add), so the results are bitwise the same
+/// on every machine.
 macro_rules! widest {
     ($body:ident($($arg:expr),*)) => {{
         #[cfg(target_arch = "x86_64")]
         {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+            {
+                // SAFETY: the CPU supports AVX-512 F and VL, checked just above.
+                return unsafe { $body::avx512($($arg),*) };
+            }
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU supports AVX2, checked just above.
                 return unsafe { $body::avx2($($arg),*) };
@@ -166,9 +179,10 @@ macro_rules! widest {
     }};
 }
 
-/// Declares a kernel body once and compiles it twice: portable and with AVX2 enabled.
+/// Declares a kernel body once and compiles it three times: portable, with AVX2 and with
+/// AVX-512 enabled (`widest!` picks one).
 macro_rules! kernel_body {
-    ($name:ident<$t:ident: $bound:path>($($arg:ident: $ty:ty),*) $body:block) => {
+    ($name:ident<$t:ident: $bound:path>($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
@@ -176,15 +190,21 @@ macro_rules! kernel_body {
             // Index loops over slices cut to one length vectorise without bounds checks.
             #[allow(clippy::needless_range_loop)]
             #[inline(always)]
-            fn body<$t: $bound>($($arg: $ty),*) $body
+            fn body<$t: $bound>($($arg: $ty),*) $(-> $ret)? $body
 
-            pub(super) fn portable<$t: $bound>($($arg: $ty),*) {
+            pub(super) fn portable<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
                 body($($arg),*)
             }
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2")]
-            pub(super) unsafe fn avx2<$t: $bound>($($arg: $ty),*) {
+            pub(super) unsafe fn avx2<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
+                body($($arg),*)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512vl")]
+            pub(super) unsafe fn avx512<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
                 body($($arg),*)
             }
         }
@@ -259,26 +279,43 @@ kernel_body!(sgd_body<T: Real>(lanes: SgdLanes<'_, T>, step: &SgdStep) {
     let n = p.len();
     let (g, velocity) = (&g[..n], &mut velocity[..n]);
     let g0 = g0.map_or(g, |s| &s[..n]);
+    if is_plain(step.mix, step.clip) {
+        sgd_loop(p, velocity, start, |i| g[i].to_f64(), step);
+    } else {
+        sgd_loop(p, velocity, start, |i| gradient_at(g, g0, step.mix, step.clip, i), step);
+    }
+});
+
+/// SGD over one piece with the gradient of element `i` given by `grad`.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn sgd_loop<T: Real>(
+    p: &mut [T],
+    velocity: &mut [T],
+    start: Option<&[T]>,
+    grad: impl Fn(usize) -> f64,
+    step: &SgdStep,
+) {
+    let n = p.len();
+    let velocity = &mut velocity[..n];
     match start {
         Some(start) => {
             let start = &start[..n];
             for i in 0..n {
-                let gi = gradient_at(g, g0, step.mix, step.clip, i);
-                let vi = step.momentum * velocity[i].to_f64() + step.lr * gi;
+                let vi = step.momentum * velocity[i].to_f64() + step.lr * grad(i);
                 velocity[i] = T::from_f64(vi);
                 p[i] = T::from_f64(start[i].to_f64() - vi);
             }
         }
         None => {
             for i in 0..n {
-                let gi = gradient_at(g, g0, step.mix, step.clip, i);
-                let vi = step.momentum * velocity[i].to_f64() + step.lr * gi;
+                let vi = step.momentum * velocity[i].to_f64() + step.lr * grad(i);
                 velocity[i] = T::from_f64(vi);
                 p[i] = T::from_f64(p[i].to_f64() - vi);
             }
         }
     }
-});
+}
 
 /// Parameter, gradient, first moment, second moment, start and `g0` (as for SGD).
 pub type AdamLanes<'a, T> = (
@@ -342,24 +379,42 @@ impl AdamElement for f32 {
 kernel_body!(adam_body<T: AdamElement>(lanes: AdamLanes<'_, T>, step: &AdamStep) {
     let (p, g, m, v, start, g0) = lanes;
     let n = p.len();
-    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+    let g = &g[..n];
     let g0 = g0.map_or(g, |s| &s[..n]);
+    if is_plain(step.mix, step.clip) {
+        adam_loop(p, m, v, start, |i| g[i].to_f64(), step);
+    } else {
+        adam_loop(p, m, v, start, |i| gradient_at(g, g0, step.mix, step.clip, i), step);
+    }
+});
+
+/// Adam over one piece with the gradient of element `i` given by `grad`.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn adam_loop<T: AdamElement>(
+    p: &mut [T],
+    m: &mut [T],
+    v: &mut [T],
+    start: Option<&[T]>,
+    grad: impl Fn(usize) -> f64,
+    step: &AdamStep,
+) {
+    let n = p.len();
+    let (m, v) = (&mut m[..n], &mut v[..n]);
     match start {
         Some(start) => {
             let start = &start[..n];
             for i in 0..n {
-                let gi = gradient_at(g, g0, step.mix, step.clip, i);
-                (p[i], m[i], v[i]) = T::adam_element(start[i], gi, m[i], v[i], step);
+                (p[i], m[i], v[i]) = T::adam_element(start[i], grad(i), m[i], v[i], step);
             }
         }
         None => {
             for i in 0..n {
-                let gi = gradient_at(g, g0, step.mix, step.clip, i);
-                (p[i], m[i], v[i]) = T::adam_element(p[i], gi, m[i], v[i], step);
+                (p[i], m[i], v[i]) = T::adam_element(p[i], grad(i), m[i], v[i], step);
             }
         }
     }
-});
+}
 
 /// Parameter, gradient, the buffer that receives the parameter's value before the move,
 /// and (GSAM) a buffer that keeps the gradient.

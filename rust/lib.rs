@@ -2,6 +2,7 @@
 //! deterministic chunked scheduler, and — only with the `python` feature — the PyO3
 //! binding layer that validates a whole call, borrows the arrays and releases the GIL.
 
+#[macro_use]
 pub mod kernels;
 pub mod norm;
 pub mod parallel;

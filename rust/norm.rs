@@ -187,7 +187,7 @@ fn max_weight<T: Real>(len: usize, p: Option<&[T]>, eta: f64) -> f64 {
 
 /// Multiplication by `2^-e`, split in two factors so that neither overflows or underflows
 /// for any `e` an f64 can have. Exact for every element that stays a normal number.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Pow2Scale {
     first: f64,
     second: f64,
@@ -218,20 +218,49 @@ impl Pow2Scale {
     }
 }
 
-/// `Σ (w·g)²` over one piece, four independent accumulators so the loop vectorises; the
-/// grouping is fixed, so the result is too.
+/// Independent partial sums of a sum of squares: enough that the loop is limited by memory,
+/// not by the latency of one addition chain (four vectors of four f64 with AVX2).
+const LANES: usize = 16;
+
+/// `Σ (w·g)²` over one piece, `LANES` independent accumulators so the loop vectorises and
+/// pipelines; the grouping is fixed, so the result is too.
 fn weighted_sum_squares<T: Real>(
-    (g, p): NormLanes<'_, T>,
+    lanes: NormLanes<'_, T>,
     eta: f64,
     scale_g: Pow2Scale,
     scale_w: Pow2Scale,
 ) -> f64 {
-    let mut acc = [0.0f64; 4];
+    widest!(sum_squares_body(lanes, eta, scale_g, scale_w))
+}
+
+kernel_body!(sum_squares_body<T: Real>(
+    lanes: NormLanes<'_, T>,
+    eta: f64,
+    scale_g: Pow2Scale,
+    scale_w: Pow2Scale
+) -> f64 {
+    let (g, p) = lanes;
+    let mut acc = [0.0f64; LANES];
     match p {
-        None => {
-            let mut blocks = g.chunks_exact(4);
+        // The common case: `x·1·1` is `x`, so the scaling can go (it costs more than the
+        // square and the sum).
+        None if scale_g == Pow2Scale::ONE => {
+            let mut blocks = g.chunks_exact(LANES);
             for block in &mut blocks {
-                for k in 0..4 {
+                for k in 0..LANES {
+                    let x = block[k].to_f64();
+                    acc[k] += x * x;
+                }
+            }
+            for (k, &gi) in blocks.remainder().iter().enumerate() {
+                let x = gi.to_f64();
+                acc[k] += x * x;
+            }
+        }
+        None => {
+            let mut blocks = g.chunks_exact(LANES);
+            for block in &mut blocks {
+                for k in 0..LANES {
                     let x = scale_g.apply(block[k].to_f64());
                     acc[k] += x * x;
                 }
@@ -243,14 +272,37 @@ fn weighted_sum_squares<T: Real>(
         }
         Some(p) => {
             let p = &p[..g.len()];
-            for (i, (&gi, &pi)) in g.iter().zip(p).enumerate() {
+            let (mut g_blocks, mut p_blocks) = (g.chunks_exact(LANES), p.chunks_exact(LANES));
+            for (gb, pb) in (&mut g_blocks).zip(&mut p_blocks) {
+                for k in 0..LANES {
+                    let w = scale_w.apply(pb[k].to_f64().abs() + eta);
+                    let x = w * scale_g.apply(gb[k].to_f64());
+                    acc[k] += x * x;
+                }
+            }
+            let tail = g_blocks.remainder().iter().zip(p_blocks.remainder());
+            for (k, (&gi, &pi)) in tail.enumerate() {
                 let w = scale_w.apply(pi.to_f64().abs() + eta);
                 let x = w * scale_g.apply(gi.to_f64());
-                acc[i % 4] += x * x;
+                acc[k] += x * x;
             }
         }
     }
-    (acc[0] + acc[1]) + (acc[2] + acc[3])
+    pairwise(acc)
+});
+
+/// The accumulators summed as a balanced tree, in a fixed grouping (element `k` with
+/// `k + half`, halving until one is left).
+#[inline(always)]
+fn pairwise(mut acc: [f64; LANES]) -> f64 {
+    let mut half = LANES / 2;
+    while half > 0 {
+        for k in 0..half {
+            acc[k] += acc[k + half];
+        }
+        half /= 2;
+    }
+    acc[0]
 }
 
 #[cfg(test)]

@@ -146,6 +146,12 @@ pub fn into_tasks<L: Lanes>(items: impl IntoIterator<Item = L>) -> Vec<Vec<L>> {
     tasks
 }
 
+/// Whether the pool has a single thread: the calling thread then does the work itself
+/// instead of waking that thread and waiting for it.
+fn inline_only() -> bool {
+    rayon::current_num_threads() == 1
+}
+
 /// Applies `kernel` to every piece of every item, in parallel over tasks. A single task runs
 /// on the calling thread: handing a tiny call to the pool costs more than the work.
 pub fn for_each<L, F>(items: impl IntoIterator<Item = L>, kernel: F)
@@ -153,9 +159,9 @@ where
     L: Lanes,
     F: Fn(L) + Sync + Send,
 {
-    let mut tasks = into_tasks(items);
-    if tasks.len() <= 1 {
-        tasks.pop().into_iter().flatten().for_each(kernel);
+    let tasks = into_tasks(items);
+    if tasks.len() <= 1 || inline_only() {
+        tasks.into_iter().flatten().for_each(kernel);
     } else {
         tasks
             .into_par_iter()
@@ -172,7 +178,7 @@ where
 {
     let task_total = |task: Vec<L>| task.into_iter().map(&partial).fold(0.0, |acc, x| acc + x);
     let tasks = into_tasks(items);
-    if tasks.len() <= 1 {
+    if tasks.len() <= 1 || inline_only() {
         return tasks
             .into_iter()
             .map(task_total)
@@ -242,6 +248,17 @@ mod tests {
         });
         assert_eq!(a, src_a);
         assert_eq!(b, src_b);
+    }
+
+    #[test]
+    fn for_each_covers_every_task_in_a_one_thread_pool() {
+        let mut a = vec![0u32; 5 * CHUNK_LEN + 3];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        pool.install(|| for_each([a.as_mut_slice()], |piece: &mut [u32]| piece.fill(7)));
+        assert!(a.iter().all(|&x| x == 7));
     }
 
     #[test]
