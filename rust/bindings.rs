@@ -13,13 +13,13 @@
 use ndarray::{ArrayView, ArrayViewD, ArrayViewMutD, IxDyn, ShapeBuilder};
 use numpy::npyffi::{NPY_ARRAY_BEHAVED, NPY_TYPES};
 use numpy::{
-    BorrowError, Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
-    PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use std::os::raw::c_int;
 
+use crate::claims::{self, CallClaims, Claim, Registration};
 use crate::kernels::{self, Ascent, Clip, Mix, Real, WideFactor};
 use crate::norm::{self, DotItem, NormError, NormItem};
 use crate::parallel::{for_each, ByDtype};
@@ -77,48 +77,30 @@ impl Order {
     }
 }
 
-/// How a call holds an array it writes.
-enum Access<'py, T: Element> {
-    /// A caller's array, borrowed through rust-numpy's borrow checking, which catches the
-    /// same memory passed twice and a concurrent call writing it.
-    Borrowed(PyReadwriteArrayDyn<'py, T>),
-    /// An optimizer's private state array: never handed out (state dicts are copies), only
-    /// used under that optimizer's lock, and checked not to overlap any array of the
-    /// caller's (`UserExtents`). Skipping the borrow bookkeeping matters with hundreds of
-    /// small arrays per call.
-    Private(Bound<'py, PyArrayDyn<T>>),
-}
+/// An array a call writes. No per-array borrow is taken: the call's claims (`claims`) rule
+/// out the same memory under two names and another call in flight writing or reading it,
+/// and the optimizer's private state arrays (never handed out, only used under its lock)
+/// are checked not to overlap any array of the call.
+struct Access<'py, T: Element>(Bound<'py, PyArrayDyn<T>>);
 
 impl<'py, T: Element> Access<'py, T> {
     fn untyped(&self) -> &Bound<'py, PyUntypedArray> {
-        match self {
-            Access::Borrowed(guard) => guard.as_untyped(),
-            Access::Private(array) => array.cast::<PyUntypedArray>().expect("a numpy array"),
-        }
+        self.0.cast::<PyUntypedArray>().expect("a numpy array")
     }
 
     fn view(&self) -> ArrayViewD<'_, T> {
-        match self {
-            Access::Borrowed(guard) => guard.as_array(),
-            // SAFETY: private arrays are not aliased (see the variant's documentation).
-            Access::Private(array) => unsafe { array.as_array() },
-        }
+        // SAFETY: nothing else reads or writes the array during the call (claims).
+        unsafe { self.0.as_array() }
     }
 
     fn view_mut(&mut self) -> ArrayViewMutD<'_, T> {
-        match self {
-            Access::Borrowed(guard) => guard.as_array_mut(),
-            // SAFETY: as for `view`.
-            Access::Private(array) => unsafe { array.as_array_mut() },
-        }
+        // SAFETY: as for `view`.
+        unsafe { self.0.as_array_mut() }
     }
 
     fn slice_mut(&mut self) -> &mut [T] {
-        let slice = match self {
-            Access::Borrowed(guard) => guard.as_slice_mut(),
-            // SAFETY: as for `view`.
-            Access::Private(array) => unsafe { array.as_slice_mut() },
-        };
+        // SAFETY: as for `view`.
+        let slice = unsafe { self.0.as_slice_mut() };
         slice.expect("layout checked when staged")
     }
 }
@@ -163,96 +145,51 @@ impl<'py, T: Element + Copy> Target<'py, T> {
     }
 }
 
-/// The memory the caller's arrays of one call span, to check that no private state array
-/// overlaps any of them.
-struct UserExtents {
-    /// `[start, end)` byte ranges sorted by start, with the running maximum of the ends.
-    ranges: Vec<(usize, usize, usize)>,
-}
-
-impl UserExtents {
-    fn new(mut ranges: Vec<(usize, usize)>) -> Self {
-        ranges.sort_unstable();
-        let mut reach = 0;
-        let ranges = ranges
-            .into_iter()
-            .map(|(start, end)| {
-                reach = reach.max(end);
-                (start, end, reach)
-            })
-            .collect();
-        UserExtents { ranges }
-    }
-
-    fn overlaps(&self, (start, end): (usize, usize)) -> bool {
-        let before = self.ranges.partition_point(|&(s, _, _)| s < end);
-        start < end && before > 0 && self.ranges[before - 1].2 > start
-    }
+/// What an array of the call claims: its bytes, its stride lattice, and whether it is
+/// written. `item` is its position in the call.
+fn claim_of(array: &Bound<'_, PyUntypedArray>, write: bool, item: usize) -> Claim {
+    // SAFETY: reads the data pointer of a live NumPy array object.
+    let data = unsafe { (*array.as_array_ptr()).fields.data as usize };
+    let itemsize = array.dtype().itemsize();
+    Claim::of(data, array.shape(), array.strides(), itemsize, write, item)
 }
 
 /// The bytes an array's elements span, `[lowest, highest + itemsize)`; empty for size 0.
 fn extent(array: &Bound<'_, PyUntypedArray>) -> (usize, usize) {
-    if array.len() == 0 || array.shape().contains(&0) {
-        return (0, 0);
-    }
-    // SAFETY: reads the data pointer and strides of a live NumPy array object.
-    let (data, strides) = unsafe {
-        let object = &*array.as_array_ptr();
-        (object.fields.data as isize, array.strides())
-    };
-    let (mut low, mut high) = (data, data);
-    for (&dim, &stride) in array.shape().iter().zip(strides) {
-        let reach = (dim as isize - 1) * stride;
-        if reach < 0 {
-            low += reach;
-        } else {
-            high += reach;
-        }
-    }
-    (low as usize, high as usize + array.dtype().itemsize())
+    let claim = claim_of(array, false, 0);
+    (claim.start, claim.end)
 }
 
 /// A stream the kernels only read, staged the same way.
 /// A gradient of another dtype is converted into such a staged copy (no array borrowed).
 enum Source<'py, T: Element> {
-    Borrowed(PyReadonlyArrayDyn<'py, T>),
+    /// The caller's array, read in place (no call in flight writes it: claims).
+    Array(Bound<'py, PyArrayDyn<T>>),
     Staged(Vec<T>),
 }
 
+/// The array's elements, read without a borrow: the caller checked the claims.
+fn read_view<'a, T: Element>(array: &'a Bound<'_, PyArrayDyn<T>>) -> ArrayViewD<'a, T> {
+    // SAFETY: no call in flight writes the array (claims), and this call does not.
+    unsafe { array.as_array() }
+}
+
 impl<'py, T: Element + Copy> Source<'py, T> {
-    fn new(guard: PyReadonlyArrayDyn<'py, T>, order: Order) -> Self {
-        if order.holds(guard.as_untyped()) {
-            Source::Borrowed(guard)
+    fn new(array: Bound<'py, PyArrayDyn<T>>, order: Order) -> Self {
+        let untyped = array.cast::<PyUntypedArray>().expect("a numpy array");
+        if order.holds(untyped) {
+            Source::Array(array)
         } else {
-            Source::Staged(order.gather(guard.as_array(), |x| x))
+            Source::Staged(order.gather(read_view(&array), |x| x))
         }
     }
 
     fn slice(&self) -> &[T] {
         match self {
             Source::Staged(buffer) => buffer,
-            Source::Borrowed(guard) => guard.as_slice().expect("layout checked when staged"),
+            // SAFETY: as for `read_view`.
+            Source::Array(array) => unsafe { array.as_slice() }.expect("layout checked"),
         }
-    }
-}
-
-trait GuardExt<'py> {
-    fn as_untyped(&self) -> &Bound<'py, PyUntypedArray>;
-}
-
-impl<'py, T: Element> GuardExt<'py> for PyReadwriteArrayDyn<'py, T> {
-    fn as_untyped(&self) -> &Bound<'py, PyUntypedArray> {
-        self.as_any()
-            .cast::<PyUntypedArray>()
-            .expect("a numpy array")
-    }
-}
-
-impl<'py, T: Element> GuardExt<'py> for PyReadonlyArrayDyn<'py, T> {
-    fn as_untyped(&self) -> &Bound<'py, PyUntypedArray> {
-        self.as_any()
-            .cast::<PyUntypedArray>()
-            .expect("a numpy array")
     }
 }
 
@@ -292,6 +229,8 @@ enum AnyEntry<'py> {
 struct Prepared<'py> {
     names: Vec<Key<'py>>,
     entries: Vec<AnyEntry<'py>>,
+    /// Holds the call's claims until the call has written everything back.
+    _registration: Registration,
 }
 
 fn describe_shape(shape: &[usize]) -> String {
@@ -390,31 +329,15 @@ fn as_array<'py, N: AsRef<str>>(
     })
 }
 
-fn borrow_conflict(what: &str, key: &str, error: BorrowError) -> PyErr {
-    match error {
-        BorrowError::NotWriteable => {
-            optimizer_error(key, format!("{what} '{key}' is read-only (not writeable)"))
-        }
-        _ => optimizer_error(
-            key,
-            format!(
-                "{what} '{key}' shares memory with a parameter of this call (the same array \
-                 under two names, or a parameter passed as a gradient), or is being updated \
-                 by another thread"
-            ),
+fn shared_memory_error(what: &str, key: &str) -> PyErr {
+    optimizer_error(
+        key,
+        format!(
+            "{what} '{key}' shares memory with a parameter of this call (the same array \
+             under two names, or a parameter passed as a gradient), or is being updated \
+             by another thread"
         ),
-    }
-}
-
-fn borrow_param<'py, T: Element + Copy>(
-    array: &Bound<'py, PyUntypedArray>,
-    name: &str,
-) -> PyResult<Target<'py, T>> {
-    let typed = array.cast::<PyArrayDyn<T>>().expect("dtype checked");
-    let guard = typed
-        .try_readwrite()
-        .map_err(|e| borrow_conflict("parameter", name, e))?;
-    Ok(Target::new(Access::Borrowed(guard), Order::of(array)))
+    )
 }
 
 /// A parameter dtype, identified by NumPy's type number (cheaper than comparing dtype
@@ -484,17 +407,15 @@ fn check_gradient_dtype(array: &Bound<'_, PyUntypedArray>, name: &str) -> PyResu
     ))
 }
 
-/// Looks up, checks, converts if needed and borrows the gradient of one parameter.
-fn borrow_grad<'py, T: Float>(
+/// Looks up and checks the gradient of one parameter (the caller's array, not yet read).
+fn checked_grad<'py>(
     grads: &Bound<'py, PyDict>,
-    extents: &mut Vec<(usize, usize)>,
     Name {
         object: key,
         text: name,
     }: Name<'_, 'py>,
     param_shape: &[usize],
-    order: Order,
-) -> PyResult<Source<'py, T>> {
+) -> PyResult<Bound<'py, PyUntypedArray>> {
     let Some(object) = grads.get_item(key)? else {
         return Err(optimizer_error(
             name,
@@ -513,35 +434,32 @@ fn borrow_grad<'py, T: Float>(
             ),
         ));
     }
-    extents.push(extent(&array));
+    Ok(array)
+}
+
+/// A checked gradient as the kernels read it: in place, or converted into a staged copy.
+fn gradient_source<'py, T: Float>(
+    array: Bound<'py, PyUntypedArray>,
+    order: Order,
+) -> PyResult<Source<'py, T>> {
     let array = native_float(array)?;
     if is_float_dtype::<T>(&array) {
-        let typed = array.cast::<PyArrayDyn<T>>().expect("dtype checked");
-        let guard = typed
-            .try_readonly()
-            .map_err(|e| borrow_conflict("gradient", name, e))?;
-        return Ok(Source::new(guard, order));
+        let typed = array.cast_into::<PyArrayDyn<T>>().expect("dtype checked");
+        return Ok(Source::new(typed, order));
     }
     // float32 <-> float64 is rounded here, in Rust, so an overflow to infinity is reported
     // as a non-finite gradient, not warned about by NumPy.
     let values = if is_float_dtype::<f32>(&array) {
-        convert::<f32, T>(&array, name, order)?
+        convert::<f32, T>(&array, order)
     } else {
-        convert::<f64, T>(&array, name, order)?
+        convert::<f64, T>(&array, order)
     };
     Ok(Source::Staged(values))
 }
 
-fn convert<S: Element + Real, T: Real>(
-    array: &Bound<'_, PyUntypedArray>,
-    name: &str,
-    order: Order,
-) -> PyResult<Vec<T>> {
+fn convert<S: Element + Real, T: Real>(array: &Bound<'_, PyUntypedArray>, order: Order) -> Vec<T> {
     let typed = array.cast::<PyArrayDyn<S>>().expect("dtype checked");
-    let guard = typed
-        .try_readonly()
-        .map_err(|e| borrow_conflict("gradient", name, e))?;
-    Ok(order.gather(guard.as_array(), |x: S| T::from_f64(x.to_f64())))
+    order.gather(read_view(typed), |x: S| T::from_f64(x.to_f64()))
 }
 
 /// A state array allocated by the current call.
@@ -556,7 +474,7 @@ fn borrow_state<'py, T: Float>(
     }: Name<'_, 'py>,
     param_shape: &[usize],
     order: Order,
-    user: &UserExtents,
+    user: &CallClaims,
 ) -> PyResult<(Target<'py, T>, Option<NewArray<'py, T>>)> {
     let py = spec.dict.py();
     // The state-dict key, for messages: only formatted on an error path.
@@ -592,7 +510,8 @@ fn borrow_state<'py, T: Float>(
     };
     match existing {
         Some(array) => {
-            if !has_flags(&array, NPY_ARRAY_BEHAVED) || user.overlaps(extent(&array)) {
+            let (start, end) = extent(&array);
+            if !has_flags(&array, NPY_ARRAY_BEHAVED) || user.touches(start, end) {
                 let key = state_key();
                 return Err(optimizer_error(
                     &key,
@@ -603,42 +522,33 @@ fn borrow_state<'py, T: Float>(
                 ));
             }
             let typed = array.cast::<PyArrayDyn<T>>().expect("dtype checked");
-            Ok((Target::new(Access::Private(typed.clone()), order), None))
+            Ok((Target::new(Access(typed.clone()), order), None))
         }
         None => {
             let created = PyArrayDyn::<T>::zeros(py, param_shape, order == Order::F);
-            let target = Target::new(Access::Private(created.clone()), order);
+            let target = Target::new(Access(created.clone()), order);
             Ok((target, Some(created)))
         }
     }
 }
 
-fn borrow_entry_grad<'py, T: Float>(
-    entry: &mut Entry<'py, T>,
-    name: Name<'_, 'py>,
-    grads: &Bound<'py, PyDict>,
-    extents: &mut Vec<(usize, usize)>,
-) -> PyResult<()> {
-    let param = entry.param.access.untyped().clone();
-    let order = entry.param.order;
-    entry.grad = Some(borrow_grad::<T>(
-        grads,
-        extents,
-        name,
-        param.shape(),
-        order,
-    )?);
-    Ok(())
-}
-
-fn borrow_entry_states<'py, T: Float>(
-    entry: &mut Entry<'py, T>,
+/// One parameter's entry: the parameter laid out for the kernels, its gradient, its
+/// states.
+fn build_entry<'py, T: Float>(
+    param: &Bound<'py, PyUntypedArray>,
+    grad: Option<Bound<'py, PyUntypedArray>>,
     name: Name<'_, 'py>,
     states: &[StateSpec<'_, 'py>],
-    user: &UserExtents,
-) -> PyResult<()> {
-    let param = entry.param.access.untyped().clone();
-    let order = entry.param.order;
+    user: &CallClaims,
+) -> PyResult<Entry<'py, T>> {
+    let typed = param.cast::<PyArrayDyn<T>>().expect("dtype checked");
+    let order = Order::of(param);
+    let mut entry = Entry {
+        param: Target::new(Access(typed.clone()), order),
+        grad: grad.map(|g| gradient_source(g, order)).transpose()?,
+        states: Vec::with_capacity(states.len()),
+        created: Vec::new(),
+    };
     for (index, spec) in states.iter().enumerate() {
         let (target, created) = borrow_state::<T>(spec, name, param.shape(), order, user)?;
         entry.states.push(target);
@@ -646,72 +556,106 @@ fn borrow_entry_states<'py, T: Float>(
             entry.created.push((index, array));
         }
     }
-    Ok(())
+    Ok(entry)
 }
 
-fn new_entry<'py, T: Element + Copy>(param: Target<'py, T>) -> Entry<'py, T> {
-    Entry {
-        param,
-        grad: None,
-        states: Vec::new(),
-        created: Vec::new(),
+/// A parameter after its checks: a writable, aligned float32 or float64 array.
+fn checked_param<'py>(
+    params: &Bound<'py, PyDict>,
+    key: &Key<'py>,
+) -> PyResult<Bound<'py, PyUntypedArray>> {
+    let name = key.text.as_str();
+    let object = params
+        .get_item(&key.object)?
+        .expect("name taken from the dict");
+    let array = as_array(&object, "parameter", || name)?;
+    if !is_aligned(&array) {
+        return Err(optimizer_error(
+            name,
+            format!("parameter '{name}' is not aligned in memory (copy it to update it)"),
+        ));
     }
+    if !(is_float_dtype::<f32>(&array) || is_float_dtype::<f64>(&array)) {
+        return Err(optimizer_error(
+            name,
+            format!(
+                "parameter '{name}' has dtype {} (expected float32 or float64)",
+                dtype_name(&array)
+            ),
+        ));
+    }
+    if !has_flags(&array, numpy::npyffi::NPY_ARRAY_WRITEABLE) {
+        return Err(optimizer_error(
+            name,
+            format!("parameter '{name}' is read-only (not writeable)"),
+        ));
+    }
+    Ok(array)
 }
 
-/// Stage 1: validates and borrows everything a call touches, without writing anything.
+/// Checks that the call's arrays do not alias each other and registers their claims
+/// against the other calls in flight. Items are numbered parameters first, then gradients,
+/// each in name order.
+fn claim_memory(names: &[Key<'_>], claims: Vec<Claim>) -> PyResult<(CallClaims, Registration)> {
+    let blame = |item: usize| {
+        let what = if item < names.len() {
+            "parameter"
+        } else {
+            "gradient"
+        };
+        shared_memory_error(what, &names[item % names.len()].text)
+    };
+    let claims = CallClaims::new(claims);
+    if let Some(item) = claims.first_conflict() {
+        return Err(blame(item));
+    }
+    // The registry keeps its own copy; the call keeps one to check state arrays against.
+    let registration = claims::register(claims.clone()).map_err(blame)?;
+    Ok((claims, registration))
+}
+
+/// Stage 1: validates everything a call touches and claims its memory, without writing
+/// anything.
 fn prepare<'py>(
     params: &Bound<'py, PyDict>,
     grads: Option<&Bound<'py, PyDict>>,
     states: &[StateSpec<'_, 'py>],
 ) -> PyResult<Prepared<'py>> {
     let names = sorted_names(params)?;
-    let mut entries = Vec::with_capacity(names.len());
-    let mut extents = Vec::with_capacity(2 * names.len());
-    // Every parameter is borrowed writable before any gradient or state is looked at.
-    for key in &names {
-        let name = key.text.as_str();
-        let object = params
-            .get_item(&key.object)?
-            .expect("name taken from the dict");
-        let array = as_array(&object, "parameter", || name)?;
-        extents.push(extent(&array));
-        if !is_aligned(&array) {
-            return Err(optimizer_error(
-                name,
-                format!("parameter '{name}' is not aligned in memory (copy it to update it)"),
-            ));
+    let n = names.len();
+    let mut claims = Vec::with_capacity(2 * n);
+    let mut param_arrays = Vec::with_capacity(n);
+    for (item, key) in names.iter().enumerate() {
+        let array = checked_param(params, key)?;
+        claims.push(claim_of(&array, true, item));
+        param_arrays.push(array);
+    }
+    let mut grad_arrays = Vec::with_capacity(if grads.is_some() { n } else { 0 });
+    if let Some(grads) = grads {
+        for (item, (key, param)) in names.iter().zip(&param_arrays).enumerate() {
+            let array = checked_grad(grads, key.name(), param.shape())?;
+            claims.push(claim_of(&array, false, n + item));
+            grad_arrays.push(array);
         }
-        let entry = if is_float_dtype::<f32>(&array) {
-            AnyEntry::Single(new_entry(borrow_param::<f32>(&array, name)?))
-        } else if is_float_dtype::<f64>(&array) {
-            AnyEntry::Double(new_entry(borrow_param::<f64>(&array, name)?))
+    }
+    // Nothing of the caller's is read before its memory is claimed.
+    let (user, registration) = claim_memory(&names, claims)?;
+    let mut grad_arrays = grad_arrays.into_iter();
+    let mut entries = Vec::with_capacity(n);
+    for (key, param) in names.iter().zip(&param_arrays) {
+        let grad = grads.and_then(|_| grad_arrays.next());
+        let entry = if is_float_dtype::<f32>(param) {
+            AnyEntry::Single(build_entry(param, grad, key.name(), states, &user)?)
         } else {
-            return Err(optimizer_error(
-                name,
-                format!(
-                    "parameter '{name}' has dtype {} (expected float32 or float64)",
-                    dtype_name(&array)
-                ),
-            ));
+            AnyEntry::Double(build_entry(param, grad, key.name(), states, &user)?)
         };
         entries.push(entry);
     }
-    if let Some(grads) = grads {
-        for (key, entry) in names.iter().zip(&mut entries) {
-            match entry {
-                AnyEntry::Single(e) => borrow_entry_grad(e, key.name(), grads, &mut extents)?,
-                AnyEntry::Double(e) => borrow_entry_grad(e, key.name(), grads, &mut extents)?,
-            }
-        }
-    }
-    let user = UserExtents::new(extents);
-    for (key, entry) in names.iter().zip(&mut entries) {
-        match entry {
-            AnyEntry::Single(e) => borrow_entry_states(e, key.name(), states, &user)?,
-            AnyEntry::Double(e) => borrow_entry_states(e, key.name(), states, &user)?,
-        }
-    }
-    Ok(Prepared { names, entries })
+    Ok(Prepared {
+        names,
+        entries,
+        _registration: registration,
+    })
 }
 
 impl<'py> Prepared<'py> {
@@ -1267,27 +1211,17 @@ enum NormSource<'py> {
     Double(Source<'py, f64>),
 }
 
-fn borrow_for_norm<'py>(
-    array: &Bound<'py, PyUntypedArray>,
-    name: &str,
-) -> PyResult<NormSource<'py>> {
-    check_gradient_dtype(array, name)?;
-    let array = native_float(array.clone())?;
+fn norm_source(array: Bound<'_, PyUntypedArray>) -> PyResult<NormSource<'_>> {
+    let array = native_float(array)?;
     // Any contiguous layout will do for a norm; anything else is gathered in C order.
     let order = Order::of(&array);
-    if is_float_dtype::<f32>(&array) {
-        let typed = array.cast::<PyArrayDyn<f32>>().expect("dtype checked");
-        let guard = typed
-            .try_readonly()
-            .map_err(|e| borrow_conflict("gradient", name, e))?;
-        Ok(NormSource::Single(Source::new(guard, order)))
+    Ok(if is_float_dtype::<f32>(&array) {
+        let typed = array.cast_into::<PyArrayDyn<f32>>().expect("dtype checked");
+        NormSource::Single(Source::new(typed, order))
     } else {
-        let typed = array.cast::<PyArrayDyn<f64>>().expect("dtype checked");
-        let guard = typed
-            .try_readonly()
-            .map_err(|e| borrow_conflict("gradient", name, e))?;
-        Ok(NormSource::Double(Source::new(guard, order)))
-    }
+        let typed = array.cast_into::<PyArrayDyn<f64>>().expect("dtype checked");
+        NormSource::Double(Source::new(typed, order))
+    })
 }
 
 /// `compute_gradient_norm`: the global L2 norm of a dict of gradients, NaN if any element
@@ -1295,17 +1229,24 @@ fn borrow_for_norm<'py>(
 #[pyfunction]
 fn gradient_norm(py: Python<'_>, grads: &Bound<'_, PyDict>) -> PyResult<f64> {
     let names = sorted_names(grads)?;
-    let mut sources = Vec::with_capacity(names.len());
-    for key in &names {
+    let mut arrays = Vec::with_capacity(names.len());
+    let mut claims = Vec::with_capacity(names.len());
+    for (item, key) in names.iter().enumerate() {
         let name = key.text.as_str();
         let object = grads
             .get_item(&key.object)?
             .expect("name taken from the dict");
-        sources.push(borrow_for_norm(
-            &as_array(&object, "gradient", || name)?,
-            name,
-        )?);
+        let array = as_array(&object, "gradient", || name)?;
+        check_gradient_dtype(&array, name)?;
+        claims.push(claim_of(&array, false, item));
+        arrays.push(array);
     }
+    let _registration = claims::register(CallClaims::new(claims))
+        .map_err(|item| shared_memory_error("gradient", &names[item].text))?;
+    let sources = arrays
+        .into_iter()
+        .map(norm_source)
+        .collect::<PyResult<Vec<_>>>()?;
     let items: Vec<NormItem<'_>> = sources
         .iter()
         .map(|source| match source {

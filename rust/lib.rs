@@ -4,6 +4,7 @@
 
 #[macro_use]
 pub mod kernels;
+pub mod claims;
 pub mod norm;
 pub mod parallel;
 

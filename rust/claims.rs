@@ -1,0 +1,337 @@
+//! Which memory each call reads and writes, checked before anything is written: within a
+//! call (the same array under two names, a parameter passed as a gradient) and against the
+//! other calls in flight in the process (two threads updating the same arrays at once).
+//!
+//! One sort per call and a registry entry per call, instead of a borrow per array: with
+//! hundreds of small arrays per call the per-array bookkeeping costs more than the work.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// The memory one array of a call spans, and how the call uses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// Lowest byte address of any element.
+    pub start: usize,
+    /// One past the highest byte of any element; equal to `start` for an empty array.
+    pub end: usize,
+    /// Address of the array's first element, the origin of its stride lattice.
+    pub data: usize,
+    /// Greatest common divisor of the byte strides (0 when every stride is 0).
+    pub stride_gcd: usize,
+    /// Bytes per element.
+    pub itemsize: usize,
+    /// Whether the call writes the array.
+    pub write: bool,
+    /// The array's position in the call (which name to report).
+    pub item: usize,
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+impl Claim {
+    /// The claim of an array with these geometry fields (`strides` in bytes).
+    pub fn of(
+        data: usize,
+        shape: &[usize],
+        strides: &[isize],
+        itemsize: usize,
+        write: bool,
+        item: usize,
+    ) -> Claim {
+        let (mut low, mut high) = (data as isize, data as isize);
+        let mut stride_gcd = 0;
+        let empty = shape.contains(&0);
+        for (&dim, &stride) in shape.iter().zip(strides) {
+            let reach = (dim as isize - 1) * stride;
+            if reach < 0 {
+                low += reach;
+            } else {
+                high += reach;
+            }
+            if dim > 1 {
+                stride_gcd = gcd(stride_gcd, stride.unsigned_abs());
+            }
+        }
+        let (start, end) = match empty {
+            true => (data, data),
+            false => (low as usize, high as usize + itemsize),
+        };
+        Claim {
+            start,
+            end,
+            data,
+            stride_gcd,
+            itemsize,
+            write,
+            item,
+        }
+    }
+
+    /// Whether the byte ranges meet, or the two are the same (possibly empty) view.
+    fn meets(&self, other: &Claim) -> bool {
+        let same_view = (self.start, self.end, self.data) == (other.start, other.end, other.data);
+        same_view || (self.start < other.end && other.start < self.end)
+    }
+
+    /// Whether `self`, starting no later than `later`, may still meet it or any claim after.
+    fn open_at(&self, later: &Claim) -> bool {
+        self.end > later.start || self.start == later.start
+    }
+
+    /// Whether the two arrays may share an element that at least one of them writes. Their
+    /// byte ranges must meet (or they are the same view: an array passed twice is refused
+    /// even when empty); then they are told apart only when both have one element size
+    /// and their elements sit on disjoint lattices (like `a[::2]` and `a[1::2]`): element
+    /// addresses are `data + k·gcd`, and element-aligned lattices that differ by a
+    /// non-multiple of the gcd never meet.
+    pub fn conflicts(&self, other: &Claim) -> bool {
+        if !(self.write || other.write) || !self.meets(other) {
+            return false;
+        }
+        let apart = self.data.abs_diff(other.data);
+        let size = self.itemsize;
+        let same_grid = other.itemsize == size && size > 0 && apart.is_multiple_of(size);
+        let step = gcd(self.stride_gcd, other.stride_gcd);
+        let disjoint = same_grid
+            && match step {
+                0 => apart != 0,
+                _ => !apart.is_multiple_of(step) && step.is_multiple_of(size),
+            };
+        !disjoint
+    }
+}
+
+/// The claims of one call, sorted by start address.
+#[derive(Clone, Debug)]
+pub struct CallClaims {
+    claims: Vec<Claim>,
+    /// `reach[i]`: the largest `end` among `claims[..=i]`.
+    reach: Vec<usize>,
+}
+
+impl CallClaims {
+    /// Sorts the claims of a call.
+    pub fn new(mut claims: Vec<Claim>) -> CallClaims {
+        claims.sort_unstable_by_key(|c| (c.start, c.item));
+        let mut furthest = 0;
+        let reach = claims
+            .iter()
+            .map(|c| {
+                furthest = furthest.max(c.end);
+                furthest
+            })
+            .collect();
+        CallClaims { claims, reach }
+    }
+
+    /// The item to blame for a conflict within the call: of every conflicting pair, the
+    /// later item (in the call's order), the earliest such.
+    pub fn first_conflict(&self) -> Option<usize> {
+        let mut blamed: Option<usize> = None;
+        sweep(&self.claims, &self.claims, true, |a, b| {
+            let later = a.item.max(b.item);
+            blamed = Some(blamed.map_or(later, |x| x.min(later)));
+        });
+        blamed
+    }
+
+    /// The earliest item of `self` that conflicts with a claim of `other`.
+    fn first_conflict_with(&self, other: &CallClaims) -> Option<usize> {
+        let mut blamed: Option<usize> = None;
+        sweep(&self.claims, &other.claims, false, |mine, _| {
+            blamed = Some(blamed.map_or(mine.item, |x| x.min(mine.item)));
+        });
+        blamed
+    }
+
+    /// Whether any claimed array has a byte in `[start, end)`.
+    pub fn touches(&self, start: usize, end: usize) -> bool {
+        let before = self.claims.partition_point(|c| c.start < end);
+        start < end && before > 0 && self.reach[before - 1] > start
+    }
+}
+
+/// Calls `found(a, b)` for every conflicting pair with `a` from `mine` and `b` from
+/// `theirs`; with `same`, both lists are one and each pair is reported once. Both lists are
+/// sorted by start; only claims whose ranges are still open are compared, so disjoint
+/// arrays cost one comparison each.
+fn sweep(mine: &[Claim], theirs: &[Claim], same: bool, mut found: impl FnMut(&Claim, &Claim)) {
+    let mut open_mine: Vec<&Claim> = Vec::new();
+    let mut open_theirs: Vec<&Claim> = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    loop {
+        let take_mine = match (mine.get(i), (!same).then(|| theirs.get(j)).flatten()) {
+            (Some(a), Some(b)) => a.start <= b.start,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => return,
+        };
+        if take_mine {
+            let a = &mine[i];
+            i += 1;
+            open_theirs.retain(|b| b.open_at(a));
+            open_mine.retain(|b| b.open_at(a));
+            let others = if same { &open_mine } else { &open_theirs };
+            for b in others {
+                if a.conflicts(b) {
+                    found(a, b);
+                }
+            }
+            open_mine.push(a);
+        } else {
+            let b = &theirs[j];
+            j += 1;
+            open_mine.retain(|a| a.open_at(b));
+            for a in &open_mine {
+                if a.conflicts(b) {
+                    found(a, b);
+                }
+            }
+            open_theirs.push(b);
+        }
+    }
+}
+
+/// The calls in flight in this process, each with the claims it holds until it ends.
+static IN_FLIGHT: Mutex<Vec<(u64, CallClaims)>> = Mutex::new(Vec::new());
+static NEXT_CALL: AtomicU64 = AtomicU64::new(0);
+
+/// A call's registration: its claims stay in force until this is dropped.
+#[derive(Debug)]
+pub struct Registration {
+    id: u64,
+}
+
+/// Registers a call's claims, or returns the earliest item of the call that conflicts with
+/// a call in flight.
+pub fn register(claims: CallClaims) -> Result<Registration, usize> {
+    let mut in_flight = IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
+    let blamed = in_flight
+        .iter()
+        .filter_map(|(_, other)| claims.first_conflict_with(other))
+        .min();
+    if let Some(item) = blamed {
+        return Err(item);
+    }
+    let id = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
+    in_flight.push((id, claims));
+    Ok(Registration { id })
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut in_flight = IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = in_flight.iter().position(|(id, _)| *id == self.id) {
+            in_flight.swap_remove(at);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const F64: usize = 8;
+
+    /// A contiguous 1-d float64 array of `len` elements at `data`.
+    fn vector(data: usize, len: usize, write: bool, item: usize) -> Claim {
+        Claim::of(data, &[len], &[F64 as isize], F64, write, item)
+    }
+
+    #[test]
+    fn geometry_of_reversed_and_strided_views() {
+        let reversed = Claim::of(1000 + 9 * 8, &[10], &[-8], 8, false, 0);
+        assert_eq!((reversed.start, reversed.end), (1000, 1080));
+        let columns = Claim::of(1000, &[3, 4], &[8, 24], 8, false, 0);
+        assert_eq!(
+            (columns.start, columns.end, columns.stride_gcd),
+            (1000, 1096, 8)
+        );
+        let empty = Claim::of(1000, &[0, 5], &[40, 8], 8, true, 0);
+        assert_eq!(empty.start, empty.end);
+    }
+
+    #[test]
+    fn writes_conflict_with_anything_overlapping_reads_do_not() {
+        let a = vector(1000, 10, true, 0);
+        let same = vector(1000, 10, true, 1);
+        let tail_read = vector(1040, 10, false, 1);
+        let after = vector(1080, 10, true, 1);
+        assert!(a.conflicts(&same));
+        assert!(a.conflicts(&tail_read) && tail_read.conflicts(&a));
+        assert!(!a.conflicts(&after));
+        let (r1, r2) = (vector(1000, 10, false, 0), vector(1000, 10, false, 1));
+        assert!(!r1.conflicts(&r2));
+    }
+
+    #[test]
+    fn interleaved_views_share_no_element() {
+        let even = Claim::of(1000, &[10], &[16], 8, true, 0);
+        let odd = Claim::of(1008, &[10], &[16], 8, true, 1);
+        assert!(!even.conflicts(&odd));
+        let every = Claim::of(1000, &[20], &[8], 8, false, 2);
+        assert!(even.conflicts(&every) && odd.conflicts(&every));
+        // float32 elements on a float64 lattice: different sizes are never told apart.
+        let halves = Claim::of(1004, &[10], &[16], 4, false, 3);
+        assert!(even.conflicts(&halves));
+    }
+
+    #[test]
+    fn an_empty_array_passed_twice_conflicts_but_not_with_its_neighbours() {
+        let empty = Claim::of(1000, &[0], &[8], 8, true, 0);
+        let again = Claim::of(1000, &[0], &[8], 8, false, 1);
+        assert!(empty.conflicts(&again));
+        let claims = CallClaims::new(vec![empty, vector(1000, 2, false, 2), again]);
+        assert_eq!(claims.first_conflict(), Some(1));
+        assert!(!empty.conflicts(&vector(992, 1, true, 3)));
+    }
+
+    #[test]
+    fn first_conflict_blames_the_later_item_of_the_earliest_pair() {
+        let claims = vec![
+            vector(3000, 4, true, 0),
+            vector(1000, 4, true, 1),
+            vector(2000, 4, true, 2),
+            vector(1000, 4, false, 3),
+            vector(3000, 4, true, 4),
+        ];
+        assert_eq!(CallClaims::new(claims).first_conflict(), Some(3));
+        let fine = vec![vector(1000, 4, true, 0), vector(1032, 4, true, 1)];
+        assert_eq!(CallClaims::new(fine).first_conflict(), None);
+    }
+
+    #[test]
+    fn touches_finds_any_overlap() {
+        let claims = CallClaims::new(vec![vector(1000, 100, true, 0), vector(1100, 1, false, 1)]);
+        assert!(claims.touches(1799, 1800));
+        assert!(claims.touches(1100, 1101));
+        assert!(!claims.touches(1800, 1900));
+        assert!(!claims.touches(900, 1000));
+        assert!(!claims.touches(1500, 1500));
+    }
+
+    #[test]
+    fn calls_in_flight_exclude_each_other_until_dropped() {
+        // Addresses no other test uses: the registry is process-wide.
+        let base = 1 << 40;
+        let first = register(CallClaims::new(vec![vector(base, 10, true, 0)])).unwrap();
+        let reader = || {
+            CallClaims::new(vec![
+                vector(base + 800, 1, false, 0),
+                vector(base + 64, 2, false, 1),
+            ])
+        };
+        assert_eq!(register(reader()).unwrap_err(), 1);
+        let elsewhere = register(CallClaims::new(vec![vector(base + 80, 10, true, 0)])).unwrap();
+        drop(first);
+        let after = register(reader());
+        assert!(after.is_ok());
+        drop((after, elsewhere));
+    }
+}
