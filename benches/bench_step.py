@@ -841,6 +841,10 @@ def spawn_worker(
     env_extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     env = dict(os.environ)
+    # NumPy's OpenBLAS threads keep spinning after a BLAS call (the baseline's np.vdot) and
+    # would take a core from samopt's helper thread on a 2-core machine; as a user mixing
+    # thread pools would, give BLAS one thread unless told otherwise.
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env.update(env_extra or {})
     if env_threads is not None:
         env["RAYON_NUM_THREADS"] = str(env_threads)

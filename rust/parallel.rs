@@ -6,7 +6,8 @@
 //! the array sizes and their (sorted) order, never on the thread count, which is what makes
 //! reductions reproducible: per-task partial sums are combined in task order.
 
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Elements per task: large enough to amortise scheduling, small enough that a 2-core
 /// machine stays balanced on a few hundred thousand elements.
@@ -146,27 +147,126 @@ pub fn into_tasks<L: Lanes>(items: impl IntoIterator<Item = L>) -> Vec<Vec<L>> {
     tasks
 }
 
-/// Whether the pool has a single thread: the calling thread then does the work itself
-/// instead of waking that thread and waiting for it.
-fn inline_only() -> bool {
-    rayon::current_num_threads() == 1
+/// Tasks shared between the calling thread and the pool's threads. The caller works
+/// through them itself and the pool's threads join in when they wake, claiming tasks from
+/// one counter: a call never waits for a sleeping thread to wake up (tens of microseconds
+/// on a virtual machine), only for tasks already under way.
+struct Shared {
+    next: AtomicUsize,
+    done: AtomicUsize,
+    total: usize,
+    /// The caller's work, its lifetime erased: only called with a claimed index, and the
+    /// caller does not return before every claimed task is done (see `WaitForClaimed`).
+    work: *const (dyn Fn(usize) + Sync),
 }
 
-/// Applies `kernel` to every piece of every item, in parallel over tasks. A single task runs
-/// on the calling thread: handing a tiny call to the pool costs more than the work.
+// SAFETY: `work` points to a `Sync` closure, called only while the caller waits for it.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// Runs tasks until none are left to claim.
+    fn help(&self) {
+        loop {
+            let index = self.next.fetch_add(1, Ordering::AcqRel);
+            if index >= self.total {
+                return;
+            }
+            let _counted = CountDone(&self.done);
+            // SAFETY: `index` was claimed, so the caller is still waiting (see `work`).
+            unsafe { (*self.work)(index) };
+        }
+    }
+}
+
+/// Counts a task done when it ends, also if it unwinds.
+struct CountDone<'a>(&'a AtomicUsize);
+
+impl Drop for CountDone<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Closes the tasks to new claims and waits for the claimed ones, also if the caller
+/// unwinds: the pool's threads may be using the caller's data until then.
+struct WaitForClaimed<'a>(&'a Shared);
+
+impl Drop for WaitForClaimed<'_> {
+    fn drop(&mut self) {
+        let claimed = self.0.next.fetch_max(self.0.total, Ordering::AcqRel);
+        let claimed = claimed.min(self.0.total);
+        let mut spins = 0u32;
+        while self.0.done.load(Ordering::Acquire) < claimed {
+            spins += 1;
+            if spins < 1 << 12 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// The threads that help the calling thread: one fewer than rayon's thread count
+/// (`RAYON_NUM_THREADS`, else one per core), since the caller works too. More runnable
+/// threads than cores would leave a thread with claimed tasks waiting for a core.
+fn helpers() -> Option<&'static rayon::ThreadPool> {
+    static HELPERS: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    HELPERS
+        .get_or_init(|| {
+            let count = rayon::current_num_threads().saturating_sub(1);
+            let build = rayon::ThreadPoolBuilder::new()
+                .num_threads(count)
+                .thread_name(|i| format!("samopt-{i}"));
+            (count > 0).then(|| build.build().ok()).flatten()
+        })
+        .as_ref()
+}
+
+/// Calls `work(i)` once for every `i < total`, on the calling thread and on whichever of
+/// the helper threads wake up in time.
+fn run_shared(total: usize, work: &(dyn Fn(usize) + Sync)) {
+    let pool = helpers().filter(|_| total > 1 && rayon::current_num_threads() > 1);
+    let Some(pool) = pool else {
+        (0..total).for_each(work);
+        return;
+    };
+    let helpers = pool.current_num_threads().min(total - 1);
+    if helpers == 0 {
+        (0..total).for_each(work);
+        return;
+    }
+    // SAFETY: only the lifetime is erased; see `Shared::work`.
+    let work: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(work) };
+    let shared = Arc::new(Shared {
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+        total,
+        work,
+    });
+    let _wait = WaitForClaimed(&shared);
+    for _ in 0..helpers {
+        let shared = Arc::clone(&shared);
+        pool.spawn(move || shared.help());
+    }
+    shared.help();
+}
+
+/// Applies `kernel` to every piece of every item, in parallel over tasks.
 pub fn for_each<L, F>(items: impl IntoIterator<Item = L>, kernel: F)
 where
     L: Lanes,
     F: Fn(L) + Sync + Send,
 {
-    let tasks = into_tasks(items);
-    if tasks.len() <= 1 || inline_only() {
-        tasks.into_iter().flatten().for_each(kernel);
-    } else {
-        tasks
-            .into_par_iter()
-            .for_each(|task| task.into_iter().for_each(&kernel));
-    }
+    let tasks: Vec<Mutex<Option<Vec<L>>>> = into_tasks(items)
+        .into_iter()
+        .map(|task| Mutex::new(Some(task)))
+        .collect();
+    run_shared(tasks.len(), &|index| {
+        let task = tasks[index].lock().map(|mut slot| slot.take());
+        task.ok().flatten().into_iter().flatten().for_each(&kernel);
+    });
 }
 
 /// Sums `partial(piece)` over every piece, reproducibly: pieces are summed in order within a
@@ -176,16 +276,26 @@ where
     L: Lanes,
     F: Fn(L) -> f64 + Sync + Send,
 {
-    let task_total = |task: Vec<L>| task.into_iter().map(&partial).fold(0.0, |acc, x| acc + x);
-    let tasks = into_tasks(items);
-    if tasks.len() <= 1 || inline_only() {
-        return tasks
+    let tasks: Vec<Mutex<Option<Vec<L>>>> = into_tasks(items)
+        .into_iter()
+        .map(|task| Mutex::new(Some(task)))
+        .collect();
+    let totals: Vec<AtomicU64> = tasks.iter().map(|_| AtomicU64::new(0)).collect();
+    run_shared(tasks.len(), &|index| {
+        let task = tasks[index].lock().map(|mut slot| slot.take());
+        let total = task
+            .ok()
+            .flatten()
             .into_iter()
-            .map(task_total)
+            .flatten()
+            .map(&partial)
             .fold(0.0, |acc, x| acc + x);
-    }
-    let totals: Vec<f64> = tasks.into_par_iter().map(task_total).collect();
-    totals.into_iter().fold(0.0, |acc, x| acc + x)
+        totals[index].store(total.to_bits(), Ordering::Relaxed);
+    });
+    totals
+        .iter()
+        .map(|bits| f64::from_bits(bits.load(Ordering::Relaxed)))
+        .fold(0.0, |acc, x| acc + x)
 }
 
 /// The largest `measure(piece)` over every piece (order-free, hence reproducible).
@@ -194,10 +304,19 @@ where
     L: Lanes,
     F: Fn(L) -> f64 + Sync + Send,
 {
-    into_tasks(items)
-        .into_par_iter()
-        .flat_map_iter(|task| task.into_iter().map(&measure))
-        .reduce(|| 0.0, f64::max)
+    let tasks: Vec<Mutex<Option<Vec<L>>>> = into_tasks(items)
+        .into_iter()
+        .map(|task| Mutex::new(Some(task)))
+        .collect();
+    let largest = AtomicU64::new(0.0f64.to_bits());
+    run_shared(tasks.len(), &|index| {
+        let task = tasks[index].lock().map(|mut slot| slot.take());
+        let pieces = task.ok().flatten().into_iter().flatten();
+        let task_max = pieces.map(&measure).fold(0.0, f64::max);
+        // Non-negative floats order as their bits do.
+        largest.fetch_max(task_max.to_bits(), Ordering::Relaxed);
+    });
+    f64::from_bits(largest.load(Ordering::Relaxed))
 }
 
 #[cfg(test)]
