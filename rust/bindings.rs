@@ -18,6 +18,7 @@ use numpy::{
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use std::os::raw::c_int;
+use std::sync::Arc;
 
 use crate::claims::{self, CallClaims, Claim, Registration};
 use crate::kernels::{self, Ascent, Clip, Mix, Real, WideFactor};
@@ -211,11 +212,43 @@ struct StateSpec<'a, 'py> {
     policy: Policy,
 }
 
+/// The most state arrays an entry has: Adam's m and v, SAM's saved values, GSAM's g0.
+const MAX_STATES: usize = 4;
+
+/// Up to `MAX_STATES` values of one entry, without a heap allocation per entry and call.
+struct Slots<X> {
+    items: [Option<X>; MAX_STATES],
+    len: usize,
+}
+
+impl<X> Slots<X> {
+    fn new() -> Self {
+        Slots {
+            items: std::array::from_fn(|_| None),
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, item: X) {
+        self.items[self.len] = Some(item);
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<X> {
+        self.len = self.len.checked_sub(1)?;
+        self.items[self.len].take()
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut X> {
+        self.items.iter_mut().flatten()
+    }
+}
+
 /// Everything one parameter brings to a call, borrowed and laid out for the kernels.
 struct Entry<'py, T: Element> {
     param: Target<'py, T>,
     grad: Option<Source<'py, T>>,
-    states: Vec<Target<'py, T>>,
+    states: Slots<Target<'py, T>>,
     /// Arrays allocated by this call, published in their state dicts only on success.
     created: Vec<(usize, NewArray<'py, T>)>,
 }
@@ -268,11 +301,11 @@ struct Name<'a, 'py> {
 }
 
 /// A key of the caller's dict: the key object itself (lookups reuse its cached hash) and
-/// its text (a copy: the limited API of CPython 3.9, which the wheel targets, has no
-/// borrowed UTF-8 view of a str).
+/// its text (shared with `NameOrder`: the limited API of CPython 3.9, which the wheel
+/// targets, has no borrowed UTF-8 view of a str, so extracting it costs a copy).
 struct Key<'py> {
     object: Bound<'py, PyString>,
-    text: String,
+    text: Arc<str>,
 }
 
 impl<'py> Key<'py> {
@@ -284,30 +317,98 @@ impl<'py> Key<'py> {
     }
 }
 
-/// The keys of `params`, sorted so that results never depend on insertion order.
-fn sorted_names<'py>(params: &Bound<'py, PyDict>) -> PyResult<Vec<Key<'py>>> {
-    let mut names = Vec::with_capacity(params.len());
-    for key in params.keys() {
-        match key.cast_into::<PyString>() {
-            Ok(object) => {
-                let text = object.to_cow()?.into_owned();
-                names.push(Key { object, text });
-            }
-            Err(error) => {
-                let key = error.into_inner();
-                let shown = key.repr().map(|r| r.to_string()).unwrap_or_default();
-                return Err(optimizer_error(
-                    &shown,
-                    format!(
-                        "parameter names must be str, got {shown} ({})",
-                        type_name(&key)
-                    ),
-                ));
-            }
-        }
+/// The name order of the last dict a call saw: a call with the same key objects, in the
+/// same dict order (an optimizer's parameters, step after step), skips extracting and
+/// sorting the names. One per optimizer, used under its lock.
+#[pyclass(module = "samopt._core")]
+#[derive(Default)]
+struct NameOrder {
+    /// The key objects in the dict's iteration order, held so that no other object can
+    /// take one's address.
+    keys: Vec<Py<PyString>>,
+    /// Name order: each key's index in `keys`, and its text.
+    order: Vec<(usize, Arc<str>)>,
+}
+
+#[pymethods]
+impl NameOrder {
+    #[new]
+    fn new() -> Self {
+        NameOrder::default()
     }
-    names.sort_unstable_by(|a, b| a.text.cmp(&b.text));
-    Ok(names)
+}
+
+impl NameOrder {
+    fn matches(&self, keys: &[Bound<'_, PyAny>]) -> bool {
+        self.keys.len() == keys.len()
+            && self
+                .keys
+                .iter()
+                .zip(keys)
+                .all(|(a, b)| a.as_ptr() == b.as_ptr())
+    }
+}
+
+fn non_str_key(key: &Bound<'_, PyAny>) -> PyErr {
+    let shown = key.repr().map(|r| r.to_string()).unwrap_or_default();
+    optimizer_error(
+        &shown,
+        format!(
+            "parameter names must be str, got {shown} ({})",
+            type_name(key)
+        ),
+    )
+}
+
+/// The dict's keys and values sorted by name, so that results never depend on insertion
+/// order.
+fn sorted_entries<'py>(
+    dict: &Bound<'py, PyDict>,
+    cache: Option<&Bound<'py, NameOrder>>,
+) -> PyResult<Vec<(Key<'py>, Bound<'py, PyAny>)>> {
+    let (mut keys, mut values) = (
+        Vec::with_capacity(dict.len()),
+        Vec::with_capacity(dict.len()),
+    );
+    for (key, value) in dict.iter() {
+        keys.push(key);
+        values.push(value);
+    }
+    let mut cache = cache.and_then(|cache| cache.try_borrow_mut().ok());
+    let order = match cache.as_deref() {
+        Some(known) if known.matches(&keys) => known.order.clone(),
+        _ => {
+            let mut order = Vec::with_capacity(keys.len());
+            for (index, key) in keys.iter().enumerate() {
+                let text = key
+                    .cast::<PyString>()
+                    .map_err(|_| non_str_key(key))?
+                    .to_cow()?;
+                order.push((index, Arc::<str>::from(text.as_ref())));
+            }
+            order.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+            if let Some(cache) = cache.as_deref_mut() {
+                cache.keys = keys
+                    .iter()
+                    .map(|key| {
+                        key.cast::<PyString>()
+                            .expect("checked above")
+                            .clone()
+                            .unbind()
+                    })
+                    .collect();
+                cache.order = order.clone();
+            }
+            order
+        }
+    };
+    Ok(order
+        .into_iter()
+        .map(|(index, text)| {
+            let object = keys[index].cast::<PyString>().expect("a str key").clone();
+            (Key { object, text }, values[index].clone())
+        })
+        .collect())
 }
 
 /// `name` is only formatted on the error path: it may be built (a state key) per call.
@@ -546,7 +647,7 @@ fn build_entry<'py, T: Float>(
     let mut entry = Entry {
         param: Target::new(Access(typed.clone()), order),
         grad: grad.map(|g| gradient_source(g, order)).transpose()?,
-        states: Vec::with_capacity(states.len()),
+        states: Slots::new(),
         created: Vec::new(),
     };
     for (index, spec) in states.iter().enumerate() {
@@ -561,14 +662,11 @@ fn build_entry<'py, T: Float>(
 
 /// A parameter after its checks: a writable, aligned float32 or float64 array.
 fn checked_param<'py>(
-    params: &Bound<'py, PyDict>,
     key: &Key<'py>,
+    object: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
-    let name = key.text.as_str();
-    let object = params
-        .get_item(&key.object)?
-        .expect("name taken from the dict");
-    let array = as_array(&object, "parameter", || name)?;
+    let name = &*key.text;
+    let array = as_array(object, "parameter", || name)?;
     if !is_aligned(&array) {
         return Err(optimizer_error(
             name,
@@ -596,7 +694,10 @@ fn checked_param<'py>(
 /// Checks that the call's arrays do not alias each other and registers their claims
 /// against the other calls in flight. Items are numbered parameters first, then gradients,
 /// each in name order.
-fn claim_memory(names: &[Key<'_>], claims: Vec<Claim>) -> PyResult<(CallClaims, Registration)> {
+fn claim_memory(
+    names: &[Key<'_>],
+    claims: Vec<Claim>,
+) -> PyResult<(Arc<CallClaims>, Registration)> {
     let blame = |item: usize| {
         let what = if item < names.len() {
             "parameter"
@@ -605,12 +706,12 @@ fn claim_memory(names: &[Key<'_>], claims: Vec<Claim>) -> PyResult<(CallClaims, 
         };
         shared_memory_error(what, &names[item % names.len()].text)
     };
-    let claims = CallClaims::new(claims);
+    let claims = Arc::new(CallClaims::new(claims));
     if let Some(item) = claims.first_conflict() {
         return Err(blame(item));
     }
-    // The registry keeps its own copy; the call keeps one to check state arrays against.
-    let registration = claims::register(claims.clone()).map_err(blame)?;
+    // The call keeps them too, to check the optimizer's state arrays against.
+    let registration = claims::register(Arc::clone(&claims)).map_err(blame)?;
     Ok((claims, registration))
 }
 
@@ -618,18 +719,20 @@ fn claim_memory(names: &[Key<'_>], claims: Vec<Claim>) -> PyResult<(CallClaims, 
 /// anything.
 fn prepare<'py>(
     params: &Bound<'py, PyDict>,
+    order: Option<&Bound<'py, NameOrder>>,
     grads: Option<&Bound<'py, PyDict>>,
     states: &[StateSpec<'_, 'py>],
 ) -> PyResult<Prepared<'py>> {
-    let names = sorted_names(params)?;
-    let n = names.len();
-    let mut claims = Vec::with_capacity(2 * n);
-    let mut param_arrays = Vec::with_capacity(n);
-    for (item, key) in names.iter().enumerate() {
-        let array = checked_param(params, key)?;
+    let mut names = Vec::with_capacity(params.len());
+    let mut claims = Vec::with_capacity(2 * params.len());
+    let mut param_arrays = Vec::with_capacity(params.len());
+    for (item, (key, object)) in sorted_entries(params, order)?.into_iter().enumerate() {
+        let array = checked_param(&key, &object)?;
         claims.push(claim_of(&array, true, item));
         param_arrays.push(array);
+        names.push(key);
     }
+    let n = names.len();
     let mut grad_arrays = Vec::with_capacity(if grads.is_some() { n } else { 0 });
     if let Some(grads) = grads {
         for (item, (key, param)) in names.iter().zip(&param_arrays).enumerate() {
@@ -685,11 +788,11 @@ impl<'py> Prepared<'py> {
     fn norm_error(&self, error: NormError) -> PyErr {
         match error {
             NormError::NonFiniteGradient(index) => {
-                let name = self.names[index].text.as_str();
+                let name = &*self.names[index].text;
                 non_finite_error(name, format!("gradient '{name}' contains NaN or infinity"))
             }
             NormError::NonFiniteParameter(index) => {
-                let name = self.names[index].text.as_str();
+                let name = &*self.names[index].text;
                 optimizer_error(name, format!("parameter '{name}' contains NaN or infinity"))
             }
         }
@@ -699,7 +802,7 @@ impl<'py> Prepared<'py> {
 /// The lanes of one entry for the kernels: parameter, gradient (if borrowed), states.
 fn entry_lanes<'a, T: Element + Copy>(
     entry: &'a mut Entry<'_, T>,
-) -> (&'a mut [T], Option<&'a [T]>, Vec<&'a mut [T]>) {
+) -> (&'a mut [T], Option<&'a [T]>, Slots<&'a mut [T]>) {
     let Entry {
         param,
         grad,
@@ -707,8 +810,11 @@ fn entry_lanes<'a, T: Element + Copy>(
         ..
     } = entry;
     let grad = grad.as_ref().map(Source::slice);
-    let states = states.iter_mut().map(Target::slice).collect();
-    (param.slice(), grad, states)
+    let mut slices = Slots::new();
+    states
+        .iter_mut()
+        .for_each(|state| slices.push(state.slice()));
+    (param.slice(), grad, slices)
 }
 
 /// Kernel lanes that carry a gradient: what the read-only pass before the writes needs.
@@ -838,11 +944,10 @@ fn lanes_of<'a, S, D>(
         .collect()
 }
 
-/// Splits a list of per-entry state slices into the fixed number a kernel expects.
-fn take_states<const N: usize, T>(states: Vec<&mut [T]>) -> [&mut [T]; N] {
-    states
-        .try_into()
-        .unwrap_or_else(|_| unreachable!("one slice per state spec"))
+/// Splits an entry's state slices into the fixed number a kernel expects.
+fn take_states<const N: usize, T>(mut states: Slots<&mut [T]>) -> [&mut [T]; N] {
+    assert_eq!(states.len, N, "one slice per state spec");
+    std::array::from_fn(|i| states.items[i].take().expect("counted above"))
 }
 
 /// Where a base step starts from when SAM drives it: the saved values (the restore fused
@@ -892,11 +997,11 @@ impl<'a, 'py> Restart<'a, 'py> {
 }
 
 /// An entry's own state slices, then its saved values and its g0 when the step has them.
-type RestartSlices<'a, T> = (Vec<&'a mut [T]>, Option<&'a [T]>, Option<&'a [T]>);
+type RestartSlices<'a, T> = (Slots<&'a mut [T]>, Option<&'a [T]>, Option<&'a [T]>);
 
 /// Takes the restart's slices (saved, g0) off the end of an entry's state slices.
 fn split_restart<T>(
-    mut states: Vec<&mut [T]>,
+    mut states: Slots<&mut [T]>,
     (has_saved, has_grad0): (bool, bool),
 ) -> RestartSlices<'_, T> {
     let grad0 = if has_grad0 {
@@ -913,11 +1018,12 @@ fn split_restart<T>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (params, grads, velocity, saved, gsam, lr, momentum, clip_value, clip_norm))]
+#[pyo3(signature = (params, order, grads, velocity, saved, gsam, lr, momentum, clip_value, clip_norm))]
 #[allow(clippy::too_many_arguments)]
 fn sgd_step<'py>(
     py: Python<'py>,
     params: &Bound<'py, PyDict>,
+    order: Option<&Bound<'py, NameOrder>>,
     grads: &Bound<'py, PyDict>,
     velocity: &Bound<'py, PyDict>,
     saved: Option<&Bound<'py, PyDict>>,
@@ -934,7 +1040,7 @@ fn sgd_step<'py>(
         policy: Policy::Lazy,
     }];
     let states = restart.specs(own);
-    let mut prepared = prepare(params, Some(grads), &states)?;
+    let mut prepared = prepare(params, order, Some(grads), &states)?;
     let flags = restart.flags();
     let items = lanes_of(
         &mut prepared,
@@ -977,11 +1083,12 @@ fn sgd_lanes<'a, T: Element + Real>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (params, grads, m, v, saved, gsam, lr_t, beta1, beta2, epsilon, decay, clip_value, clip_norm))]
+#[pyo3(signature = (params, order, grads, m, v, saved, gsam, lr_t, beta1, beta2, epsilon, decay, clip_value, clip_norm))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step<'py>(
     py: Python<'py>,
     params: &Bound<'py, PyDict>,
+    order: Option<&Bound<'py, NameOrder>>,
     grads: &Bound<'py, PyDict>,
     m: &Bound<'py, PyDict>,
     v: &Bound<'py, PyDict>,
@@ -1009,7 +1116,7 @@ fn adam_step<'py>(
         },
     ];
     let states = restart.specs(own);
-    let mut prepared = prepare(params, Some(grads), &states)?;
+    let mut prepared = prepare(params, order, Some(grads), &states)?;
     let flags = restart.flags();
     let items = lanes_of(
         &mut prepared,
@@ -1058,10 +1165,12 @@ fn adam_lanes<'a, T: Element + Real>(
 /// GSAM's mixed gradient `g1 − α·g0⊥` written into scratch buffers `out`, for a base
 /// optimizer written in Python (samopt's own fuse the mix into their update).
 #[pyfunction]
-#[pyo3(signature = (params, grads, grad0, out, alpha, grad0_norm))]
+#[pyo3(signature = (params, order, grads, grad0, out, alpha, grad0_norm))]
+#[allow(clippy::too_many_arguments)]
 fn gsam_direction<'py>(
     py: Python<'py>,
     params: &Bound<'py, PyDict>,
+    order: Option<&Bound<'py, NameOrder>>,
     grads: &Bound<'py, PyDict>,
     grad0: &Bound<'py, PyDict>,
     out: &Bound<'py, PyDict>,
@@ -1080,7 +1189,7 @@ fn gsam_direction<'py>(
             policy: Policy::Required,
         },
     ];
-    let mut prepared = prepare(params, Some(grads), &states)?;
+    let mut prepared = prepare(params, order, Some(grads), &states)?;
     let items = lanes_of(&mut prepared, mix_lanes, mix_lanes);
     let gsam = GsamMix { alpha, grad0_norm };
     let outcome = py.detach(move || -> Result<(), NormError> {
@@ -1105,11 +1214,12 @@ fn mix_lanes<'a, T: Element + Real>(entry: &'a mut Entry<'_, T>) -> kernels::Mix
 /// `ρ·T²⊙g/(n + eps)`), saving their values, and with `grad0` keeping the gradients
 /// (GSAM). Returns the norm `n`; when it is zero nothing is written.
 #[pyfunction]
-#[pyo3(signature = (params, grads, saved, grad0, rho, eps, adaptive, eta))]
+#[pyo3(signature = (params, order, grads, saved, grad0, rho, eps, adaptive, eta))]
 #[allow(clippy::too_many_arguments)]
 fn sam_perturb<'py>(
     py: Python<'py>,
     params: &Bound<'py, PyDict>,
+    order: Option<&Bound<'py, NameOrder>>,
     grads: &Bound<'py, PyDict>,
     saved: &Bound<'py, PyDict>,
     grad0: Option<&Bound<'py, PyDict>>,
@@ -1130,7 +1240,7 @@ fn sam_perturb<'py>(
             policy: Policy::Scratch,
         });
     }
-    let mut prepared = prepare(params, Some(grads), &states)?;
+    let mut prepared = prepare(params, order, Some(grads), &states)?;
     let items = lanes_of(&mut prepared, perturb_lanes, perturb_lanes);
     let outcome = py.detach(move || -> Result<f64, NormError> {
         let weighted: Vec<NormItem<'_>> = items
@@ -1172,21 +1282,26 @@ fn perturb_lanes<'a, T: Element + Real>(
     entry: &'a mut Entry<'_, T>,
 ) -> kernels::PerturbLanes<'a, T> {
     let (param, grad, mut states) = entry_lanes(entry);
-    let kept = (states.len() == 2).then(|| states.pop()).flatten();
+    let kept = (states.len == 2).then(|| states.pop()).flatten();
     let [saved] = take_states(states);
     (param, grad.expect("gradients were borrowed"), saved, kept)
 }
 
 /// Puts every parameter back to its saved value, bit for bit.
 #[pyfunction]
-#[pyo3(signature = (params, saved))]
-fn restore(py: Python<'_>, params: &Bound<'_, PyDict>, saved: &Bound<'_, PyDict>) -> PyResult<()> {
+#[pyo3(signature = (params, order, saved))]
+fn restore<'py>(
+    py: Python<'py>,
+    params: &Bound<'py, PyDict>,
+    order: Option<&Bound<'py, NameOrder>>,
+    saved: &Bound<'py, PyDict>,
+) -> PyResult<()> {
     let states = [StateSpec {
         dict: saved,
         prefix: "saved_",
         policy: Policy::Required,
     }];
-    let mut prepared = prepare(params, None, &states)?;
+    let mut prepared = prepare(params, order, None, &states)?;
     let items = lanes_of(&mut prepared, restore_lanes, restore_lanes);
     py.detach(move || {
         for_each(items, |piece| match piece {
@@ -1228,20 +1343,19 @@ fn norm_source(array: Bound<'_, PyUntypedArray>) -> PyResult<NormSource<'_>> {
 /// is NaN, infinity if any is infinite.
 #[pyfunction]
 fn gradient_norm(py: Python<'_>, grads: &Bound<'_, PyDict>) -> PyResult<f64> {
-    let names = sorted_names(grads)?;
-    let mut arrays = Vec::with_capacity(names.len());
-    let mut claims = Vec::with_capacity(names.len());
-    for (item, key) in names.iter().enumerate() {
-        let name = key.text.as_str();
-        let object = grads
-            .get_item(&key.object)?
-            .expect("name taken from the dict");
+    let entries = sorted_entries(grads, None)?;
+    let mut names = Vec::with_capacity(entries.len());
+    let mut arrays = Vec::with_capacity(entries.len());
+    let mut claims = Vec::with_capacity(entries.len());
+    for (item, (key, object)) in entries.into_iter().enumerate() {
+        let name = &*key.text;
         let array = as_array(&object, "gradient", || name)?;
         check_gradient_dtype(&array, name)?;
         claims.push(claim_of(&array, false, item));
         arrays.push(array);
+        names.push(key);
     }
-    let _registration = claims::register(CallClaims::new(claims))
+    let _registration = claims::register(Arc::new(CallClaims::new(claims)))
         .map_err(|item| shared_memory_error("gradient", &names[item].text))?;
     let sources = arrays
         .into_iter()
@@ -1269,5 +1383,6 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(restore, module)?)?;
     module.add_function(wrap_pyfunction!(gsam_direction, module)?)?;
     module.add_function(wrap_pyfunction!(gradient_norm, module)?)?;
+    module.add_class::<NameOrder>()?;
     Ok(())
 }

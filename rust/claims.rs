@@ -6,7 +6,7 @@
 //! hundreds of small arrays per call the per-array bookkeeping costs more than the work.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The memory one array of a call spans, and how the call uses it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,17 +108,24 @@ impl Claim {
 }
 
 /// The claims of one call, sorted by start address.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct CallClaims {
     claims: Vec<Claim>,
-    /// `reach[i]`: the largest `end` among `claims[..=i]`.
+    /// `starts[i]` and `reach[i]`: the start of `claims[i]` and the largest `end` among
+    /// `claims[..=i]`, kept apart so that `touches` searches a compact array.
+    starts: Vec<usize>,
     reach: Vec<usize>,
 }
 
 impl CallClaims {
     /// Sorts the claims of a call.
-    pub fn new(mut claims: Vec<Claim>) -> CallClaims {
-        claims.sort_unstable_by_key(|c| (c.start, c.item));
+    pub fn new(claims: Vec<Claim>) -> CallClaims {
+        // Sorting small keys and moving each claim once beats sorting the claims.
+        let mut keys: Vec<(usize, usize, u32)> = (0..claims.len())
+            .map(|i| (claims[i].start, claims[i].item, i as u32))
+            .collect();
+        keys.sort_unstable();
+        let claims: Vec<Claim> = keys.iter().map(|&(_, _, i)| claims[i as usize]).collect();
         let mut furthest = 0;
         let reach = claims
             .iter()
@@ -127,7 +134,12 @@ impl CallClaims {
                 furthest
             })
             .collect();
-        CallClaims { claims, reach }
+        let starts = claims.iter().map(|c| c.start).collect();
+        CallClaims {
+            claims,
+            starts,
+            reach,
+        }
     }
 
     /// The item to blame for a conflict within the call: of every conflicting pair, the
@@ -152,7 +164,7 @@ impl CallClaims {
 
     /// Whether any claimed array has a byte in `[start, end)`.
     pub fn touches(&self, start: usize, end: usize) -> bool {
-        let before = self.claims.partition_point(|c| c.start < end);
+        let before = self.starts.partition_point(|&s| s < end);
         start < end && before > 0 && self.reach[before - 1] > start
     }
 }
@@ -199,7 +211,7 @@ fn sweep(mine: &[Claim], theirs: &[Claim], same: bool, mut found: impl FnMut(&Cl
 }
 
 /// The calls in flight in this process, each with the claims it holds until it ends.
-static IN_FLIGHT: Mutex<Vec<(u64, CallClaims)>> = Mutex::new(Vec::new());
+static IN_FLIGHT: Mutex<Vec<(u64, Arc<CallClaims>)>> = Mutex::new(Vec::new());
 static NEXT_CALL: AtomicU64 = AtomicU64::new(0);
 
 /// A call's registration: its claims stay in force until this is dropped.
@@ -210,7 +222,7 @@ pub struct Registration {
 
 /// Registers a call's claims, or returns the earliest item of the call that conflicts with
 /// a call in flight.
-pub fn register(claims: CallClaims) -> Result<Registration, usize> {
+pub fn register(claims: Arc<CallClaims>) -> Result<Registration, usize> {
     let mut in_flight = IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
     let blamed = in_flight
         .iter()
@@ -320,15 +332,21 @@ mod tests {
     fn calls_in_flight_exclude_each_other_until_dropped() {
         // Addresses no other test uses: the registry is process-wide.
         let base = 1 << 40;
-        let first = register(CallClaims::new(vec![vector(base, 10, true, 0)])).unwrap();
+        let first = register(Arc::new(CallClaims::new(vec![vector(base, 10, true, 0)]))).unwrap();
         let reader = || {
-            CallClaims::new(vec![
+            Arc::new(CallClaims::new(vec![
                 vector(base + 800, 1, false, 0),
                 vector(base + 64, 2, false, 1),
-            ])
+            ]))
         };
         assert_eq!(register(reader()).unwrap_err(), 1);
-        let elsewhere = register(CallClaims::new(vec![vector(base + 80, 10, true, 0)])).unwrap();
+        let elsewhere = register(Arc::new(CallClaims::new(vec![vector(
+            base + 80,
+            10,
+            true,
+            0,
+        )])))
+        .unwrap();
         drop(first);
         let after = register(reader());
         assert!(after.is_ok());

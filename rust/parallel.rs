@@ -7,7 +7,8 @@
 //! reductions reproducible: per-task partial sums are combined in task order.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Elements per task: large enough to amortise scheduling, small enough that a 2-core
 /// machine stays balanced on a few hundred thousand elements.
@@ -147,10 +148,10 @@ pub fn into_tasks<L: Lanes>(items: impl IntoIterator<Item = L>) -> Vec<Vec<L>> {
     tasks
 }
 
-/// Tasks shared between the calling thread and the pool's threads. The caller works
-/// through them itself and the pool's threads join in when they wake, claiming tasks from
-/// one counter: a call never waits for a sleeping thread to wake up (tens of microseconds
-/// on a virtual machine), only for tasks already under way.
+/// Tasks shared between the calling thread and the helper threads. The caller works
+/// through them itself and the helpers join in, claiming tasks from one counter: a call
+/// never waits for a sleeping thread to wake up (tens of microseconds on a virtual
+/// machine), only for tasks already under way.
 struct Shared {
     next: AtomicUsize,
     done: AtomicUsize,
@@ -208,35 +209,104 @@ impl Drop for WaitForClaimed<'_> {
     }
 }
 
-/// The threads that help the calling thread: one fewer than rayon's thread count
-/// (`RAYON_NUM_THREADS`, else one per core), since the caller works too. More runnable
-/// threads than cores would leave a thread with claimed tasks waiting for a core.
-fn helpers() -> Option<&'static rayon::ThreadPool> {
-    static HELPERS: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
-    HELPERS
-        .get_or_init(|| {
+/// How long a helper thread keeps looking for new tasks after its last ones before it
+/// sleeps: long enough to bridge the Python side of a call and the gap between SAM's two
+/// phases, so that the helper is still running on its own core when tasks come. Woken from
+/// sleep, the scheduler may queue it on the caller's busy core instead.
+const HELPER_SPIN: Duration = Duration::from_micros(200);
+
+/// The latest tasks offered to the helper threads.
+struct Offer {
+    shared: Option<Arc<Shared>>,
+    generation: u64,
+    sleeping: usize,
+}
+
+/// Threads that help the calling thread: one fewer than rayon's thread count
+/// (`RAYON_NUM_THREADS`, else one per core), since the caller works too.
+struct Helpers {
+    offer: Mutex<Offer>,
+    /// `offer.generation`, readable without the lock while spinning.
+    generation: AtomicU64,
+    wake: Condvar,
+}
+
+impl Helpers {
+    fn get() -> Option<&'static Helpers> {
+        static HELPERS: OnceLock<Option<&'static Helpers>> = OnceLock::new();
+        *HELPERS.get_or_init(|| {
             let count = rayon::current_num_threads().saturating_sub(1);
-            let build = rayon::ThreadPoolBuilder::new()
-                .num_threads(count)
-                .thread_name(|i| format!("samopt-{i}"));
-            (count > 0).then(|| build.build().ok()).flatten()
+            if count == 0 {
+                return None;
+            }
+            let helpers: &'static Helpers = Box::leak(Box::new(Helpers {
+                offer: Mutex::new(Offer {
+                    shared: None,
+                    generation: 0,
+                    sleeping: 0,
+                }),
+                generation: AtomicU64::new(0),
+                wake: Condvar::new(),
+            }));
+            let mut spawned = 0;
+            for i in 0..count {
+                let thread = std::thread::Builder::new().name(format!("samopt-{i}"));
+                spawned += usize::from(thread.spawn(move || helpers.serve()).is_ok());
+            }
+            (spawned > 0).then_some(helpers)
         })
-        .as_ref()
+    }
+
+    /// A helper thread: runs each offer's tasks, spins a while for the next, then sleeps.
+    fn serve(&self) {
+        let mut seen = 0;
+        loop {
+            let spin_start = Instant::now();
+            while self.generation.load(Ordering::Acquire) == seen
+                && spin_start.elapsed() < HELPER_SPIN
+            {
+                std::hint::spin_loop();
+            }
+            let shared = {
+                let mut offer = self.offer.lock().unwrap_or_else(|e| e.into_inner());
+                while offer.generation == seen {
+                    offer.sleeping += 1;
+                    offer = self.wake.wait(offer).unwrap_or_else(|e| e.into_inner());
+                    offer.sleeping -= 1;
+                }
+                seen = offer.generation;
+                offer.shared.clone()
+            };
+            if let Some(shared) = shared {
+                shared.help();
+            }
+        }
+    }
+
+    /// Offers tasks to the helper threads (replacing any earlier offer, whose tasks are all
+    /// claimed or will be done by their caller).
+    fn offer(&self, shared: &Arc<Shared>) {
+        let sleeping = {
+            let mut offer = self.offer.lock().unwrap_or_else(|e| e.into_inner());
+            offer.shared = Some(Arc::clone(shared));
+            offer.generation += 1;
+            self.generation.store(offer.generation, Ordering::Release);
+            offer.sleeping
+        };
+        if sleeping > 0 {
+            self.wake.notify_all();
+        }
+    }
 }
 
 /// Calls `work(i)` once for every `i < total`, on the calling thread and on whichever of
 /// the helper threads wake up in time.
 fn run_shared(total: usize, work: &(dyn Fn(usize) + Sync)) {
-    let pool = helpers().filter(|_| total > 1 && rayon::current_num_threads() > 1);
-    let Some(pool) = pool else {
+    let helpers = Helpers::get().filter(|_| total > 1 && rayon::current_num_threads() > 1);
+    let Some(helpers) = helpers else {
         (0..total).for_each(work);
         return;
     };
-    let helpers = pool.current_num_threads().min(total - 1);
-    if helpers == 0 {
-        (0..total).for_each(work);
-        return;
-    }
     // SAFETY: only the lifetime is erased; see `Shared::work`.
     let work: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(work) };
     let shared = Arc::new(Shared {
@@ -246,10 +316,7 @@ fn run_shared(total: usize, work: &(dyn Fn(usize) + Sync)) {
         work,
     });
     let _wait = WaitForClaimed(&shared);
-    for _ in 0..helpers {
-        let shared = Arc::clone(&shared);
-        pool.spawn(move || shared.help());
-    }
+    helpers.offer(&shared);
     shared.help();
 }
 

@@ -188,3 +188,34 @@ def test_gradient_norm_insertion_order_large() -> None:
     r = compute_gradient_norm(g)
     for order in (NAMES[::-1], sorted(NAMES, key=lambda k: k[::-1])):
         assert compute_gradient_norm({k: g[k] for k in order}) == r
+
+
+@pytest.mark.parametrize("kind", list(_makers()))
+def test_one_optimizer_given_its_names_in_changing_orders(kind: str) -> None:
+    """An optimizer remembers the sorted order of the last names it saw (a cache keyed on
+    the key objects and their dict order): reordering the dict, rebuilding it with equal
+    but new key objects, or dropping and re-adding a name between steps must not change a
+    bit against a run that always passes the same dict."""
+    rng = np.random.default_rng(3)
+    steady_params, moved_params = _params(NAMES), _params(NAMES)
+    steady, moved = _makers()[kind](), _makers()[kind]()
+    sam = isinstance(steady, SamOptimizer)
+    for s in range(6):
+        if s % 3 == 0:
+            order = list(rng.permutation(NAMES))
+        elif s % 3 == 1:
+            order = ["".join(list(k)) for k in NAMES[::-1]]  # equal str, new objects
+        else:
+            order = list(NAMES)
+        view = {k: moved_params[k] for k in order}
+        if s == 4:
+            del view[order[0]]  # one parameter sits this step out, in both runs
+        steady_view = {k: steady_params[k] for k in NAMES if k in view}
+        first, second = _grads(steady_params, NAMES, 10 + s), _grads(steady_params, NAMES, 20 + s)
+        for opt, p in ((steady, steady_view), (moved, view)):
+            if sam:
+                opt.first_step(p, {k: first[k] for k in p})
+            opt.step(p, {k: second[k] for k in p})
+    for k in NAMES:
+        assert moved_params[k].tobytes() == steady_params[k].tobytes(), k
+    assert R.state_snapshot(moved.state_dict()) == R.state_snapshot(steady.state_dict())

@@ -1,12 +1,13 @@
 # Hand-written stub of the Rust extension (checked by `python -m mypy.stubtest samopt._core`).
 # Every function validates the whole call before writing and raises samopt's OptimizerError
 # (NonFiniteGradientError for NaN/inf gradients) naming the offending key.
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
+    "NameOrder",
     "adam_step",
     "gradient_norm",
     "gsam_direction",
@@ -18,8 +19,16 @@ __all__ = [
 _Arrays = dict[str, NDArray[Any]]
 _State = dict[str, NDArray[np.floating[Any]]]
 
+@final
+class NameOrder:
+    """The sorted order of the last parameter names a call saw (one per optimizer): a
+    call with the same key objects in the same dict order skips sorting them again."""
+
+    def __init__(self) -> None: ...
+
 def sgd_step(
     params: _Arrays,
+    order: NameOrder | None,
     grads: _Arrays,
     velocity: _State,
     saved: _State | None,
@@ -31,6 +40,7 @@ def sgd_step(
 ) -> None: ...
 def adam_step(
     params: _Arrays,
+    order: NameOrder | None,
     grads: _Arrays,
     m: _State,
     v: _State,
@@ -46,6 +56,7 @@ def adam_step(
 ) -> None: ...
 def sam_perturb(
     params: _Arrays,
+    order: NameOrder | None,
     grads: _Arrays,
     saved: _State,
     grad0: _State | None,
@@ -56,11 +67,12 @@ def sam_perturb(
 ) -> float: ...
 def gsam_direction(
     params: _Arrays,
+    order: NameOrder | None,
     grads: _Arrays,
     grad0: _State,
     out: _State,
     alpha: float,
     grad0_norm: float,
 ) -> None: ...
-def restore(params: _Arrays, saved: _State) -> None: ...
+def restore(params: _Arrays, order: NameOrder | None, saved: _State) -> None: ...
 def gradient_norm(grads: _Arrays) -> float: ...

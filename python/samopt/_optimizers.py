@@ -50,6 +50,8 @@ class NativeOptimizer:
         # Kernels run without the GIL: this lock keeps concurrent steps of one optimizer
         # from interleaving (they are serialised).
         self._lock = threading.Lock()
+        # The last parameter names' sorted order, reused while they stay the same objects.
+        self._order = _core.NameOrder()
 
     def step(self, params: Params, grads: Grads) -> None:
         """One optimizer step: updates every array of ``params`` in place."""
@@ -91,12 +93,13 @@ class NativeOptimizer:
     def __getstate__(self) -> dict[str, Any]:
         with self._lock:
             state = self.__dict__.copy()
-        del state["_lock"]
+        del state["_lock"], state["_order"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._order = _core.NameOrder()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
@@ -118,7 +121,7 @@ class SgdOptimizer(NativeOptimizer):
     ) -> None:
         clip_value, clip_norm = self.config.clip_bounds
         _core.sgd_step(
-            params, grads, self._velocity, saved, gsam,
+            params, self._order, grads, self._velocity, saved, gsam,
             self._lr, self.config.momentum, clip_value, clip_norm,
         )
 
@@ -164,7 +167,7 @@ class AdamOptimizer(NativeOptimizer):
         decay = self._lr * config.weight_decay if self._decoupled_decay else 0.0
         clip_value, clip_norm = config.clip_bounds
         _core.adam_step(
-            params, grads, self._m, self._v, saved, gsam,
+            params, self._order, grads, self._m, self._v, saved, gsam,
             lr_t, config.beta1, config.beta2, config.epsilon, decay, clip_value, clip_norm,
         )
         self._t = t

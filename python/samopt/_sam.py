@@ -78,6 +78,8 @@ class SamOptimizer:
         # Kernels run without the GIL: the lock serialises concurrent calls (re-entrant so
         # that sam_step can hold it around the user's gradient function).
         self._lock = threading.RLock()
+        # The last parameter names' sorted order, reused while they stay the same objects.
+        self._order = _core.NameOrder()
 
     @property
     def rho(self) -> float:
@@ -126,7 +128,7 @@ class SamOptimizer:
 
     def _perturb(self, params: dict[str, Any], grads: dict[str, Any]) -> float:
         return _core.sam_perturb(
-            params, grads, self._saved, None, self.rho, self.eps, self.adaptive, self.eta
+            params, self._order, grads, self._saved, None, self.rho, self.eps, self.adaptive, self.eta
         )
 
     def second_step(self, params: Params, grads: Grads) -> None:
@@ -154,7 +156,7 @@ class SamOptimizer:
         the fused one), so an error leaves everything as it was, the step still pending."""
         step_grads = self._foreign_gradients(params, grads)
         perturbed = {name: np.copy(array) for name, array in params.items()}
-        _core.restore(params, self._saved)
+        _core.restore(params, self._order, self._saved)
         try:
             base.step(params, step_grads)
         except BaseException:
@@ -206,7 +208,7 @@ class SamOptimizer:
             if self._pending is None:
                 return
             self._check_pending_names(params_dict)
-            _core.restore(params_dict, self._saved)
+            _core.restore(params_dict, self._order, self._saved)
             self._pending = None
 
     def _check_pending_names(self, params: dict[str, Any]) -> None:
@@ -307,12 +309,13 @@ class SamOptimizer:
     def __getstate__(self) -> dict[str, Any]:
         with self._lock:
             state = self.__dict__.copy()
-        del state["_lock"]
+        del state["_lock"], state["_order"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        self._order = _core.NameOrder()
 
     def __repr__(self) -> str:
         return (
@@ -406,7 +409,7 @@ class GsamOptimizer(SamOptimizer):
 
     def _perturb(self, params: dict[str, Any], grads: dict[str, Any]) -> float:
         norm = _core.sam_perturb(
-            params, grads, self._saved, self._grad0, self.rho, self.eps, False, 0.0
+            params, self._order, grads, self._saved, self._grad0, self.rho, self.eps, False, 0.0
         )
         self._grad0_norm = norm
         return norm
@@ -416,7 +419,7 @@ class GsamOptimizer(SamOptimizer):
 
     def _foreign_gradients(self, params: dict[str, Any], grads: dict[str, Any]) -> Grads:
         _core.gsam_direction(
-            params, grads, self._grad0, self._direction, self.alpha, self._grad0_norm
+            params, self._order, grads, self._grad0, self._direction, self.alpha, self._grad0_norm
         )
         return {name: self._direction[name] for name in params}
 
