@@ -128,7 +128,8 @@ class SamOptimizer:
 
     def _perturb(self, params: dict[str, Any], grads: dict[str, Any]) -> float:
         return _core.sam_perturb(
-            params, self._order, grads, self._saved, None, self.rho, self.eps, self.adaptive, self.eta
+            params, self._order, grads, self._saved, None,
+            self.rho, self.eps, self.adaptive, self.eta,
         )
 
     def second_step(self, params: Params, grads: Grads) -> None:
