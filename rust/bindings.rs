@@ -461,6 +461,16 @@ fn is_float_dtype<T: Float>(array: &Bound<'_, PyUntypedArray>) -> bool {
     dtype.num() == T::TYPE_NUM as c_int && dtype.is_native_byteorder() != Some(false)
 }
 
+/// The array as `PyArrayDyn<T>` if it holds `T`. rust-numpy's own cast compares dtype
+/// objects through NumPy's API, which with hundreds of small arrays costs more than the
+/// work; the type number says the same.
+fn typed<'a, 'py, T: Float>(
+    array: &'a Bound<'py, PyUntypedArray>,
+) -> Option<&'a Bound<'py, PyArrayDyn<T>>> {
+    // SAFETY: an ndarray whose elements are `T` in native byte order, of any rank.
+    is_float_dtype::<T>(array).then(|| unsafe { array.cast_unchecked() })
+}
+
 /// Whether the array's flags have all of `flags` set.
 fn has_flags(array: &Bound<'_, PyUntypedArray>, flags: c_int) -> bool {
     // SAFETY: reads the flags field of a live NumPy array object.
@@ -545,7 +555,7 @@ fn gradient_source<'py, T: Float>(
 ) -> PyResult<Source<'py, T>> {
     let array = native_float(array)?;
     if is_float_dtype::<T>(&array) {
-        let typed = array.cast_into::<PyArrayDyn<T>>().expect("dtype checked");
+        let typed = typed::<T>(&array).expect("dtype checked").clone();
         return Ok(Source::new(typed, order));
     }
     // float32 <-> float64 is rounded here, in Rust, so an overflow to infinity is reported
@@ -558,8 +568,8 @@ fn gradient_source<'py, T: Float>(
     Ok(Source::Staged(values))
 }
 
-fn convert<S: Element + Real, T: Real>(array: &Bound<'_, PyUntypedArray>, order: Order) -> Vec<T> {
-    let typed = array.cast::<PyArrayDyn<S>>().expect("dtype checked");
+fn convert<S: Float, T: Real>(array: &Bound<'_, PyUntypedArray>, order: Order) -> Vec<T> {
+    let typed = typed::<S>(array).expect("dtype checked");
     order.gather(read_view(typed), |x: S| T::from_f64(x.to_f64()))
 }
 
@@ -622,7 +632,7 @@ fn borrow_state<'py, T: Float>(
                     ),
                 ));
             }
-            let typed = array.cast::<PyArrayDyn<T>>().expect("dtype checked");
+            let typed = typed::<T>(&array).expect("dtype checked");
             Ok((Target::new(Access(typed.clone()), order), None))
         }
         None => {
@@ -642,7 +652,7 @@ fn build_entry<'py, T: Float>(
     states: &[StateSpec<'_, 'py>],
     user: &CallClaims,
 ) -> PyResult<Entry<'py, T>> {
-    let typed = param.cast::<PyArrayDyn<T>>().expect("dtype checked");
+    let typed = typed::<T>(param).expect("dtype checked");
     let order = Order::of(param);
     let mut entry = Entry {
         param: Target::new(Access(typed.clone()), order),
@@ -1331,10 +1341,10 @@ fn norm_source(array: Bound<'_, PyUntypedArray>) -> PyResult<NormSource<'_>> {
     // Any contiguous layout will do for a norm; anything else is gathered in C order.
     let order = Order::of(&array);
     Ok(if is_float_dtype::<f32>(&array) {
-        let typed = array.cast_into::<PyArrayDyn<f32>>().expect("dtype checked");
+        let typed = typed::<f32>(&array).expect("dtype checked").clone();
         NormSource::Single(Source::new(typed, order))
     } else {
-        let typed = array.cast_into::<PyArrayDyn<f64>>().expect("dtype checked");
+        let typed = typed::<f64>(&array).expect("dtype checked").clone();
         NormSource::Double(Source::new(typed, order))
     })
 }

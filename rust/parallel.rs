@@ -262,10 +262,14 @@ impl Helpers {
         let mut seen = 0;
         loop {
             let spin_start = Instant::now();
-            while self.generation.load(Ordering::Acquire) == seen
-                && spin_start.elapsed() < HELPER_SPIN
-            {
+            let mut spins = 0u32;
+            while self.generation.load(Ordering::Acquire) == seen {
                 std::hint::spin_loop();
+                spins = spins.wrapping_add(1);
+                // Reading the clock costs more than a spin: look at it now and then.
+                if spins.is_multiple_of(256) && spin_start.elapsed() >= HELPER_SPIN {
+                    break;
+                }
             }
             let shared = {
                 let mut offer = self.offer.lock().unwrap_or_else(|e| e.into_inner());
