@@ -151,7 +151,11 @@ impl<'py, T: Element + Copy> Target<'py, T> {
 fn claim_of(array: &Bound<'_, PyUntypedArray>, write: bool, item: usize) -> Claim {
     // SAFETY: reads the data pointer of a live NumPy array object.
     let data = unsafe { (*array.as_array_ptr()).fields.data as usize };
-    let itemsize = array.dtype().itemsize();
+    let itemsize = match descr(array).type_num {
+        n if n == f64::TYPE_NUM as c_int => 8,
+        n if n == f32::TYPE_NUM as c_int => 4,
+        _ => array.dtype().itemsize(),
+    };
     Claim::of(data, array.shape(), array.strides(), itemsize, write, item)
 }
 
@@ -457,8 +461,19 @@ impl Float for f64 {
 
 /// Whether the array holds `T` in native byte order.
 fn is_float_dtype<T: Float>(array: &Bound<'_, PyUntypedArray>) -> bool {
-    let dtype = array.dtype();
-    dtype.num() == T::TYPE_NUM as c_int && dtype.is_native_byteorder() != Some(false)
+    let dtype = descr(array);
+    // NumPy's PyArray_ISNBO: '=' native, '|' not applicable, else the machine's own order.
+    let native = matches!(dtype.byteorder as u8, b'=' | b'|')
+        || dtype.byteorder as u8 == numpy::npyffi::NPY_BYTEORDER_CHAR::NPY_NATBYTE as u8;
+    dtype.type_num == T::TYPE_NUM as c_int && native
+}
+
+/// The array's dtype fields, read in place: `dtype()` would create a new reference, and
+/// these checks run several times per array and call.
+fn descr<'a>(array: &'a Bound<'_, PyUntypedArray>) -> &'a numpy::npyffi::PyArray_Descr_fields {
+    // SAFETY: a live array holds a reference to its descr; these leading fields are laid
+    // out alike in NumPy 1 and 2.
+    unsafe { &(*(*array.as_array_ptr()).fields.descr).fields }
 }
 
 /// The array as `PyArrayDyn<T>` if it holds `T`. rust-numpy's own cast compares dtype
