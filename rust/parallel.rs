@@ -288,10 +288,13 @@ impl Helpers {
     }
 
     /// Offers tasks to the helper threads (replacing any earlier offer, whose tasks are all
-    /// claimed or will be done by their caller).
+    /// claimed or will be done by their caller). Never waits for the lock: when a helper
+    /// holds it (or held it when the process forked, and is gone), the caller works alone.
     fn offer(&self, shared: &Arc<Shared>) {
         let sleeping = {
-            let mut offer = self.offer.lock().unwrap_or_else(|e| e.into_inner());
+            let Ok(mut offer) = self.offer.try_lock() else {
+                return;
+            };
             offer.shared = Some(Arc::clone(shared));
             offer.generation += 1;
             self.generation.store(offer.generation, Ordering::Release);

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
+import pickle
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -372,3 +375,44 @@ def test_one_optimizer_writes_what_another_reads_as_gradient() -> None:
                               lambda o, a: o[1].step(a[1], g2)]
 
     _check_shared(make)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_a_forked_child_steps_like_its_parent() -> None:
+    """Helper threads do not survive fork(): a child (multiprocessing's default start on
+    Linux) must still step, alone, to the same bits as its parent, and never hang."""
+    opt = make_opt("sam")
+    params = make_params(21)
+    for seed in (1, 2):  # the helper threads exist, busy or just done, when forking
+        opt.first_step(params, make_grads(params, seed))
+        opt.second_step(params, make_grads(params, seed + 10))
+    expected = copy_params(params)
+    expected_opt = pickle.loads(pickle.dumps(opt))
+    expected_opt.first_step(expected, make_grads(expected, 3))
+    expected_opt.second_step(expected, make_grads(expected, 13))
+    digest = hashlib.sha256(b"".join(expected[k].tobytes() for k in sorted(expected)))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: step, report the digest, leave without pytest's teardown
+        status = 1
+        try:
+            os.close(read_end)
+            opt.first_step(params, make_grads(params, 3))
+            opt.second_step(params, make_grads(params, 13))
+            got = hashlib.sha256(b"".join(params[k].tobytes() for k in sorted(params)))
+            os.write(write_end, got.hexdigest().encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in a step")
+    with os.fdopen(read_end, "rb") as pipe:
+        reported = pipe.read().decode()
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert reported == digest.hexdigest()
