@@ -153,7 +153,11 @@ pub fn into_tasks<L: Lanes>(items: impl IntoIterator<Item = L>) -> Vec<Vec<L>> {
 /// never waits for a sleeping thread to wake up (tens of microseconds on a virtual
 /// machine), only for tasks already under way.
 struct Shared {
-    next: AtomicUsize,
+    /// The unclaimed tasks `[front, back)`, packed as `back << 32 | front`: the caller
+    /// claims from the front and helpers from the back, so that each thread keeps working
+    /// on the same part of the arrays from one pass to the next (and from one step to the
+    /// next), whose data its own caches then still hold.
+    unclaimed: AtomicU64,
     done: AtomicUsize,
     total: usize,
     /// The caller's work, its lifetime erased: only called with a claimed index, and the
@@ -165,14 +169,55 @@ struct Shared {
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+fn pack(front: usize, back: usize) -> u64 {
+    (back as u64) << 32 | front as u64
+}
+
+fn unpack(unclaimed: u64) -> (usize, usize) {
+    (
+        (unclaimed & u64::from(u32::MAX)) as usize,
+        (unclaimed >> 32) as usize,
+    )
+}
+
 impl Shared {
-    /// Runs tasks until none are left to claim.
-    fn help(&self) {
+    fn new(total: usize, work: *const (dyn Fn(usize) + Sync)) -> Shared {
+        assert!(total <= u32::MAX as usize, "too many tasks for one call");
+        Shared {
+            unclaimed: AtomicU64::new(pack(0, total)),
+            done: AtomicUsize::new(0),
+            total,
+            work,
+        }
+    }
+
+    /// The next task from the front (the caller) or the back (helpers), if any is left.
+    fn claim(&self, from_back: bool) -> Option<usize> {
+        let mut current = self.unclaimed.load(Ordering::Acquire);
         loop {
-            let index = self.next.fetch_add(1, Ordering::AcqRel);
-            if index >= self.total {
-                return;
+            let (front, back) = unpack(current);
+            if front >= back {
+                return None;
             }
+            let (index, next) = match from_back {
+                true => (back - 1, pack(front, back - 1)),
+                false => (front, pack(front + 1, back)),
+            };
+            match self.unclaimed.compare_exchange_weak(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(index),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Runs tasks until none are left to claim.
+    fn help(&self, from_back: bool) {
+        while let Some(index) = self.claim(from_back) {
             let _counted = CountDone(&self.done);
             // SAFETY: `index` was claimed, so the caller is still waiting (see `work`).
             unsafe { (*self.work)(index) };
@@ -190,13 +235,13 @@ impl Drop for CountDone<'_> {
 }
 
 /// Closes the tasks to new claims and waits for the claimed ones, also if the caller
-/// unwinds: the pool's threads may be using the caller's data until then.
+/// unwinds: the helper threads may be using the caller's data until then.
 struct WaitForClaimed<'a>(&'a Shared);
 
 impl Drop for WaitForClaimed<'_> {
     fn drop(&mut self) {
-        let claimed = self.0.next.fetch_max(self.0.total, Ordering::AcqRel);
-        let claimed = claimed.min(self.0.total);
+        let (front, back) = unpack(self.0.unclaimed.swap(0, Ordering::AcqRel));
+        let claimed = self.0.total - back.saturating_sub(front);
         let mut spins = 0u32;
         while self.0.done.load(Ordering::Acquire) < claimed {
             spins += 1;
@@ -282,7 +327,7 @@ impl Helpers {
                 offer.shared.clone()
             };
             if let Some(shared) = shared {
-                shared.help();
+                shared.help(true);
             }
         }
     }
@@ -316,15 +361,10 @@ fn run_shared(total: usize, work: &(dyn Fn(usize) + Sync)) {
     };
     // SAFETY: only the lifetime is erased; see `Shared::work`.
     let work: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(work) };
-    let shared = Arc::new(Shared {
-        next: AtomicUsize::new(0),
-        done: AtomicUsize::new(0),
-        total,
-        work,
-    });
+    let shared = Arc::new(Shared::new(total, work));
     let _wait = WaitForClaimed(&shared);
     helpers.offer(&shared);
-    shared.help();
+    shared.help(false);
 }
 
 /// Applies `kernel` to every piece of every item, in parallel over tasks.
