@@ -245,11 +245,13 @@ kernel_body!(sum_squares_body<T: Real>(
         // The common case: `x·1·1` is `x`, so the scaling can go (it costs more than the
         // square and the sum).
         None if scale_g == Pow2Scale::ONE => {
+            // Widened a block at a time: element by element, float32 was not vectorised.
             let mut blocks = g.chunks_exact(LANES);
             for block in &mut blocks {
+                let block: &[T; LANES] = block.try_into().expect("chunks of LANES");
+                let x: [f64; LANES] = block.map(T::to_f64);
                 for k in 0..LANES {
-                    let x = block[k].to_f64();
-                    acc[k] += x * x;
+                    acc[k] += x[k] * x[k];
                 }
             }
             for (k, &gi) in blocks.remainder().iter().enumerate() {
@@ -260,9 +262,10 @@ kernel_body!(sum_squares_body<T: Real>(
         None => {
             let mut blocks = g.chunks_exact(LANES);
             for block in &mut blocks {
+                let block: &[T; LANES] = block.try_into().expect("chunks of LANES");
+                let x: [f64; LANES] = block.map(|gi| scale_g.apply(gi.to_f64()));
                 for k in 0..LANES {
-                    let x = scale_g.apply(block[k].to_f64());
-                    acc[k] += x * x;
+                    acc[k] += x[k] * x[k];
                 }
             }
             for (k, &gi) in blocks.remainder().iter().enumerate() {
@@ -274,9 +277,12 @@ kernel_body!(sum_squares_body<T: Real>(
             let p = &p[..g.len()];
             let (mut g_blocks, mut p_blocks) = (g.chunks_exact(LANES), p.chunks_exact(LANES));
             for (gb, pb) in (&mut g_blocks).zip(&mut p_blocks) {
+                let gb: &[T; LANES] = gb.try_into().expect("chunks of LANES");
+                let pb: &[T; LANES] = pb.try_into().expect("chunks of LANES");
+                let (g, p): ([f64; LANES], [f64; LANES]) = (gb.map(T::to_f64), pb.map(T::to_f64));
                 for k in 0..LANES {
-                    let w = scale_w.apply(pb[k].to_f64().abs() + eta);
-                    let x = w * scale_g.apply(gb[k].to_f64());
+                    let w = scale_w.apply(p[k].abs() + eta);
+                    let x = w * scale_g.apply(g[k]);
                     acc[k] += x * x;
                 }
             }
