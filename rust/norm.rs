@@ -221,6 +221,7 @@ impl Pow2Scale {
 /// Independent partial sums of a sum of squares: enough that the loop is limited by memory,
 /// not by the latency of one addition chain (four vectors of four f64 with AVX2).
 const LANES: usize = 16;
+const HALF: usize = LANES / 2;
 
 /// `Σ (w·g)²` over one piece, `LANES` independent accumulators so the loop vectorises and
 /// pipelines; the grouping is fixed, so the result is too.
@@ -240,62 +241,60 @@ kernel_body!(sum_squares_body<T: Real>(
     scale_w: Pow2Scale
 ) -> f64 {
     let (g, p) = lanes;
-    let mut acc = [0.0f64; LANES];
+    let mut sums = Sums::default();
     match p {
         // The common case: `x·1·1` is `x`, so the scaling can go (it costs more than the
         // square and the sum).
-        None if scale_g == Pow2Scale::ONE => {
-            // Widened a block at a time: element by element, float32 was not vectorised.
-            let mut blocks = g.chunks_exact(LANES);
-            for block in &mut blocks {
-                let block: &[T; LANES] = block.try_into().expect("chunks of LANES");
-                let x: [f64; LANES] = block.map(T::to_f64);
-                for k in 0..LANES {
-                    acc[k] += x[k] * x[k];
-                }
+        None if scale_g == Pow2Scale::ONE => sums.add_squares(g, g, |gi, _| gi),
+        None => sums.add_squares(g, g, |gi, _| scale_g.apply(gi)),
+        Some(p) => sums.add_squares(g, &p[..g.len()], |gi, pi| {
+            scale_w.apply(pi.abs() + eta) * scale_g.apply(gi)
+        }),
+    }
+    sums.total()
+});
+
+/// `LANES` running sums of squares, element `i` of a piece going to sum `i % LANES`.
+/// Kept as two halves of eight: as one array of sixteen, LLVM moved it through the stack
+/// on every block for float32.
+#[derive(Default)]
+struct Sums {
+    low: [f64; HALF],
+    high: [f64; HALF],
+}
+
+impl Sums {
+    /// Adds `term(g, p)²` for every element (`g` and `p` equally long).
+    #[inline(always)]
+    fn add_squares<T: Real>(&mut self, g: &[T], p: &[T], term: impl Fn(f64, f64) -> f64) {
+        let (mut g_blocks, mut p_blocks) = (g.chunks_exact(LANES), p.chunks_exact(LANES));
+        for (gb, pb) in (&mut g_blocks).zip(&mut p_blocks) {
+            for k in 0..HALF {
+                let x = term(gb[k].to_f64(), pb[k].to_f64());
+                self.low[k] += x * x;
             }
-            for (k, &gi) in blocks.remainder().iter().enumerate() {
-                let x = gi.to_f64();
-                acc[k] += x * x;
+            for k in 0..HALF {
+                let x = term(gb[HALF + k].to_f64(), pb[HALF + k].to_f64());
+                self.high[k] += x * x;
             }
         }
-        None => {
-            let mut blocks = g.chunks_exact(LANES);
-            for block in &mut blocks {
-                let block: &[T; LANES] = block.try_into().expect("chunks of LANES");
-                let x: [f64; LANES] = block.map(|gi| scale_g.apply(gi.to_f64()));
-                for k in 0..LANES {
-                    acc[k] += x[k] * x[k];
-                }
-            }
-            for (k, &gi) in blocks.remainder().iter().enumerate() {
-                let x = scale_g.apply(gi.to_f64());
-                acc[k] += x * x;
-            }
-        }
-        Some(p) => {
-            let p = &p[..g.len()];
-            let (mut g_blocks, mut p_blocks) = (g.chunks_exact(LANES), p.chunks_exact(LANES));
-            for (gb, pb) in (&mut g_blocks).zip(&mut p_blocks) {
-                let gb: &[T; LANES] = gb.try_into().expect("chunks of LANES");
-                let pb: &[T; LANES] = pb.try_into().expect("chunks of LANES");
-                let (g, p): ([f64; LANES], [f64; LANES]) = (gb.map(T::to_f64), pb.map(T::to_f64));
-                for k in 0..LANES {
-                    let w = scale_w.apply(p[k].abs() + eta);
-                    let x = w * scale_g.apply(g[k]);
-                    acc[k] += x * x;
-                }
-            }
-            let tail = g_blocks.remainder().iter().zip(p_blocks.remainder());
-            for (k, (&gi, &pi)) in tail.enumerate() {
-                let w = scale_w.apply(pi.to_f64().abs() + eta);
-                let x = w * scale_g.apply(gi.to_f64());
-                acc[k] += x * x;
+        let tail = g_blocks.remainder().iter().zip(p_blocks.remainder());
+        for (k, (&gi, &pi)) in tail.enumerate() {
+            let x = term(gi.to_f64(), pi.to_f64());
+            match k < HALF {
+                true => self.low[k] += x * x,
+                false => self.high[k - HALF] += x * x,
             }
         }
     }
-    pairwise(acc)
-});
+
+    fn total(self) -> f64 {
+        let mut acc = [0.0f64; LANES];
+        acc[..HALF].copy_from_slice(&self.low);
+        acc[HALF..].copy_from_slice(&self.high);
+        pairwise(acc)
+    }
+}
 
 /// The accumulators summed as a balanced tree, in a fixed grouping (element `k` with
 /// `k + half`, halving until one is left).
