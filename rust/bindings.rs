@@ -1,9 +1,10 @@
 //! The PyO3 layer: one function per optimizer phase, each covering every array of the
 //! call. A call runs in three stages:
 //!
-//! 1. with the GIL: check every key, dtype, shape and layout, and borrow every array
-//!    (parameters writable first, so a gradient or a second name that aliases a parameter
-//!    is caught as a borrow conflict instead of racing);
+//! 1. with the GIL: check every key, dtype, shape and layout, and claim the memory of
+//!    every array (parameters written, gradients read: a gradient or a second name that
+//!    aliases a parameter, or another call in flight on the same memory, is refused
+//!    instead of racing), then look up the optimizer's state arrays;
 //! 2. without the GIL: a read-only pass (finiteness, norms), then — only if it passed — the
 //!    fused write pass;
 //! 3. with the GIL: write back arrays that had to be staged and publish new state arrays.
@@ -248,7 +249,7 @@ impl<X> Slots<X> {
     }
 }
 
-/// Everything one parameter brings to a call, borrowed and laid out for the kernels.
+/// Everything one parameter brings to a call, laid out for the kernels.
 struct Entry<'py, T: Element> {
     param: Target<'py, T>,
     grad: Option<Source<'py, T>>,
@@ -262,7 +263,7 @@ enum AnyEntry<'py> {
     Double(Entry<'py, f64>),
 }
 
-/// A validated, fully borrowed call.
+/// A validated call whose memory is claimed.
 struct Prepared<'py> {
     names: Vec<Key<'py>>,
     entries: Vec<AnyEntry<'py>>,
@@ -591,7 +592,7 @@ fn convert<S: Float, T: Real>(array: &Bound<'_, PyUntypedArray>, order: Order) -
 /// A state array allocated by the current call.
 type NewArray<'py, T> = Bound<'py, PyArrayDyn<T>>;
 
-/// Looks up or creates, checks and borrows one state array of one parameter.
+/// Looks up or creates, and checks, one state array of one parameter.
 fn borrow_state<'py, T: Float>(
     spec: &StateSpec<'_, 'py>,
     Name {
@@ -824,7 +825,7 @@ impl<'py> Prepared<'py> {
     }
 }
 
-/// The lanes of one entry for the kernels: parameter, gradient (if borrowed), states.
+/// The lanes of one entry for the kernels: parameter, gradient (if the call has one), states.
 fn entry_lanes<'a, T: Element + Copy>(
     entry: &'a mut Entry<'_, T>,
 ) -> (&'a mut [T], Option<&'a [T]>, Slots<&'a mut [T]>) {
@@ -1100,7 +1101,7 @@ fn sgd_lanes<'a, T: Element + Real>(
     let [velocity] = take_states(own);
     (
         param,
-        grad.expect("gradients were borrowed"),
+        grad.expect("the call has gradients"),
         velocity,
         saved,
         grad0,
@@ -1179,7 +1180,7 @@ fn adam_lanes<'a, T: Element + Real>(
     let [m, v] = take_states(own);
     (
         param,
-        grad.expect("gradients were borrowed"),
+        grad.expect("the call has gradients"),
         m,
         v,
         saved,
@@ -1232,7 +1233,7 @@ fn gsam_direction<'py>(
 fn mix_lanes<'a, T: Element + Real>(entry: &'a mut Entry<'_, T>) -> kernels::MixLanes<'a, T> {
     let (_, grad, states) = entry_lanes(entry);
     let [out, grad0] = take_states(states);
-    (out, grad.expect("gradients were borrowed"), grad0)
+    (out, grad.expect("the call has gradients"), grad0)
 }
 
 /// SAM's first phase: moves the parameters by the ascent `ρ·g/(n + eps)` (adaptive:
@@ -1309,7 +1310,7 @@ fn perturb_lanes<'a, T: Element + Real>(
     let (param, grad, mut states) = entry_lanes(entry);
     let kept = (states.len == 2).then(|| states.pop()).flatten();
     let [saved] = take_states(states);
-    (param, grad.expect("gradients were borrowed"), saved, kept)
+    (param, grad.expect("the call has gradients"), saved, kept)
 }
 
 /// Puts every parameter back to its saved value, bit for bit.

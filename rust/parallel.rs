@@ -149,8 +149,8 @@ pub fn into_tasks<L: Lanes>(items: impl IntoIterator<Item = L>) -> Vec<Vec<L>> {
 }
 
 /// Tasks shared between the calling thread and the helper threads. The caller works
-/// through them itself and the helpers join in, claiming tasks from one counter: a call
-/// never waits for a sleeping thread to wake up (tens of microseconds on a virtual
+/// through them itself and the helpers join in, each claiming the next unclaimed task: a
+/// call never waits for a sleeping thread to wake up (tens of microseconds on a virtual
 /// machine), only for tasks already under way.
 struct Shared {
     /// The unclaimed tasks `[front, back)`, packed as `back << 32 | front`: the caller
