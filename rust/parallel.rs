@@ -367,20 +367,43 @@ fn run_shared(total: usize, work: &(dyn Fn(usize) + Sync)) {
     shared.help(false);
 }
 
+/// `per_task` applied to every task (the items cut by `into_tasks`), in parallel; the
+/// results come back in task order, whichever thread produced them.
+fn map_tasks<L, R, F>(items: impl IntoIterator<Item = L>, per_task: F) -> Vec<R>
+where
+    L: Lanes,
+    R: Send,
+    F: Fn(Vec<L>) -> R + Sync,
+{
+    // Each task is taken out of its slot by the one thread that claimed it.
+    let tasks: Vec<Mutex<Option<Vec<L>>>> = into_tasks(items)
+        .into_iter()
+        .map(|task| Mutex::new(Some(task)))
+        .collect();
+    let results: Vec<Mutex<Option<R>>> = tasks.iter().map(|_| Mutex::new(None)).collect();
+    run_shared(tasks.len(), &|index| {
+        let task = tasks[index].lock().ok().and_then(|mut slot| slot.take());
+        let result = per_task(task.expect("each task is claimed once"));
+        if let Ok(mut slot) = results[index].lock() {
+            *slot = Some(result);
+        }
+    });
+    results
+        .into_iter()
+        .map(|slot| {
+            let result = slot.into_inner().ok().flatten();
+            result.expect("run_shared runs every task")
+        })
+        .collect()
+}
+
 /// Applies `kernel` to every piece of every item, in parallel over tasks.
 pub fn for_each<L, F>(items: impl IntoIterator<Item = L>, kernel: F)
 where
     L: Lanes,
     F: Fn(L) + Sync + Send,
 {
-    let tasks: Vec<Mutex<Option<Vec<L>>>> = into_tasks(items)
-        .into_iter()
-        .map(|task| Mutex::new(Some(task)))
-        .collect();
-    run_shared(tasks.len(), &|index| {
-        let task = tasks[index].lock().map(|mut slot| slot.take());
-        task.ok().flatten().into_iter().flatten().for_each(&kernel);
-    });
+    map_tasks(items, |task| task.into_iter().for_each(&kernel));
 }
 
 /// Sums `partial(piece)` over every piece, reproducibly: pieces are summed in order within a
@@ -390,25 +413,9 @@ where
     L: Lanes,
     F: Fn(L) -> f64 + Sync + Send,
 {
-    let tasks: Vec<Mutex<Option<Vec<L>>>> = into_tasks(items)
+    let task_total = |task: Vec<L>| task.into_iter().map(&partial).fold(0.0, |acc, x| acc + x);
+    map_tasks(items, task_total)
         .into_iter()
-        .map(|task| Mutex::new(Some(task)))
-        .collect();
-    let totals: Vec<AtomicU64> = tasks.iter().map(|_| AtomicU64::new(0)).collect();
-    run_shared(tasks.len(), &|index| {
-        let task = tasks[index].lock().map(|mut slot| slot.take());
-        let total = task
-            .ok()
-            .flatten()
-            .into_iter()
-            .flatten()
-            .map(&partial)
-            .fold(0.0, |acc, x| acc + x);
-        totals[index].store(total.to_bits(), Ordering::Relaxed);
-    });
-    totals
-        .iter()
-        .map(|bits| f64::from_bits(bits.load(Ordering::Relaxed)))
         .fold(0.0, |acc, x| acc + x)
 }
 
@@ -418,19 +425,8 @@ where
     L: Lanes,
     F: Fn(L) -> f64 + Sync + Send,
 {
-    let tasks: Vec<Mutex<Option<Vec<L>>>> = into_tasks(items)
-        .into_iter()
-        .map(|task| Mutex::new(Some(task)))
-        .collect();
-    let largest = AtomicU64::new(0.0f64.to_bits());
-    run_shared(tasks.len(), &|index| {
-        let task = tasks[index].lock().map(|mut slot| slot.take());
-        let pieces = task.ok().flatten().into_iter().flatten();
-        let task_max = pieces.map(&measure).fold(0.0, f64::max);
-        // Non-negative floats order as their bits do.
-        largest.fetch_max(task_max.to_bits(), Ordering::Relaxed);
-    });
-    f64::from_bits(largest.load(Ordering::Relaxed))
+    let task_max = |task: Vec<L>| task.into_iter().map(&measure).fold(0.0, f64::max);
+    map_tasks(items, task_max).into_iter().fold(0.0, f64::max)
 }
 
 #[cfg(test)]
