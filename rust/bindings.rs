@@ -297,28 +297,15 @@ fn dtype_name(array: &Bound<'_, PyUntypedArray>) -> String {
     array.dtype().to_string()
 }
 
-/// A parameter name: the dict's own key object (so lookups reuse its cached hash) and its
-/// text.
-#[derive(Clone, Copy)]
-struct Name<'a, 'py> {
-    object: &'a Bound<'py, PyString>,
-    text: &'a str,
-}
+/// A parameter name: the caller's key object itself, so that lookups in the other dicts
+/// reuse its cached hash. Its text is only extracted for messages (the limited API of
+/// CPython 3.9, which the wheel targets, has no borrowed UTF-8 view of a str: extracting
+/// it costs a copy).
+struct Key<'py>(Bound<'py, PyString>);
 
-/// A key of the caller's dict: the key object itself (lookups reuse its cached hash) and
-/// its text (shared with `NameOrder`: the limited API of CPython 3.9, which the wheel
-/// targets, has no borrowed UTF-8 view of a str, so extracting it costs a copy).
-struct Key<'py> {
-    object: Bound<'py, PyString>,
-    text: Arc<str>,
-}
-
-impl<'py> Key<'py> {
-    fn name(&self) -> Name<'_, 'py> {
-        Name {
-            object: &self.object,
-            text: &self.text,
-        }
+impl Key<'_> {
+    fn text(&self) -> String {
+        self.0.to_string_lossy().into_owned()
     }
 }
 
@@ -331,8 +318,8 @@ struct NameOrder {
     /// The key objects in the dict's iteration order, held so that no other object can
     /// take one's address.
     keys: Vec<Py<PyString>>,
-    /// Name order: each key's index in `keys`, and its text.
-    order: Vec<(usize, Arc<str>)>,
+    /// Name order: each key's index in `keys`.
+    order: Vec<usize>,
 }
 
 #[pymethods]
@@ -383,15 +370,16 @@ fn sorted_entries<'py>(
     let order = match cache.as_deref() {
         Some(known) if known.matches(&keys) => known.order.clone(),
         _ => {
-            let mut order = Vec::with_capacity(keys.len());
-            for (index, key) in keys.iter().enumerate() {
+            let mut texts = Vec::with_capacity(keys.len());
+            for key in &keys {
                 let text = key
                     .cast::<PyString>()
                     .map_err(|_| non_str_key(key))?
                     .to_cow()?;
-                order.push((index, Arc::<str>::from(text.as_ref())));
+                texts.push(text);
             }
-            order.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+            let mut order: Vec<usize> = (0..keys.len()).collect();
+            order.sort_unstable_by(|&a, &b| texts[a].cmp(&texts[b]));
             if let Some(cache) = cache.as_deref_mut() {
                 cache.keys = keys
                     .iter()
@@ -409,9 +397,9 @@ fn sorted_entries<'py>(
     };
     Ok(order
         .into_iter()
-        .map(|(index, text)| {
+        .map(|index| {
             let object = keys[index].cast::<PyString>().expect("a str key").clone();
-            (Key { object, text }, values[index].clone())
+            (Key(object), values[index].clone())
         })
         .collect())
 }
@@ -520,13 +508,17 @@ fn native_float<'py>(array: Bound<'py, PyUntypedArray>) -> PyResult<Bound<'py, P
 }
 
 /// Gradients may be float16, float32 or float64 (anything else is refused, not cast).
-fn check_gradient_dtype(array: &Bound<'_, PyUntypedArray>, name: &str) -> PyResult<()> {
+fn check_gradient_dtype(array: &Bound<'_, PyUntypedArray>, key: &Key<'_>) -> PyResult<()> {
+    if is_float_dtype::<f64>(array) || is_float_dtype::<f32>(array) {
+        return Ok(());
+    }
     let dtype = array.dtype();
     if dtype.kind() == b'f' && matches!(dtype.itemsize(), 2 | 4 | 8) {
         return Ok(());
     }
+    let name = key.text();
     Err(optimizer_error(
-        name,
+        &name,
         format!(
             "gradient '{name}' has unsupported dtype {} (expected float16, float32 or float64)",
             dtype_name(array)
@@ -537,23 +529,22 @@ fn check_gradient_dtype(array: &Bound<'_, PyUntypedArray>, name: &str) -> PyResu
 /// Looks up and checks the gradient of one parameter (the caller's array, not yet read).
 fn checked_grad<'py>(
     grads: &Bound<'py, PyDict>,
-    Name {
-        object: key,
-        text: name,
-    }: Name<'_, 'py>,
+    key: &Key<'py>,
     param_shape: &[usize],
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
-    let Some(object) = grads.get_item(key)? else {
+    let Some(object) = grads.get_item(&key.0)? else {
+        let name = key.text();
         return Err(optimizer_error(
-            name,
+            &name,
             format!("missing gradient for parameter '{name}'"),
         ));
     };
-    let array = as_array(&object, "gradient", || name)?;
-    check_gradient_dtype(&array, name)?;
+    let array = as_array(&object, "gradient", || key.text())?;
+    check_gradient_dtype(&array, key)?;
     if array.shape() != param_shape {
+        let name = key.text();
         return Err(optimizer_error(
-            name,
+            &name,
             format!(
                 "gradient '{name}' has shape {} but the parameter has shape {}",
                 describe_shape(array.shape()),
@@ -595,18 +586,15 @@ type NewArray<'py, T> = Bound<'py, PyArrayDyn<T>>;
 /// Looks up or creates, and checks, one state array of one parameter.
 fn borrow_state<'py, T: Float>(
     spec: &StateSpec<'_, 'py>,
-    Name {
-        object: key,
-        text: name,
-    }: Name<'_, 'py>,
+    key: &Key<'py>,
     param_shape: &[usize],
     order: Order,
     user: &CallClaims,
 ) -> PyResult<(Target<'py, T>, Option<NewArray<'py, T>>)> {
     let py = spec.dict.py();
     // The state-dict key, for messages: only formatted on an error path.
-    let state_key = || format!("{}{name}", spec.prefix);
-    let existing = match spec.dict.get_item(key)? {
+    let state_key = || format!("{}{}", spec.prefix, key.text());
+    let existing = match spec.dict.get_item(&key.0)? {
         Some(object) => {
             let array = as_array(&object, "state", state_key)?;
             let fits = is_float_dtype::<T>(&array) && array.shape() == param_shape;
@@ -614,6 +602,7 @@ fn borrow_state<'py, T: Float>(
                 (true, _) => Some(array),
                 (false, Policy::Scratch) => None,
                 (false, _) => {
+                    let name = key.text();
                     let key = state_key();
                     return Err(optimizer_error(
                         &key,
@@ -664,7 +653,7 @@ fn borrow_state<'py, T: Float>(
 fn build_entry<'py, T: Float>(
     param: &Bound<'py, PyUntypedArray>,
     grad: Option<Bound<'py, PyUntypedArray>>,
-    name: Name<'_, 'py>,
+    key: &Key<'py>,
     states: &[StateSpec<'_, 'py>],
     user: &CallClaims,
 ) -> PyResult<Entry<'py, T>> {
@@ -677,7 +666,7 @@ fn build_entry<'py, T: Float>(
         created: Vec::new(),
     };
     for (index, spec) in states.iter().enumerate() {
-        let (target, created) = borrow_state::<T>(spec, name, param.shape(), order, user)?;
+        let (target, created) = borrow_state::<T>(spec, key, param.shape(), order, user)?;
         entry.states.push(target);
         if let Some(array) = created {
             entry.created.push((index, array));
@@ -691,17 +680,18 @@ fn checked_param<'py>(
     key: &Key<'py>,
     object: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
-    let name = &*key.text;
-    let array = as_array(object, "parameter", || name)?;
+    let array = as_array(object, "parameter", || key.text())?;
     if !is_aligned(&array) {
+        let name = key.text();
         return Err(optimizer_error(
-            name,
+            &name,
             format!("parameter '{name}' is not aligned in memory (copy it to update it)"),
         ));
     }
     if !(is_float_dtype::<f32>(&array) || is_float_dtype::<f64>(&array)) {
+        let name = key.text();
         return Err(optimizer_error(
-            name,
+            &name,
             format!(
                 "parameter '{name}' has dtype {} (expected float32 or float64)",
                 dtype_name(&array)
@@ -709,8 +699,9 @@ fn checked_param<'py>(
         ));
     }
     if !has_flags(&array, numpy::npyffi::NPY_ARRAY_WRITEABLE) {
+        let name = key.text();
         return Err(optimizer_error(
-            name,
+            &name,
             format!("parameter '{name}' is read-only (not writeable)"),
         ));
     }
@@ -730,7 +721,7 @@ fn claim_memory(
         } else {
             "gradient"
         };
-        shared_memory_error(what, &names[item % names.len()].text)
+        shared_memory_error(what, &names[item % names.len()].text())
     };
     let claims = Arc::new(CallClaims::new(claims));
     if let Some(item) = claims.first_conflict() {
@@ -762,7 +753,7 @@ fn prepare<'py>(
     let mut grad_arrays = Vec::with_capacity(if grads.is_some() { n } else { 0 });
     if let Some(grads) = grads {
         for (item, (key, param)) in names.iter().zip(&param_arrays).enumerate() {
-            let array = checked_grad(grads, key.name(), param.shape())?;
+            let array = checked_grad(grads, key, param.shape())?;
             claims.push(claim_of(&array, false, n + item));
             grad_arrays.push(array);
         }
@@ -774,9 +765,9 @@ fn prepare<'py>(
     for (key, param) in names.iter().zip(&param_arrays) {
         let grad = grads.and_then(|_| grad_arrays.next());
         let entry = if is_float_dtype::<f32>(param) {
-            AnyEntry::Single(build_entry(param, grad, key.name(), states, &user)?)
+            AnyEntry::Single(build_entry(param, grad, key, states, &user)?)
         } else {
-            AnyEntry::Double(build_entry(param, grad, key.name(), states, &user)?)
+            AnyEntry::Double(build_entry(param, grad, key, states, &user)?)
         };
         entries.push(entry);
     }
@@ -804,8 +795,8 @@ impl<'py> Prepared<'py> {
         }
         for (name, entry) in self.names.iter().zip(&mut self.entries) {
             match entry {
-                AnyEntry::Single(e) => finish(e, &name.object, states)?,
-                AnyEntry::Double(e) => finish(e, &name.object, states)?,
+                AnyEntry::Single(e) => finish(e, &name.0, states)?,
+                AnyEntry::Double(e) => finish(e, &name.0, states)?,
             }
         }
         Ok(())
@@ -814,12 +805,15 @@ impl<'py> Prepared<'py> {
     fn norm_error(&self, error: NormError) -> PyErr {
         match error {
             NormError::NonFiniteGradient(index) => {
-                let name = &*self.names[index].text;
-                non_finite_error(name, format!("gradient '{name}' contains NaN or infinity"))
+                let name = self.names[index].text();
+                non_finite_error(&name, format!("gradient '{name}' contains NaN or infinity"))
             }
             NormError::NonFiniteParameter(index) => {
-                let name = &*self.names[index].text;
-                optimizer_error(name, format!("parameter '{name}' contains NaN or infinity"))
+                let name = self.names[index].text();
+                optimizer_error(
+                    &name,
+                    format!("parameter '{name}' contains NaN or infinity"),
+                )
             }
         }
     }
@@ -1374,15 +1368,14 @@ fn gradient_norm(py: Python<'_>, grads: &Bound<'_, PyDict>) -> PyResult<f64> {
     let mut arrays = Vec::with_capacity(entries.len());
     let mut claims = Vec::with_capacity(entries.len());
     for (item, (key, object)) in entries.into_iter().enumerate() {
-        let name = &*key.text;
-        let array = as_array(&object, "gradient", || name)?;
-        check_gradient_dtype(&array, name)?;
+        let array = as_array(&object, "gradient", || key.text())?;
+        check_gradient_dtype(&array, &key)?;
         claims.push(claim_of(&array, false, item));
         arrays.push(array);
         names.push(key);
     }
     let _registration = claims::register(Arc::new(CallClaims::new(claims)))
-        .map_err(|item| shared_memory_error("gradient", &names[item].text))?;
+        .map_err(|item| shared_memory_error("gradient", &names[item].text()))?;
     let sources = arrays
         .into_iter()
         .map(norm_source)
