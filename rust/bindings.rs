@@ -367,9 +367,10 @@ fn sorted_entries<'py>(
         values.push(value);
     }
     let mut cache = cache.and_then(|cache| cache.try_borrow_mut().ok());
-    let order = match cache.as_deref() {
-        Some(known) if known.matches(&keys) => known.order.clone(),
-        _ => {
+    let mut sorted = Vec::new();
+    let known = cache.as_deref().is_some_and(|known| known.matches(&keys));
+    if !known {
+        {
             let mut texts = Vec::with_capacity(keys.len());
             for key in &keys {
                 let text = key
@@ -378,8 +379,8 @@ fn sorted_entries<'py>(
                     .to_cow()?;
                 texts.push(text);
             }
-            let mut order: Vec<usize> = (0..keys.len()).collect();
-            order.sort_unstable_by(|&a, &b| texts[a].cmp(&texts[b]));
+            sorted = (0..keys.len()).collect();
+            sorted.sort_unstable_by(|&a, &b| texts[a].cmp(&texts[b]));
             if let Some(cache) = cache.as_deref_mut() {
                 cache.keys = keys
                     .iter()
@@ -390,34 +391,41 @@ fn sorted_entries<'py>(
                             .unbind()
                     })
                     .collect();
-                cache.order = order.clone();
+                cache.order = sorted.clone();
             }
-            order
         }
+    }
+    let order = match (known, cache.as_deref()) {
+        (true, Some(cache)) => &cache.order,
+        _ => &sorted,
     };
+    // Moved out, not cloned: each reference count change is a call into the interpreter.
+    let mut entries: Vec<Option<_>> = keys.into_iter().zip(values).map(Some).collect();
     Ok(order
-        .into_iter()
-        .map(|index| {
-            let object = keys[index].cast::<PyString>().expect("a str key").clone();
-            (Key(object), values[index].clone())
+        .iter()
+        .map(|&index| {
+            let (key, value) = entries[index].take().expect("each index once");
+            let key = key.cast_into::<PyString>().expect("a str key");
+            (Key(key), value)
         })
         .collect())
 }
 
 /// `name` is only formatted on the error path: it may be built (a state key) per call.
 fn as_array<'py, N: AsRef<str>>(
-    object: &Bound<'py, PyAny>,
+    object: Bound<'py, PyAny>,
     what: &str,
     name: impl FnOnce() -> N,
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
-    object.cast::<PyUntypedArray>().cloned().map_err(|_| {
+    object.cast_into::<PyUntypedArray>().map_err(|error| {
+        let object = error.into_inner();
         let name = name();
         let name = name.as_ref();
         optimizer_error(
             name,
             format!(
                 "{what} '{name}' must be a numpy.ndarray, got {}",
-                type_name(object)
+                type_name(&object)
             ),
         )
     })
@@ -473,6 +481,15 @@ fn typed<'a, 'py, T: Float>(
 ) -> Option<&'a Bound<'py, PyArrayDyn<T>>> {
     // SAFETY: an ndarray whose elements are `T` in native byte order, of any rank.
     is_float_dtype::<T>(array).then(|| unsafe { array.cast_unchecked() })
+}
+
+/// `typed` for an array the caller hands over: no new reference (each reference count
+/// change is a call into the interpreter, several per array and call).
+fn typed_into<'py, T: Float>(
+    array: Bound<'py, PyUntypedArray>,
+) -> Option<Bound<'py, PyArrayDyn<T>>> {
+    // SAFETY: as for `typed`.
+    is_float_dtype::<T>(&array).then(|| unsafe { array.cast_into_unchecked() })
 }
 
 /// Whether the array's flags have all of `flags` set.
@@ -539,7 +556,7 @@ fn checked_grad<'py>(
             format!("missing gradient for parameter '{name}'"),
         ));
     };
-    let array = as_array(&object, "gradient", || key.text())?;
+    let array = as_array(object, "gradient", || key.text())?;
     check_gradient_dtype(&array, key)?;
     if array.shape() != param_shape {
         let name = key.text();
@@ -562,7 +579,7 @@ fn gradient_source<'py, T: Float>(
 ) -> PyResult<Source<'py, T>> {
     let array = native_float(array)?;
     if is_float_dtype::<T>(&array) {
-        let typed = typed::<T>(&array).expect("dtype checked").clone();
+        let typed = typed_into::<T>(array).expect("dtype checked");
         return Ok(Source::new(typed, order));
     }
     // float32 <-> float64 is rounded here, in Rust, so an overflow to infinity is reported
@@ -596,7 +613,7 @@ fn borrow_state<'py, T: Float>(
     let state_key = || format!("{}{}", spec.prefix, key.text());
     let existing = match spec.dict.get_item(&key.0)? {
         Some(object) => {
-            let array = as_array(&object, "state", state_key)?;
+            let array = as_array(object, "state", state_key)?;
             let fits = is_float_dtype::<T>(&array) && array.shape() == param_shape;
             match (fits, spec.policy) {
                 (true, _) => Some(array),
@@ -637,8 +654,8 @@ fn borrow_state<'py, T: Float>(
                     ),
                 ));
             }
-            let typed = typed::<T>(&array).expect("dtype checked");
-            Ok((Target::new(Access(typed.clone()), order), None))
+            let typed = typed_into::<T>(array).expect("dtype checked");
+            Ok((Target::new(Access(typed), order), None))
         }
         None => {
             let created = PyArrayDyn::<T>::zeros(py, param_shape, order == Order::F);
@@ -651,22 +668,23 @@ fn borrow_state<'py, T: Float>(
 /// One parameter's entry: the parameter laid out for the kernels, its gradient, its
 /// states.
 fn build_entry<'py, T: Float>(
-    param: &Bound<'py, PyUntypedArray>,
+    param: Bound<'py, PyUntypedArray>,
     grad: Option<Bound<'py, PyUntypedArray>>,
     key: &Key<'py>,
     states: &[StateSpec<'_, 'py>],
     user: &CallClaims,
 ) -> PyResult<Entry<'py, T>> {
-    let typed = typed::<T>(param).expect("dtype checked");
-    let order = Order::of(param);
+    let order = Order::of(&param);
+    let typed = typed_into::<T>(param).expect("dtype checked");
     let mut entry = Entry {
-        param: Target::new(Access(typed.clone()), order),
+        param: Target::new(Access(typed), order),
         grad: grad.map(|g| gradient_source(g, order)).transpose()?,
         states: Slots::new(),
         created: Vec::new(),
     };
     for (index, spec) in states.iter().enumerate() {
-        let (target, created) = borrow_state::<T>(spec, key, param.shape(), order, user)?;
+        let shape = entry.param.shape();
+        let (target, created) = borrow_state::<T>(spec, key, shape, order, user)?;
         entry.states.push(target);
         if let Some(array) = created {
             entry.created.push((index, array));
@@ -678,7 +696,7 @@ fn build_entry<'py, T: Float>(
 /// A parameter after its checks: a writable, aligned float32 or float64 array.
 fn checked_param<'py>(
     key: &Key<'py>,
-    object: &Bound<'py, PyAny>,
+    object: Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
     let array = as_array(object, "parameter", || key.text())?;
     if !is_aligned(&array) {
@@ -744,7 +762,7 @@ fn prepare<'py>(
     let mut claims = Vec::with_capacity(2 * params.len());
     let mut param_arrays = Vec::with_capacity(params.len());
     for (item, (key, object)) in sorted_entries(params, order)?.into_iter().enumerate() {
-        let array = checked_param(&key, &object)?;
+        let array = checked_param(&key, object)?;
         claims.push(claim_of(&array, true, item));
         param_arrays.push(array);
         names.push(key);
@@ -762,9 +780,9 @@ fn prepare<'py>(
     let (user, registration) = claim_memory(&names, claims)?;
     let mut grad_arrays = grad_arrays.into_iter();
     let mut entries = Vec::with_capacity(n);
-    for (key, param) in names.iter().zip(&param_arrays) {
+    for (key, param) in names.iter().zip(param_arrays) {
         let grad = grads.and_then(|_| grad_arrays.next());
-        let entry = if is_float_dtype::<f32>(param) {
+        let entry = if is_float_dtype::<f32>(&param) {
             AnyEntry::Single(build_entry(param, grad, key, states, &user)?)
         } else {
             AnyEntry::Double(build_entry(param, grad, key, states, &user)?)
@@ -1368,7 +1386,7 @@ fn gradient_norm(py: Python<'_>, grads: &Bound<'_, PyDict>) -> PyResult<f64> {
     let mut arrays = Vec::with_capacity(entries.len());
     let mut claims = Vec::with_capacity(entries.len());
     for (item, (key, object)) in entries.into_iter().enumerate() {
-        let array = as_array(&object, "gradient", || key.text())?;
+        let array = as_array(object, "gradient", || key.text())?;
         check_gradient_dtype(&array, &key)?;
         claims.push(claim_of(&array, false, item));
         arrays.push(array);
