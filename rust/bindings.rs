@@ -61,8 +61,9 @@ impl Order {
         }
     }
 
-    /// The array's elements in this order, each passed through `convert`.
-    fn gather<S: Copy, T>(self, view: ArrayViewD<'_, S>, convert: impl Fn(S) -> T) -> Vec<T> {
+    /// The array's elements in this order, each passed through `convert`. (Boxed slices
+    /// keep the entries that hold them small: each is moved a few times per call.)
+    fn gather<S: Copy, T>(self, view: ArrayViewD<'_, S>, convert: impl Fn(S) -> T) -> Box<[T]> {
         match self {
             Order::C => view.iter().map(|&x| convert(x)).collect(),
             Order::F => view.t().iter().map(|&x| convert(x)).collect(),
@@ -111,7 +112,7 @@ impl<'py, T: Element> Access<'py, T> {
 /// that is written back after the kernels.
 struct Target<'py, T: Element> {
     access: Access<'py, T>,
-    staged: Option<Vec<T>>,
+    staged: Option<Box<[T]>>,
     order: Order,
 }
 
@@ -171,7 +172,7 @@ fn extent(array: &Bound<'_, PyUntypedArray>) -> (usize, usize) {
 enum Source<'py, T: Element> {
     /// The caller's array, read in place (no call in flight writes it: claims).
     Array(Bound<'py, PyArrayDyn<T>>),
-    Staged(Vec<T>),
+    Staged(Box<[T]>),
 }
 
 /// The array's elements, read without a borrow: the caller checked the claims.
@@ -254,9 +255,11 @@ struct Entry<'py, T: Element> {
     param: Target<'py, T>,
     grad: Option<Source<'py, T>>,
     states: Slots<Target<'py, T>>,
-    /// Arrays allocated by this call, published in their state dicts only on success.
-    created: Vec<(usize, NewArray<'py, T>)>,
 }
+
+/// A state array allocated by the call: its entry, its state spec and the array, published
+/// in the state dict only on success.
+type Created<'py> = (usize, usize, Bound<'py, PyAny>);
 
 enum AnyEntry<'py> {
     Single(Entry<'py, f32>),
@@ -267,6 +270,7 @@ enum AnyEntry<'py> {
 struct Prepared<'py> {
     names: Vec<Key<'py>>,
     entries: Vec<AnyEntry<'py>>,
+    created: Vec<Created<'py>>,
     /// Holds the call's claims until the call has written everything back.
     _registration: Registration,
 }
@@ -592,7 +596,7 @@ fn gradient_source<'py, T: Float>(
     Ok(Source::Staged(values))
 }
 
-fn convert<S: Float, T: Real>(array: &Bound<'_, PyUntypedArray>, order: Order) -> Vec<T> {
+fn convert<S: Float, T: Real>(array: &Bound<'_, PyUntypedArray>, order: Order) -> Box<[T]> {
     let typed = typed::<S>(array).expect("dtype checked");
     order.gather(read_view(typed), |x: S| T::from_f64(x.to_f64()))
 }
@@ -673,6 +677,8 @@ fn build_entry<'py, T: Float>(
     key: &Key<'py>,
     states: &[StateSpec<'_, 'py>],
     user: &CallClaims,
+    created: &mut Vec<Created<'py>>,
+    item: usize,
 ) -> PyResult<Entry<'py, T>> {
     let order = Order::of(&param);
     let typed = typed_into::<T>(param).expect("dtype checked");
@@ -680,14 +686,13 @@ fn build_entry<'py, T: Float>(
         param: Target::new(Access(typed), order),
         grad: grad.map(|g| gradient_source(g, order)).transpose()?,
         states: Slots::new(),
-        created: Vec::new(),
     };
     for (index, spec) in states.iter().enumerate() {
         let shape = entry.param.shape();
-        let (target, created) = borrow_state::<T>(spec, key, shape, order, user)?;
+        let (target, new) = borrow_state::<T>(spec, key, shape, order, user)?;
         entry.states.push(target);
-        if let Some(array) = created {
-            entry.created.push((index, array));
+        if let Some(array) = new {
+            created.push((item, index, array.into_any()));
         }
     }
     Ok(entry)
@@ -780,18 +785,21 @@ fn prepare<'py>(
     let (user, registration) = claim_memory(&names, claims)?;
     let mut grad_arrays = grad_arrays.into_iter();
     let mut entries = Vec::with_capacity(n);
-    for (key, param) in names.iter().zip(param_arrays) {
+    let mut created = Vec::new();
+    for (item, (key, param)) in names.iter().zip(param_arrays).enumerate() {
         let grad = grads.and_then(|_| grad_arrays.next());
+        let new = &mut created;
         let entry = if is_float_dtype::<f32>(&param) {
-            AnyEntry::Single(build_entry(param, grad, key, states, &user)?)
+            AnyEntry::Single(build_entry(param, grad, key, states, &user, new, item)?)
         } else {
-            AnyEntry::Double(build_entry(param, grad, key, states, &user)?)
+            AnyEntry::Double(build_entry(param, grad, key, states, &user, new, item)?)
         };
         entries.push(entry);
     }
     Ok(Prepared {
         names,
         entries,
+        created,
         _registration: registration,
     })
 }
@@ -799,23 +807,18 @@ fn prepare<'py>(
 impl<'py> Prepared<'py> {
     /// Stage 3: writes staged copies back and publishes the state arrays this call created.
     fn commit(mut self, states: &[StateSpec<'_, 'py>]) -> PyResult<()> {
-        fn finish<'py, T: Element + Copy>(
-            entry: &mut Entry<'py, T>,
-            name: &Bound<'py, PyString>,
-            states: &[StateSpec<'_, 'py>],
-        ) -> PyResult<()> {
+        fn write_back<T: Element + Copy>(entry: &mut Entry<'_, T>) {
             entry.param.write_back();
             entry.states.iter_mut().for_each(Target::write_back);
-            for (index, array) in entry.created.drain(..) {
-                states[index].dict.set_item(name, array)?;
-            }
-            Ok(())
         }
-        for (name, entry) in self.names.iter().zip(&mut self.entries) {
+        for entry in &mut self.entries {
             match entry {
-                AnyEntry::Single(e) => finish(e, &name.0, states)?,
-                AnyEntry::Double(e) => finish(e, &name.0, states)?,
+                AnyEntry::Single(e) => write_back(e),
+                AnyEntry::Double(e) => write_back(e),
             }
+        }
+        for (item, state, array) in self.created.drain(..) {
+            states[state].dict.set_item(&self.names[item].0, array)?;
         }
         Ok(())
     }
