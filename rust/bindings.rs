@@ -261,15 +261,14 @@ struct Entry<'py, T: Element> {
 /// in the state dict only on success.
 type Created<'py> = (usize, usize, Bound<'py, PyAny>);
 
-enum AnyEntry<'py> {
-    Single(Entry<'py, f32>),
-    Double(Entry<'py, f64>),
-}
-
 /// A validated call whose memory is claimed.
 struct Prepared<'py> {
     names: Vec<Key<'py>>,
-    entries: Vec<AnyEntry<'py>>,
+    /// The entries of the float32 and of the float64 parameters, each in name order (built
+    /// in place: an entry is a few hundred bytes), and for each name whether it is float32.
+    singles: Vec<Entry<'py, f32>>,
+    doubles: Vec<Entry<'py, f64>>,
+    is_single: Vec<bool>,
     created: Vec<Created<'py>>,
     /// Holds the call's claims until the call has written everything back.
     _registration: Registration,
@@ -669,33 +668,43 @@ fn borrow_state<'py, T: Float>(
     }
 }
 
-/// One parameter's entry: the parameter laid out for the kernels, its gradient, its
-/// states.
-fn build_entry<'py, T: Float>(
-    param: Bound<'py, PyUntypedArray>,
-    grad: Option<Bound<'py, PyUntypedArray>>,
-    key: &Key<'py>,
-    states: &[StateSpec<'_, 'py>],
-    user: &CallClaims,
-    created: &mut Vec<Created<'py>>,
-    item: usize,
-) -> PyResult<Entry<'py, T>> {
-    let order = Order::of(&param);
-    let typed = typed_into::<T>(param).expect("dtype checked");
-    let mut entry = Entry {
-        param: Target::new(Access(typed), order),
-        grad: grad.map(|g| gradient_source(g, order)).transpose()?,
-        states: Slots::new(),
-    };
-    for (index, spec) in states.iter().enumerate() {
-        let shape = entry.param.shape();
-        let (target, new) = borrow_state::<T>(spec, key, shape, order, user)?;
-        entry.states.push(target);
-        if let Some(array) = new {
-            created.push((item, index, array.into_any()));
+/// What building every entry of a call shares.
+struct EntryBuilder<'a, 'py> {
+    states: &'a [StateSpec<'a, 'py>],
+    user: &'a CallClaims,
+    created: Vec<Created<'py>>,
+}
+
+impl<'py> EntryBuilder<'_, 'py> {
+    /// Appends parameter `item`'s entry: the parameter laid out for the kernels, its
+    /// gradient, its states.
+    fn build<T: Float>(
+        &mut self,
+        entries: &mut Vec<Entry<'py, T>>,
+        item: usize,
+        key: &Key<'py>,
+        param: Bound<'py, PyUntypedArray>,
+        grad: Option<Bound<'py, PyUntypedArray>>,
+    ) -> PyResult<()> {
+        let order = Order::of(&param);
+        let grad = grad.map(|g| gradient_source(g, order)).transpose()?;
+        let typed = typed_into::<T>(param).expect("dtype checked");
+        entries.push(Entry {
+            param: Target::new(Access(typed), order),
+            grad,
+            states: Slots::new(),
+        });
+        let entry = entries.last_mut().expect("just pushed");
+        for (index, spec) in self.states.iter().enumerate() {
+            let shape = entry.param.shape();
+            let (target, new) = borrow_state::<T>(spec, key, shape, order, self.user)?;
+            entry.states.push(target);
+            if let Some(array) = new {
+                self.created.push((item, index, array.into_any()));
+            }
         }
+        Ok(())
     }
-    Ok(entry)
 }
 
 /// A parameter after its checks: a writable, aligned float32 or float64 array.
@@ -784,21 +793,34 @@ fn prepare<'py>(
     // Nothing of the caller's is read before its memory is claimed.
     let (user, registration) = claim_memory(&names, claims)?;
     let mut grad_arrays = grad_arrays.into_iter();
-    let mut entries = Vec::with_capacity(n);
-    let mut created = Vec::new();
+    let n_single = param_arrays
+        .iter()
+        .filter(|p| is_float_dtype::<f32>(p))
+        .count();
+    let mut singles = Vec::with_capacity(n_single);
+    let mut doubles = Vec::with_capacity(n - n_single);
+    let mut is_single = Vec::with_capacity(n);
+    let mut builder = EntryBuilder {
+        states,
+        user: &user,
+        created: Vec::new(),
+    };
     for (item, (key, param)) in names.iter().zip(param_arrays).enumerate() {
         let grad = grads.and_then(|_| grad_arrays.next());
-        let new = &mut created;
-        let entry = if is_float_dtype::<f32>(&param) {
-            AnyEntry::Single(build_entry(param, grad, key, states, &user, new, item)?)
+        let single = is_float_dtype::<f32>(&param);
+        if single {
+            builder.build(&mut singles, item, key, param, grad)?;
         } else {
-            AnyEntry::Double(build_entry(param, grad, key, states, &user, new, item)?)
-        };
-        entries.push(entry);
+            builder.build(&mut doubles, item, key, param, grad)?;
+        }
+        is_single.push(single);
     }
+    let created = builder.created;
     Ok(Prepared {
         names,
-        entries,
+        singles,
+        doubles,
+        is_single,
         created,
         _registration: registration,
     })
@@ -811,12 +833,8 @@ impl<'py> Prepared<'py> {
             entry.param.write_back();
             entry.states.iter_mut().for_each(Target::write_back);
         }
-        for entry in &mut self.entries {
-            match entry {
-                AnyEntry::Single(e) => write_back(e),
-                AnyEntry::Double(e) => write_back(e),
-            }
-        }
+        self.singles.iter_mut().for_each(write_back);
+        self.doubles.iter_mut().for_each(write_back);
         for (item, state, array) in self.created.drain(..) {
             states[state].dict.set_item(&self.names[item].0, array)?;
         }
@@ -975,12 +993,15 @@ fn lanes_of<'a, S, D>(
     single: impl Fn(&'a mut Entry<'_, f32>) -> S,
     double: impl Fn(&'a mut Entry<'_, f64>) -> D,
 ) -> Vec<ByDtype<S, D>> {
+    let mut singles = prepared.singles.iter_mut();
+    let mut doubles = prepared.doubles.iter_mut();
+    let one_of_each = "an entry per name";
     prepared
-        .entries
-        .iter_mut()
-        .map(|entry| match entry {
-            AnyEntry::Single(e) => ByDtype::Single(single(e)),
-            AnyEntry::Double(e) => ByDtype::Double(double(e)),
+        .is_single
+        .iter()
+        .map(|&is_single| match is_single {
+            true => ByDtype::Single(single(singles.next().expect(one_of_each))),
+            false => ByDtype::Double(double(doubles.next().expect(one_of_each))),
         })
         .collect()
 }
