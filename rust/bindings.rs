@@ -161,8 +161,15 @@ fn claim_of(array: &Bound<'_, PyUntypedArray>, write: bool, item: usize) -> Clai
     Claim::of(data, array.shape(), array.strides(), itemsize, write, item)
 }
 
-/// The bytes an array's elements span, `[lowest, highest + itemsize)`; empty for size 0.
-fn extent(array: &Bound<'_, PyUntypedArray>) -> (usize, usize) {
+/// The bytes an array of `T` spans, `[lowest, highest + itemsize)`; empty for size 0.
+/// Read straight off a contiguous array (state arrays are), which is checked per state
+/// array and call.
+fn extent<T: Float>(array: &Bound<'_, PyUntypedArray>) -> (usize, usize) {
+    if array.is_contiguous() {
+        // SAFETY: reads the data pointer of a live NumPy array object.
+        let data = unsafe { (*array.as_array_ptr()).fields.data as usize };
+        return (data, data + array.len() * std::mem::size_of::<T>());
+    }
     let claim = claim_of(array, false, 0);
     (claim.start, claim.end)
 }
@@ -527,6 +534,12 @@ fn native_float<'py>(array: Bound<'py, PyUntypedArray>) -> PyResult<Bound<'py, P
         .expect("astype returns an ndarray"))
 }
 
+/// Shape equality without a call to `memcmp` (which `==` on slices makes): shapes are a
+/// few numbers, compared several times per array and call.
+fn same_shape(a: &[usize], b: &[usize]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
 /// Gradients may be float16, float32 or float64 (anything else is refused, not cast).
 fn check_gradient_dtype(array: &Bound<'_, PyUntypedArray>, key: &Key<'_>) -> PyResult<()> {
     if is_float_dtype::<f64>(array) || is_float_dtype::<f32>(array) {
@@ -561,7 +574,7 @@ fn checked_grad<'py>(
     };
     let array = as_array(object, "gradient", || key.text())?;
     check_gradient_dtype(&array, key)?;
-    if array.shape() != param_shape {
+    if !same_shape(array.shape(), param_shape) {
         let name = key.text();
         return Err(optimizer_error(
             &name,
@@ -617,7 +630,7 @@ fn borrow_state<'py, T: Float>(
     let existing = match spec.dict.get_item(&key.0)? {
         Some(object) => {
             let array = as_array(object, "state", state_key)?;
-            let fits = is_float_dtype::<T>(&array) && array.shape() == param_shape;
+            let fits = is_float_dtype::<T>(&array) && same_shape(array.shape(), param_shape);
             match (fits, spec.policy) {
                 (true, _) => Some(array),
                 (false, Policy::Scratch) => None,
@@ -646,7 +659,7 @@ fn borrow_state<'py, T: Float>(
     };
     match existing {
         Some(array) => {
-            let (start, end) = extent(&array);
+            let (start, end) = extent::<T>(&array);
             if !has_flags(&array, NPY_ARRAY_BEHAVED) || user.touches(start, end) {
                 let key = state_key();
                 return Err(optimizer_error(

@@ -287,6 +287,28 @@ def test_param_aliasing_view_rejected(kind: str) -> None:
     check_error(opt, lambda: call(params, grads), params, grads, OptimizerError, (A, "alias"))
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_state_reached_through_private_attributes_is_not_aliased(kind: str) -> None:
+    """A state array is the optimizer's own: one reached through a private attribute and
+    handed in as a gradient, or replaced by a (strided) view over a parameter's memory, is
+    refused before anything is written (the kernels would read what they write)."""
+    opt, params = trained(kind)
+    state = opt._velocity if kind == "sgd" else opt._m
+    prefix = "velocity_" if kind == "sgd" else "m_"
+    grads = valid_grads(params)
+    grads[Z] = state[Z]
+    check_error(opt, lambda: opt.step(params, grads), params, grads, OptimizerError, prefix + Z)
+
+    opt, params = trained(kind)
+    state = opt._velocity if kind == "sgd" else opt._m
+    grads = valid_grads(params)
+    backing = np.zeros(params[A].shape + (2,), dtype=params[A].dtype)
+    params[A] = backing[..., 0]  # interleaved with the state: their bytes span each other
+    state[A] = backing[..., 1]
+    assert not state[A].flags.c_contiguous and not state[A].flags.f_contiguous
+    check_error(opt, lambda: opt.step(params, grads), params, grads, OptimizerError, prefix + A)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_param_partially_overlapping_views_rejected(kind: str) -> None:
     """Two parameters whose memory overlaps in part: updating both in place is a race."""
