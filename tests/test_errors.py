@@ -302,7 +302,7 @@ def test_state_reached_through_private_attributes_is_not_aliased(kind: str) -> N
     opt, params = trained(kind)
     state = opt._velocity if kind == "sgd" else opt._m
     grads = valid_grads(params)
-    backing = np.zeros(params[A].shape + (2,), dtype=params[A].dtype)
+    backing = np.zeros((*params[A].shape, 2), dtype=params[A].dtype)
     params[A] = backing[..., 0]  # interleaved with the state: their bytes span each other
     state[A] = backing[..., 1]
     assert not state[A].flags.c_contiguous and not state[A].flags.f_contiguous
