@@ -380,29 +380,27 @@ fn sorted_entries<'py>(
     let mut sorted = Vec::new();
     let known = cache.as_deref().is_some_and(|known| known.matches(&keys));
     if !known {
-        {
-            let mut texts = Vec::with_capacity(keys.len());
-            for key in &keys {
-                let text = key
-                    .cast::<PyString>()
-                    .map_err(|_| non_str_key(key))?
-                    .to_cow()?;
-                texts.push(text);
-            }
-            sorted = (0..keys.len()).collect();
-            sorted.sort_unstable_by(|&a, &b| texts[a].cmp(&texts[b]));
-            if let Some(cache) = cache.as_deref_mut() {
-                cache.keys = keys
-                    .iter()
-                    .map(|key| {
-                        key.cast::<PyString>()
-                            .expect("checked above")
-                            .clone()
-                            .unbind()
-                    })
-                    .collect();
-                cache.order = sorted.clone();
-            }
+        let mut texts = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let text = key
+                .cast::<PyString>()
+                .map_err(|_| non_str_key(key))?
+                .to_cow()?;
+            texts.push(text);
+        }
+        sorted = (0..keys.len()).collect();
+        sorted.sort_unstable_by(|&a, &b| texts[a].cmp(&texts[b]));
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.keys = keys
+                .iter()
+                .map(|key| {
+                    key.cast::<PyString>()
+                        .expect("checked above")
+                        .clone()
+                        .unbind()
+                })
+                .collect();
+            cache.order = sorted.clone();
         }
     }
     let order = match (known, cache.as_deref()) {
