@@ -64,6 +64,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -152,6 +153,13 @@ def size_specs(quick: bool) -> list[dict[str, Any]]:
 
 def param_bytes(spec: dict[str, Any]) -> int:
     return int(spec["n_arrays"] * spec["elems"] * np.dtype(spec["dtype"]).itemsize)
+
+
+def dram_bound(spec: dict[str, Any]) -> bool:
+    """Whether even the smallest working set of this size's rows exceeds twice the L3: the
+    rows whose floor is DRAM bandwidth."""
+    smallest = min(2 + STATE_ARRAYS[k] + SAVED_ARRAYS[k] for k in KINDS)
+    return smallest * param_bytes(spec) >= 2 * l3_bytes()
 
 
 def make_data(
@@ -473,6 +481,27 @@ def measure_bandwidth(n_elems: int, n_threads: int, reps: int) -> dict[str, Any]
     }
 
 
+def streaming_fn(n_elems: int, n_threads: int) -> tuple[Callable[[], None], int]:
+    """A step-like function for `bench_interleaved`: `n_threads` threads each stream
+    `np.add(a, b, out=a)` over their share of two arrays far larger than any cache. Timed
+    among the step rows, it gives the bandwidth of the same minutes as the rows (this VM's
+    bandwidth changes within a run).  Returns the function and the bytes one call moves."""
+    a = np.ones(n_elems)
+    b = np.ones(n_elems)
+    bounds = [(i * n_elems // n_threads, (i + 1) * n_elems // n_threads) for i in range(n_threads)]
+    parts = [(a[lo:hi], b[lo:hi]) for lo, hi in bounds]
+    pool = ThreadPoolExecutor(max_workers=n_threads)
+
+    def stream(part: tuple[np.ndarray, np.ndarray]) -> None:
+        np.add(part[0], part[1], out=part[0])
+
+    def step() -> None:
+        for _ in pool.map(stream, parts):
+            pass
+
+    return step, 3 * a.nbytes
+
+
 def measure_cores(n_threads: int, reps: int = 2000) -> float:
     """Effective cores available right now: n threads each doing the same compute-bound,
     cache-resident work (np.exp on 64k doubles; numpy releases the GIL) against one thread
@@ -671,6 +700,10 @@ def worker_rows(args: argparse.Namespace) -> dict[str, Any]:
             res["torch_version"] = torch.__version__
         except Exception as exc:
             res["torch_skipped"] = f"{type(exc).__name__}: {exc}"
+    # Bandwidth streamed among the rows of the sizes a DRAM floor applies to.
+    stream_elems = (1 << 22) if args.quick else (1 << 24)  # 32 / 128 MiB per array
+    streaming, streamed_bytes = streaming_fn(stream_elems, os.cpu_count() or 1)
+    res["bandwidth_interleaved"] = {}
     for spec in size_specs(args.quick):
         if have_samopt and not args.no_check:
             for kind in KINDS:
@@ -705,7 +738,12 @@ def worker_rows(args: argparse.Namespace) -> dict[str, Any]:
                         **trow,
                     }
                 )
+        if dram_bound(spec):
+            fns["bandwidth"] = streaming
         timed = bench_interleaved(fns, **rp)
+        if "bandwidth" in timed:
+            bandwidth = timed.pop("bandwidth")
+            res["bandwidth_interleaved"][spec["key"]] = streamed_bytes / bandwidth["median_s"] / 1e9
         for name, r in timed.items():
             r.update(meta[name], size=spec["key"], threads=threads)
             res["rows"].append(r)
@@ -939,8 +977,18 @@ def build_report(res: dict[str, Any]) -> str:
         "memory bandwidth (np.add(a,b,out=a), 3 streams, "
         f"2x{b['runs'][0]['array_bytes'] / 2**20:.0f} MiB): "
         + ", ".join(f"{x['threads']} thr {x['GBps']:.1f} GB/s" for x in b["runs"])
-        + f"  -> floor uses {bw:.1f} GB/s (all cores, best of start/end)"
+        + (
+            f"  -> floor uses {bw:.1f} GB/s (all cores, best of start/end)"
+            if not b.get("interleaved_GBps")
+            else ""
+        )
     )
+    if b.get("interleaved_GBps"):
+        lines.append(
+            "floor bandwidth, streamed by all cores interleaved with each process's rows "
+            "(same minutes as the rows): "
+            + ", ".join(f"{k} {v:.1f} GB/s" for k, v in b["interleaved_GBps"].items())
+        )
     lines.append(
         "floor = streams x parameter bytes / bandwidth; streams: Adam 7, SAM(Adam) 12, "
         "SAM(SGD) 10.  GB/s = those bytes / median time.  cpu = process CPU time / wall time "
@@ -1139,11 +1187,20 @@ def orchestrate(args: argparse.Namespace) -> int:
     bw_runs += [measure_bandwidth(bw_elems, ncpu, bw_reps), measure_bandwidth(bw_elems, 1, bw_reps)]
     floor_bw = max(r["GBps"] for r in bw_runs if r["threads"] == ncpu)
     floor_bw1 = max(r["GBps"] for r in bw_runs if r["threads"] == 1)
+    # The floor of a row: the all-cores bandwidth streamed among that process's rows of
+    # the same size (same minutes); the start/end figure where there is none.
+    interleaved = {
+        (n, size): gbps
+        for n, w in workers.items()
+        for size, gbps in w.get("bandwidth_interleaved", {}).items()
+    }
     res["bandwidth"] = {
         "runs": bw_runs,
         "floor_GBps": floor_bw,
         "one_thread_GBps": floor_bw1,
-        "note": "floor uses the all-cores figure (best median of the start and end runs)",
+        "interleaved_GBps": {f"{size} [{n} thr]": v for (n, size), v in interleaved.items()},
+        "note": "a row's floor uses the all-cores bandwidth streamed interleaved with its "
+        "process's rows of its size; else the best median of the start and end runs",
     }
 
     # derived figures
@@ -1164,7 +1221,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         working = (2 + STATE_ARRAYS[r["kind"]] + SAVED_ARRAYS[r["kind"]]) * pb
         r["bytes_model"] = moved
         r["GBps"] = moved / r["median_s"] / 1e9
-        r["floor_s"] = moved / (floor_bw * 1e9)
+        r["floor_GBps"] = interleaved.get((r["threads"], r["size"]), floor_bw)
+        r["floor_s"] = moved / (r["floor_GBps"] * 1e9)
         r["floor_1thread_s"] = moved / (floor_bw1 * 1e9)
         r["ratio_floor"] = r["median_s"] / r["floor_s"]
         r["cache_resident"] = working < 2 * l3
