@@ -441,13 +441,18 @@ def bench_interleaved(
     }
 
 
-def measure_bandwidth(n_elems: int, n_threads: int, reps: int) -> dict[str, Any]:
-    """GB/s of np.add(a, b, out=a) (read a, read b, write a: 3 streams) with `n_threads`
-    threads each streaming its share of the arrays at the same time (numpy releases the GIL)."""
+def thread_shares(n_elems: int, n_threads: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Two arrays of `n_elems` float64, cut into one (a, b) share per thread."""
     a = np.ones(n_elems)
     b = np.ones(n_elems)
     bounds = [(i * n_elems // n_threads, (i + 1) * n_elems // n_threads) for i in range(n_threads)]
-    parts = [(a[lo:hi], b[lo:hi]) for lo, hi in bounds]
+    return [(a[lo:hi], b[lo:hi]) for lo, hi in bounds]
+
+
+def measure_bandwidth(n_elems: int, n_threads: int, reps: int) -> dict[str, Any]:
+    """GB/s of np.add(a, b, out=a) (read a, read b, write a: 3 streams) with `n_threads`
+    threads each streaming its share of the arrays at the same time (numpy releases the GIL)."""
+    parts = thread_shares(n_elems, n_threads)
     barrier = threading.Barrier(n_threads)
     times: list[float] = []
     warm = 2
@@ -469,8 +474,7 @@ def measure_bandwidth(n_elems: int, n_threads: int, reps: int) -> dict[str, Any]
     for t in helpers:
         t.join()
     ts = times[warm:]
-    nbytes = 3 * a.nbytes
-    del a, b
+    nbytes = 3 * 8 * n_elems
     return {
         "threads": n_threads,
         "GBps": nbytes / statistics.median(ts) / 1e9,
@@ -486,10 +490,7 @@ def streaming_fn(n_elems: int, n_threads: int) -> tuple[Callable[[], None], int]
     `np.add(a, b, out=a)` over their share of two arrays far larger than any cache. Timed
     among the step rows, it gives the bandwidth of the same minutes as the rows (this VM's
     bandwidth changes within a run).  Returns the function and the bytes one call moves."""
-    a = np.ones(n_elems)
-    b = np.ones(n_elems)
-    bounds = [(i * n_elems // n_threads, (i + 1) * n_elems // n_threads) for i in range(n_threads)]
-    parts = [(a[lo:hi], b[lo:hi]) for lo, hi in bounds]
+    parts = thread_shares(n_elems, n_threads)
     pool = ThreadPoolExecutor(max_workers=n_threads)
 
     def stream(part: tuple[np.ndarray, np.ndarray]) -> None:
@@ -499,7 +500,7 @@ def streaming_fn(n_elems: int, n_threads: int) -> tuple[Callable[[], None], int]
         for _ in pool.map(stream, parts):
             pass
 
-    return step, 3 * a.nbytes
+    return step, 3 * 8 * n_elems
 
 
 def measure_cores(n_threads: int, reps: int = 2000) -> float:

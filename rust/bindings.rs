@@ -148,11 +148,16 @@ impl<'py, T: Element + Copy> Target<'py, T> {
     }
 }
 
+/// The address of the array's first element.
+fn data_address(array: &Bound<'_, PyUntypedArray>) -> usize {
+    // SAFETY: reads the data pointer of a live NumPy array object.
+    unsafe { (*array.as_array_ptr()).fields.data as usize }
+}
+
 /// What an array of the call claims: its bytes, its stride lattice, and whether it is
 /// written. `item` is its position in the call.
 fn claim_of(array: &Bound<'_, PyUntypedArray>, write: bool, item: usize) -> Claim {
-    // SAFETY: reads the data pointer of a live NumPy array object.
-    let data = unsafe { (*array.as_array_ptr()).fields.data as usize };
+    let data = data_address(array);
     let itemsize = match descr(array).type_num {
         n if n == f64::TYPE_NUM as c_int => 8,
         n if n == f32::TYPE_NUM as c_int => 4,
@@ -166,8 +171,7 @@ fn claim_of(array: &Bound<'_, PyUntypedArray>, write: bool, item: usize) -> Clai
 /// array and call.
 fn extent<T: Float>(array: &Bound<'_, PyUntypedArray>) -> (usize, usize) {
     if array.is_contiguous() {
-        // SAFETY: reads the data pointer of a live NumPy array object.
-        let data = unsafe { (*array.as_array_ptr()).fields.data as usize };
+        let data = data_address(array);
         return (data, data + array.len() * std::mem::size_of::<T>());
     }
     let claim = claim_of(array, false, 0);
@@ -317,6 +321,12 @@ impl Key<'_> {
     fn text(&self) -> String {
         self.0.to_string_lossy().into_owned()
     }
+
+    /// An `OptimizerError` naming this parameter, its message made from the name.
+    fn error(&self, message: impl FnOnce(&str) -> String) -> PyErr {
+        let name = self.text();
+        optimizer_error(&name, message(&name))
+    }
 }
 
 /// The name order of the last dict a call saw: a call with the same key objects, in the
@@ -400,13 +410,10 @@ fn sorted_entries<'py>(
                         .unbind()
                 })
                 .collect();
-            cache.order = sorted.clone();
+            cache.order = std::mem::take(&mut sorted);
         }
     }
-    let order = match (known, cache.as_deref()) {
-        (true, Some(cache)) => &cache.order,
-        _ => &sorted,
-    };
+    let order = cache.as_deref().map_or(&sorted, |cache| &cache.order);
     // Moved out, not cloned: each reference count change is a call into the interpreter.
     let mut entries: Vec<Option<_>> = keys.into_iter().zip(values).map(Some).collect();
     Ok(order
@@ -547,14 +554,12 @@ fn check_gradient_dtype(array: &Bound<'_, PyUntypedArray>, key: &Key<'_>) -> PyR
     if dtype.kind() == b'f' && matches!(dtype.itemsize(), 2 | 4 | 8) {
         return Ok(());
     }
-    let name = key.text();
-    Err(optimizer_error(
-        &name,
+    Err(key.error(|name| {
         format!(
             "gradient '{name}' has unsupported dtype {} (expected float16, float32 or float64)",
             dtype_name(array)
-        ),
-    ))
+        )
+    }))
 }
 
 /// Looks up and checks the gradient of one parameter (the caller's array, not yet read).
@@ -564,24 +569,18 @@ fn checked_grad<'py>(
     param_shape: &[usize],
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
     let Some(object) = grads.get_item(&key.0)? else {
-        let name = key.text();
-        return Err(optimizer_error(
-            &name,
-            format!("missing gradient for parameter '{name}'"),
-        ));
+        return Err(key.error(|name| format!("missing gradient for parameter '{name}'")));
     };
     let array = as_array(object, "gradient", || key.text())?;
     check_gradient_dtype(&array, key)?;
     if !same_shape(array.shape(), param_shape) {
-        let name = key.text();
-        return Err(optimizer_error(
-            &name,
+        return Err(key.error(|name| {
             format!(
                 "gradient '{name}' has shape {} but the parameter has shape {}",
                 describe_shape(array.shape()),
                 describe_shape(param_shape)
-            ),
-        ));
+            )
+        }));
     }
     Ok(array)
 }
@@ -725,28 +724,20 @@ fn checked_param<'py>(
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
     let array = as_array(object, "parameter", || key.text())?;
     if !is_aligned(&array) {
-        let name = key.text();
-        return Err(optimizer_error(
-            &name,
-            format!("parameter '{name}' is not aligned in memory (copy it to update it)"),
-        ));
+        return Err(key.error(|name| {
+            format!("parameter '{name}' is not aligned in memory (copy it to update it)")
+        }));
     }
     if !(is_float_dtype::<f32>(&array) || is_float_dtype::<f64>(&array)) {
-        let name = key.text();
-        return Err(optimizer_error(
-            &name,
+        return Err(key.error(|name| {
             format!(
                 "parameter '{name}' has dtype {} (expected float32 or float64)",
                 dtype_name(&array)
-            ),
-        ));
+            )
+        }));
     }
     if !has_flags(&array, numpy::npyffi::NPY_ARRAY_WRITEABLE) {
-        let name = key.text();
-        return Err(optimizer_error(
-            &name,
-            format!("parameter '{name}' is read-only (not writeable)"),
-        ));
+        return Err(key.error(|name| format!("parameter '{name}' is read-only (not writeable)")));
     }
     Ok(array)
 }
@@ -858,13 +849,8 @@ impl<'py> Prepared<'py> {
                 let name = self.names[index].text();
                 non_finite_error(&name, format!("gradient '{name}' contains NaN or infinity"))
             }
-            NormError::NonFiniteParameter(index) => {
-                let name = self.names[index].text();
-                optimizer_error(
-                    &name,
-                    format!("parameter '{name}' contains NaN or infinity"),
-                )
-            }
+            NormError::NonFiniteParameter(index) => self.names[index]
+                .error(|name| format!("parameter '{name}' contains NaN or infinity")),
         }
     }
 }
@@ -1404,11 +1390,15 @@ fn norm_source(array: Bound<'_, PyUntypedArray>) -> PyResult<NormSource<'_>> {
     // Any contiguous layout will do for a norm; anything else is gathered in C order.
     let order = Order::of(&array);
     Ok(if is_float_dtype::<f32>(&array) {
-        let typed = typed::<f32>(&array).expect("dtype checked").clone();
-        NormSource::Single(Source::new(typed, order))
+        NormSource::Single(Source::new(
+            typed_into(array).expect("dtype checked"),
+            order,
+        ))
     } else {
-        let typed = typed::<f64>(&array).expect("dtype checked").clone();
-        NormSource::Double(Source::new(typed, order))
+        NormSource::Double(Source::new(
+            typed_into(array).expect("dtype checked"),
+            order,
+        ))
     })
 }
 
