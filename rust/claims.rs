@@ -5,6 +5,7 @@
 //! One sort per call and a registry entry per call, instead of a borrow per array: with
 //! hundreds of small arrays per call the per-array bookkeeping costs more than the work.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -107,6 +108,19 @@ impl Claim {
     }
 }
 
+thread_local! {
+    /// The order the thread's last call's claims sorted into: a training loop passes the
+    /// same arrays call after call, so checking that order costs less than sorting anew.
+    static LAST_ORDER: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether `order` (indices into `claims`) lists every claim by ascending start, ties by
+/// item: the order a sort gives, item numbers being unique within a call.
+fn sorts(order: &[u32], claims: &[Claim]) -> bool {
+    let key = |&i: &u32| (claims[i as usize].start, claims[i as usize].item);
+    order.len() == claims.len() && order.windows(2).all(|w| key(&w[0]) < key(&w[1]))
+}
+
 /// The claims of one call, sorted by start address.
 #[derive(Debug)]
 pub struct CallClaims {
@@ -125,12 +139,20 @@ pub struct CallClaims {
 impl CallClaims {
     /// Sorts the claims of a call.
     pub fn new(claims: Vec<Claim>) -> CallClaims {
-        // Sorting small keys and moving each claim once beats sorting the claims.
-        let mut keys: Vec<(usize, usize, u32)> = (0..claims.len())
-            .map(|i| (claims[i].start, claims[i].item, i as u32))
-            .collect();
-        keys.sort_unstable();
-        let claims: Vec<Claim> = keys.iter().map(|&(_, _, i)| claims[i as usize]).collect();
+        let claims = LAST_ORDER.with_borrow_mut(|order| {
+            if !sorts(order, &claims) {
+                // Sorting small keys and moving each claim once beats sorting the claims.
+                let mut keys: Vec<(usize, usize, u32)> = (0..claims.len())
+                    .map(|i| (claims[i].start, claims[i].item, i as u32))
+                    .collect();
+                keys.sort_unstable();
+                *order = keys.iter().map(|&(_, _, i)| i).collect();
+            }
+            order
+                .iter()
+                .map(|&i| claims[i as usize])
+                .collect::<Vec<_>>()
+        });
         let mut furthest = 0;
         let reach = claims
             .iter()
@@ -273,6 +295,32 @@ mod tests {
     /// A contiguous 1-d float64 array of `len` elements at `data`.
     fn vector(data: usize, len: usize, write: bool, item: usize) -> Claim {
         Claim::of(data, &[len], &[F64 as isize], F64, write, item)
+    }
+
+    #[test]
+    fn claims_are_sorted_whether_the_last_order_still_holds_or_not() {
+        let starts =
+            |claims: &CallClaims| claims.claims.iter().map(|c| c.start).collect::<Vec<_>>();
+        let forward: Vec<Claim> = (0..50)
+            .map(|i| vector(1000 + 100 * i, 10, true, i))
+            .collect();
+        let expected: Vec<usize> = (0..50).map(|i| 1000 + 100 * i).collect();
+        assert_eq!(starts(&CallClaims::new(forward.clone())), expected);
+        // The same arrays again (the last order holds), then at other addresses (it does not).
+        assert_eq!(starts(&CallClaims::new(forward)), expected);
+        let backward: Vec<Claim> = (0..50)
+            .map(|i| vector(5900 - 100 * i, 10, true, i))
+            .collect();
+        assert_eq!(starts(&CallClaims::new(backward)), expected);
+        let items: Vec<usize> = {
+            let ties: Vec<Claim> = (0..50).map(|i| vector(1000, 0, false, 49 - i)).collect();
+            CallClaims::new(ties)
+                .claims
+                .iter()
+                .map(|c| c.item)
+                .collect()
+        };
+        assert_eq!(items, (0..50).collect::<Vec<_>>());
     }
 
     #[test]
