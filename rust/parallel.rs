@@ -1,12 +1,15 @@
 //! Deterministic parallel scheduling over many arrays at once.
 //!
 //! Every array of a call contributes one item (a tuple of equally long slices, one per
-//! stream). The items are laid end to end and cut into tasks of `CHUNK_LEN` elements, so a
-//! task may span several small arrays or cover part of a large one. The cut depends only on
-//! the array sizes and their (sorted) order, never on the thread count, which is what makes
-//! reductions reproducible: per-task partial sums are combined in task order.
+//! stream). The items are laid end to end and cut into tasks, so a task may span several
+//! small arrays or cover part of a large one. For reductions the cut is into tasks of
+//! `CHUNK_LEN` elements, which depends only on the array sizes and their (sorted) order,
+//! never on the thread count: per-task partial sums are combined in task order, so the
+//! result is reproducible. Element-wise work is cut evenly among the threads instead.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::cell::UnsafeCell;
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -118,47 +121,93 @@ impl<S: Lanes, D: Lanes> Lanes for ByDtype<S, D> {
     }
 }
 
-/// Cuts the items, laid end to end in the given order, into tasks of `CHUNK_LEN` elements
-/// (the last one shorter). Empty items are dropped.
-pub fn into_tasks<L: Lanes>(items: impl IntoIterator<Item = L>) -> Vec<Vec<L>> {
-    let mut tasks = Vec::new();
-    let mut current = Vec::new();
-    let mut room = CHUNK_LEN;
-    for mut item in items {
-        while item.len() > room {
-            let (head, tail) = item.split_at(room);
-            current.push(head);
-            tasks.push(std::mem::take(&mut current));
-            room = CHUNK_LEN;
-            item = tail;
-        }
-        if item.is_empty() {
-            continue;
-        }
-        room -= item.len();
-        current.push(item);
-        if room == 0 {
-            tasks.push(std::mem::take(&mut current));
-            room = CHUNK_LEN;
-        }
-    }
-    if !current.is_empty() {
-        tasks.push(current);
-    }
-    tasks
+/// Items cut into tasks, all held in one buffer of the caller's: task `k` is
+/// `pieces[bounds[k]..bounds[k + 1]]`. The thread that claims a task reads its pieces out
+/// without writing to the buffer or freeing anything of the caller's, so that a helper on
+/// another die takes no cache line away from the caller.
+struct Tasks<L> {
+    pieces: Vec<UnsafeCell<ManuallyDrop<L>>>,
+    bounds: Vec<usize>,
 }
 
-/// Tasks shared between the calling thread and the helper threads. The caller works
-/// through them itself and the helpers join in, each claiming the next unclaimed task: a
-/// call never waits for a sleeping thread to wake up (tens of microseconds on a virtual
-/// machine), only for tasks already under way.
-struct Shared {
-    /// The unclaimed tasks `[front, back)`, packed as `back << 32 | front`: the caller
-    /// claims from the front and helpers from the back, so that each thread keeps working
-    /// on the same part of the arrays from one pass to the next (and from one step to the
-    /// next), whose data its own caches then still hold.
+// SAFETY: each task's pieces are read out once, by the one thread that claimed the task.
+unsafe impl<L: Send> Sync for Tasks<L> {}
+
+impl<L: Lanes> Tasks<L> {
+    /// Cuts the items, laid end to end in the given order, into tasks of `chunk_len`
+    /// elements (the last one shorter). Empty items are dropped.
+    fn cut(items: impl IntoIterator<Item = L>, chunk_len: usize) -> Tasks<L> {
+        let mut pieces = Vec::new();
+        let mut bounds = vec![0];
+        let mut room = chunk_len;
+        for mut item in items {
+            while !item.is_empty() {
+                let take = item.len().min(room);
+                let (piece, tail) = item.split_at(take);
+                item = tail;
+                pieces.push(UnsafeCell::new(ManuallyDrop::new(piece)));
+                room -= take;
+                if room == 0 {
+                    bounds.push(pieces.len());
+                    room = chunk_len;
+                }
+            }
+        }
+        if bounds.last() != Some(&pieces.len()) {
+            bounds.push(pieces.len());
+        }
+        Tasks { pieces, bounds }
+    }
+
+    fn len(&self) -> usize {
+        self.bounds.len() - 1
+    }
+
+    /// Task `index`'s pieces, moved out of the buffer.
+    ///
+    /// # Safety
+    /// Each task may be taken once only.
+    unsafe fn take(&self, index: usize) -> impl Iterator<Item = L> + '_ {
+        let pieces = &self.pieces[self.bounds[index]..self.bounds[index + 1]];
+        // SAFETY: the caller takes each task once, so each piece is moved out once; the
+        // buffer never drops its pieces (`ManuallyDrop`).
+        pieces
+            .iter()
+            .map(|piece| unsafe { ManuallyDrop::into_inner(std::ptr::read(piece.get())) })
+    }
+}
+
+/// The task length that cuts `total` elements into a multiple of `threads` tasks of at most
+/// `CHUNK_LEN` elements, as equal as can be: every thread then gets the same amount of work
+/// without taking any from another (see `Shared`).
+fn even_chunk_len(total: usize, threads: usize) -> usize {
+    let tasks = total.div_ceil(CHUNK_LEN).next_multiple_of(threads).max(1);
+    total.div_ceil(tasks).max(1)
+}
+
+/// One thread's share of a pass's tasks, on cache lines of its own so that claiming and
+/// counting its own tasks never moves a line between cores.
+#[repr(align(128))]
+struct Share {
+    /// The share's unclaimed tasks `[front, back)`, packed as `back << 32 | front`: its
+    /// owner claims from the front, a thread out of work steals from the back.
     unclaimed: AtomicU64,
+    /// Tasks this share's thread has run, its own or stolen.
     done: AtomicUsize,
+    /// Whether the owner has started on its share.
+    arrived: AtomicBool,
+}
+
+/// Tasks shared between the calling thread and the helper threads. Each thread owns an
+/// equal, contiguous share of the tasks, the same from one pass to the next, so that it
+/// works on the same part of the arrays whose data its own caches still hold: on a machine
+/// whose cores sit on different dies, data that changes threads between passes moves
+/// between caches at a fraction of their bandwidth. A thread that has run its share steals
+/// from another only while that leaves the owner more than one task, or from one that has
+/// not come at all: a call never waits for a sleeping thread to wake up (tens of
+/// microseconds on a virtual machine), only for tasks already under way.
+struct Shared {
+    shares: Box<[Share]>,
     total: usize,
     /// The caller's work, its lifetime erased: only called with a claimed index, and the
     /// caller does not return before every claimed task is done (see `WaitForClaimed`).
@@ -180,30 +229,46 @@ fn unpack(unclaimed: u64) -> (usize, usize) {
     )
 }
 
+/// How long the caller, out of tasks, leaves a helper's last unclaimed task to that helper
+/// before it runs the task itself: about as long as a cache-resident task takes, so a
+/// helper between two tasks gets to its own data, and one the system stopped does not hold
+/// the call up for long.
+const LAST_TASK_GRACE: Duration = Duration::from_micros(50);
+
 impl Shared {
-    fn new(total: usize, work: *const (dyn Fn(usize) + Sync)) -> Shared {
+    /// `total` tasks cut into `threads` shares: share 0 is the caller's, share `k` helper
+    /// `k`'s.
+    fn new(total: usize, threads: usize, work: *const (dyn Fn(usize) + Sync)) -> Shared {
         assert!(total <= u32::MAX as usize, "too many tasks for one call");
+        let bound = |k: usize| k * total / threads;
         Shared {
-            unclaimed: AtomicU64::new(pack(0, total)),
-            done: AtomicUsize::new(0),
+            shares: (0..threads)
+                .map(|k| Share {
+                    unclaimed: AtomicU64::new(pack(bound(k), bound(k + 1))),
+                    done: AtomicUsize::new(0),
+                    arrived: AtomicBool::new(k == 0),
+                })
+                .collect(),
             total,
             work,
         }
     }
 
-    /// The next task from the front (the caller) or the back (helpers), if any is left.
-    fn claim(&self, from_back: bool) -> Option<usize> {
-        let mut current = self.unclaimed.load(Ordering::Acquire);
+    /// Takes a task off `share`: its front for the owner, its back for a thief. A thief
+    /// takes one only from an owner that has not arrived or has at least `leave + 1` left.
+    fn take(&self, share: &Share, owner: bool, leave: usize) -> Option<usize> {
+        let mut current = share.unclaimed.load(Ordering::Acquire);
         loop {
             let (front, back) = unpack(current);
-            if front >= back {
+            let left = back.saturating_sub(front);
+            if left == 0 || (left <= leave && share.arrived.load(Ordering::Acquire)) {
                 return None;
             }
-            let (index, next) = match from_back {
-                true => (back - 1, pack(front, back - 1)),
-                false => (front, pack(front + 1, back)),
+            let (index, next) = match owner {
+                true => (front, pack(front + 1, back)),
+                false => (back - 1, pack(front, back - 1)),
             };
-            match self.unclaimed.compare_exchange_weak(
+            match share.unclaimed.compare_exchange_weak(
                 current,
                 next,
                 Ordering::AcqRel,
@@ -215,13 +280,52 @@ impl Shared {
         }
     }
 
-    /// Runs tasks until none are left to claim.
-    fn help(&self, from_back: bool) {
-        while let Some(index) = self.claim(from_back) {
-            let _counted = CountDone(&self.done);
-            // SAFETY: `index` was claimed, so the caller is still waiting (see `work`).
-            unsafe { (*self.work)(index) };
+    /// A task stolen from another thread's share, leaving an arrived owner `leave` tasks.
+    fn steal(&self, me: usize, leave: usize) -> Option<usize> {
+        let n = self.shares.len();
+        (1..n).find_map(|k| self.take(&self.shares[(me + k) % n], false, leave))
+    }
+
+    fn run(&self, me: usize, index: usize) {
+        let _counted = CountDone(&self.shares[me].done);
+        // SAFETY: `index` was claimed, so the caller is still waiting (see `work`).
+        unsafe { (*self.work)(index) };
+    }
+
+    /// Runs thread `me`'s share, then whatever it may steal.
+    fn help(&self, me: usize) {
+        let own = &self.shares[me];
+        own.arrived.store(true, Ordering::Release);
+        while let Some(index) = self.take(own, true, 0) {
+            self.run(me, index);
         }
+        while let Some(index) = self.steal(me, 1) {
+            self.run(me, index);
+        }
+    }
+
+    /// The caller after its `help`: leaves each arrived helper its last task for
+    /// `LAST_TASK_GRACE`, then runs any still unclaimed itself.
+    fn claim_the_rest(&self) {
+        let waiting_since = Instant::now();
+        let mut spins = 0u32;
+        while self.unclaimed() > 0 {
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(64) && waiting_since.elapsed() >= LAST_TASK_GRACE {
+                while let Some(index) = self.steal(0, 0) {
+                    self.run(0, index);
+                }
+            }
+        }
+    }
+
+    fn unclaimed(&self) -> usize {
+        let left = |share: &Share| {
+            let (front, back) = unpack(share.unclaimed.load(Ordering::Acquire));
+            back.saturating_sub(front)
+        };
+        self.shares.iter().map(left).sum()
     }
 }
 
@@ -240,10 +344,21 @@ struct WaitForClaimed<'a>(&'a Shared);
 
 impl Drop for WaitForClaimed<'_> {
     fn drop(&mut self) {
-        let (front, back) = unpack(self.0.unclaimed.swap(0, Ordering::AcqRel));
-        let claimed = self.0.total - back.saturating_sub(front);
+        let shares = &self.0.shares;
+        let never_claimed: usize = shares
+            .iter()
+            .map(|share| {
+                let (front, back) = unpack(share.unclaimed.swap(0, Ordering::AcqRel));
+                back.saturating_sub(front)
+            })
+            .sum();
+        let claimed = self.0.total - never_claimed;
+        let done = || {
+            let count = |share: &Share| share.done.load(Ordering::Acquire);
+            shares.iter().map(count).sum::<usize>()
+        };
         let mut spins = 0u32;
-        while self.0.done.load(Ordering::Acquire) < claimed {
+        while done() < claimed {
             spins += 1;
             if spins < 1 << 12 {
                 std::hint::spin_loop();
@@ -271,17 +386,32 @@ struct Offer {
 /// (`RAYON_NUM_THREADS`, else one per core), since the caller works too.
 struct Helpers {
     offer: Mutex<Offer>,
-    /// `offer.generation`, readable without the lock while spinning.
-    generation: AtomicU64,
+    /// `offer.generation`, readable without the lock while spinning (on a line of its
+    /// own: the spinning helpers would otherwise keep taking the lock's line from the
+    /// caller).
+    generation: OwnLine<AtomicU64>,
     wake: Condvar,
 }
 
-impl Helpers {
-    fn get() -> Option<&'static Helpers> {
-        static HELPERS: OnceLock<Option<&'static Helpers>> = OnceLock::new();
-        *HELPERS.get_or_init(|| {
-            let count = rayon::current_num_threads().saturating_sub(1);
-            if count == 0 {
+#[repr(align(128))]
+struct OwnLine<T>(T);
+
+/// The helper threads and how many threads share a call's tasks: the caller (share 0) and
+/// helpers `1..threads`.
+#[derive(Clone, Copy)]
+struct Team {
+    helpers: &'static Helpers,
+    threads: usize,
+}
+
+impl Team {
+    /// The team for calls made now: none with a single thread (also inside a one-thread
+    /// rayon pool).
+    fn get() -> Option<Team> {
+        static TEAM: OnceLock<Option<Team>> = OnceLock::new();
+        let team = *TEAM.get_or_init(|| {
+            let wanted = rayon::current_num_threads().saturating_sub(1);
+            if wanted == 0 {
                 return None;
             }
             let helpers: &'static Helpers = Box::leak(Box::new(Helpers {
@@ -290,25 +420,33 @@ impl Helpers {
                     generation: 0,
                     sleeping: 0,
                 }),
-                generation: AtomicU64::new(0),
+                generation: OwnLine(AtomicU64::new(0)),
                 wake: Condvar::new(),
             }));
             let mut spawned = 0;
-            for i in 0..count {
-                let thread = std::thread::Builder::new().name(format!("samopt-{i}"));
-                spawned += usize::from(thread.spawn(move || helpers.serve()).is_ok());
+            for _ in 0..wanted {
+                let share = spawned + 1;
+                let thread = std::thread::Builder::new().name(format!("samopt-{share}"));
+                spawned += usize::from(thread.spawn(move || helpers.serve(share)).is_ok());
             }
-            (spawned > 0).then_some(helpers)
-        })
+            (spawned > 0).then_some(Team {
+                helpers,
+                threads: spawned + 1,
+            })
+        });
+        team.filter(|_| rayon::current_num_threads() > 1)
     }
+}
 
-    /// A helper thread: runs each offer's tasks, spins a while for the next, then sleeps.
-    fn serve(&self) {
+impl Helpers {
+    /// A helper thread running share `share` of each offer: spins a while for the next
+    /// offer after its last tasks, then sleeps.
+    fn serve(&self, share: usize) {
         let mut seen = 0;
         loop {
             let spin_start = Instant::now();
             let mut spins = 0u32;
-            while self.generation.load(Ordering::Acquire) == seen {
+            while self.generation.0.load(Ordering::Acquire) == seen {
                 std::hint::spin_loop();
                 spins = spins.wrapping_add(1);
                 // Reading the clock costs more than a spin: look at it now and then.
@@ -327,7 +465,7 @@ impl Helpers {
                 offer.shared.clone()
             };
             if let Some(shared) = shared {
-                shared.help(true);
+                shared.help(share);
             }
         }
     }
@@ -342,7 +480,7 @@ impl Helpers {
             };
             offer.shared = Some(Arc::clone(shared));
             offer.generation += 1;
-            self.generation.store(offer.generation, Ordering::Release);
+            self.generation.0.store(offer.generation, Ordering::Release);
             offer.sleeping
         };
         if sleeping > 0 {
@@ -352,69 +490,78 @@ impl Helpers {
 }
 
 /// Calls `work(i)` once for every `i < total`, on the calling thread and on whichever of
-/// the helper threads wake up in time.
+/// the helper threads come in time.
 fn run_shared(total: usize, work: &(dyn Fn(usize) + Sync)) {
-    let helpers = Helpers::get().filter(|_| total > 1 && rayon::current_num_threads() > 1);
-    let Some(helpers) = helpers else {
+    let team = Team::get().filter(|_| total > 1);
+    let Some(team) = team else {
         (0..total).for_each(work);
         return;
     };
     // SAFETY: only the lifetime is erased; see `Shared::work`.
     let work: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(work) };
-    let shared = Arc::new(Shared::new(total, work));
+    let shared = Arc::new(Shared::new(total, team.threads, work));
     let _wait = WaitForClaimed(&shared);
-    helpers.offer(&shared);
-    shared.help(false);
+    team.helpers.offer(&shared);
+    shared.help(0);
+    shared.claim_the_rest();
 }
 
-/// `per_task` applied to every task (the items cut by `into_tasks`), in parallel; the
-/// results come back in task order, whichever thread produced them.
-fn map_tasks<L, R, F>(items: impl IntoIterator<Item = L>, per_task: F) -> Vec<R>
+/// A task's result, set without a lock by the one thread that claimed the task, on a cache
+/// line of its own so that two threads never write the same line.
+#[repr(align(64))]
+struct ResultSlot<R>(UnsafeCell<Option<R>>);
+
+// SAFETY: a slot is written by the thread that claimed its index (each index is claimed
+// once) and read by the caller after every task is done.
+unsafe impl<R: Send> Sync for ResultSlot<R> {}
+
+/// `per_task` applied to every task, in parallel; the results come back in task order,
+/// whichever thread produced them.
+fn map_tasks<L, R, F>(tasks: Tasks<L>, per_task: F) -> Vec<R>
 where
     L: Lanes,
     R: Send,
-    F: Fn(Vec<L>) -> R + Sync,
+    F: Fn(&mut dyn Iterator<Item = L>) -> R + Sync,
 {
-    // Each task is taken out of its slot by the one thread that claimed it.
-    let tasks: Vec<Mutex<Option<Vec<L>>>> = into_tasks(items)
-        .into_iter()
-        .map(|task| Mutex::new(Some(task)))
+    let results: Vec<ResultSlot<R>> = (0..tasks.len())
+        .map(|_| ResultSlot(UnsafeCell::new(None)))
         .collect();
-    let results: Vec<Mutex<Option<R>>> = tasks.iter().map(|_| Mutex::new(None)).collect();
     run_shared(tasks.len(), &|index| {
-        let task = tasks[index].lock().ok().and_then(|mut slot| slot.take());
-        let result = per_task(task.expect("each task is claimed once"));
-        if let Ok(mut slot) = results[index].lock() {
-            *slot = Some(result);
-        }
+        // SAFETY: this thread claimed `index`, and each index is claimed once.
+        let result = per_task(&mut unsafe { tasks.take(index) });
+        unsafe { *results[index].0.get() = Some(result) };
     });
     results
         .into_iter()
-        .map(|slot| {
-            let result = slot.into_inner().ok().flatten();
-            result.expect("run_shared runs every task")
-        })
+        .map(|slot| slot.0.into_inner().expect("run_shared runs every task"))
         .collect()
 }
 
-/// Applies `kernel` to every piece of every item, in parallel over tasks.
+/// Applies `kernel` to every piece of every item, in parallel over tasks cut evenly among
+/// the threads: element-wise work comes out the same however it is cut.
 pub fn for_each<L, F>(items: impl IntoIterator<Item = L>, kernel: F)
 where
     L: Lanes,
     F: Fn(L) + Sync + Send,
 {
-    map_tasks(items, |task| task.into_iter().for_each(&kernel));
+    let items: Vec<L> = items.into_iter().collect();
+    let total = items.iter().map(Lanes::len).sum();
+    let threads = Team::get().map_or(1, |team| team.threads);
+    let tasks = Tasks::cut(items, even_chunk_len(total, threads));
+    map_tasks(tasks, |task| task.for_each(&kernel));
 }
 
-/// Sums `partial(piece)` over every piece, reproducibly: pieces are summed in order within a
+/// Sums `partial(piece)` over every piece, reproducibly: the items are cut into tasks of
+/// `CHUNK_LEN` elements whatever the thread count, pieces are summed in order within a
 /// task and task totals in task order, whatever thread ran them.
 pub fn ordered_sum<L, F>(items: impl IntoIterator<Item = L>, partial: F) -> f64
 where
     L: Lanes,
     F: Fn(L) -> f64 + Sync + Send,
 {
-    let task_total = |task: Vec<L>| task.into_iter().map(&partial).fold(0.0, |acc, x| acc + x);
-    map_tasks(items, task_total)
+    let task_total =
+        |task: &mut dyn Iterator<Item = L>| task.map(&partial).fold(0.0, |acc, x| acc + x);
+    map_tasks(Tasks::cut(items, CHUNK_LEN), task_total)
         .into_iter()
         .fold(0.0, |acc, x| acc + x)
 }
@@ -425,13 +572,24 @@ where
     L: Lanes,
     F: Fn(L) -> f64 + Sync + Send,
 {
-    let task_max = |task: Vec<L>| task.into_iter().map(&measure).fold(0.0, f64::max);
-    map_tasks(items, task_max).into_iter().fold(0.0, f64::max)
+    let task_max = |task: &mut dyn Iterator<Item = L>| task.map(&measure).fold(0.0, f64::max);
+    map_tasks(Tasks::cut(items, CHUNK_LEN), task_max)
+        .into_iter()
+        .fold(0.0, f64::max)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every task's pieces, in task order.
+    fn cut_all<L: Lanes>(items: impl IntoIterator<Item = L>, chunk_len: usize) -> Vec<Vec<L>> {
+        let tasks = Tasks::cut(items, chunk_len);
+        // SAFETY: each task is taken once.
+        (0..tasks.len())
+            .map(|k| unsafe { tasks.take(k) }.collect())
+            .collect()
+    }
 
     #[test]
     fn tasks_cover_every_element_once_in_order() {
@@ -444,7 +602,7 @@ mod tests {
                 Some(v)
             })
             .collect();
-        let tasks = into_tasks(data.iter().map(|v| v.as_slice()));
+        let tasks = cut_all(data.iter().map(|v| v.as_slice()), CHUNK_LEN);
         let flat: Vec<u32> = tasks
             .iter()
             .flatten()
@@ -496,7 +654,7 @@ mod tests {
             .map(|i| 1.0 / (1.0 + i as f64))
             .collect();
         let sum = |s: &[f64]| s.iter().sum::<f64>();
-        let expected = into_tasks([v.as_slice()])
+        let expected = cut_all([v.as_slice()], CHUNK_LEN)
             .into_iter()
             .map(|task| task.into_iter().map(sum).fold(0.0, |a, x| a + x))
             .fold(0.0, |a, x| a + x);
@@ -506,6 +664,69 @@ mod tests {
                 expected.to_bits()
             );
         }
+    }
+
+    #[test]
+    fn even_cuts_give_every_thread_the_same_number_of_tasks() {
+        for total in [1, 7, CHUNK_LEN, 200_000, 10_000_000] {
+            for threads in [1, 2, 3] {
+                let data = vec![0u8; total];
+                let tasks = cut_all([data.as_slice()], even_chunk_len(total, threads));
+                let sizes: Vec<usize> = tasks.iter().map(|t| t[0].len()).collect();
+                assert_eq!(sizes.iter().sum::<usize>(), total);
+                assert!(sizes.iter().all(|&n| n <= CHUNK_LEN));
+                if total >= threads {
+                    assert_eq!(
+                        sizes.len() % threads,
+                        0,
+                        "{total} elements, {threads} threads"
+                    );
+                }
+                let (min, max) = (sizes.iter().min(), sizes.iter().max());
+                assert!(max.unwrap() - min.unwrap() <= sizes.len(), "{sizes:?}");
+            }
+        }
+    }
+
+    /// Runs a two-share pass with the caller alone (no helper ever comes), counting how
+    /// often each task ran.
+    fn caller_alone(total: usize) -> Vec<usize> {
+        let runs: Vec<AtomicUsize> = (0..total).map(|_| AtomicUsize::new(0)).collect();
+        let work = |i: usize| {
+            runs[i].fetch_add(1, Ordering::Relaxed);
+        };
+        let work: &(dyn Fn(usize) + Sync) = &work;
+        // SAFETY: only the lifetime is erased; the pass ends before `runs` goes.
+        let work: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(work) };
+        let shared = Shared::new(total, 2, work);
+        {
+            let _wait = WaitForClaimed(&shared);
+            shared.help(0);
+            shared.claim_the_rest();
+        }
+        runs.iter().map(|r| r.load(Ordering::Relaxed)).collect()
+    }
+
+    #[test]
+    fn the_caller_runs_the_share_of_a_helper_that_never_comes() {
+        for total in [2, 3, 8, 101] {
+            assert_eq!(caller_alone(total), vec![1; total]);
+        }
+    }
+
+    #[test]
+    fn a_thief_leaves_an_arrived_owner_its_last_task() {
+        let work: &(dyn Fn(usize) + Sync) = &|_| {};
+        // SAFETY: only the lifetime is erased; no task is run.
+        let work: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(work) };
+        let shared = Shared::new(4, 2, work);
+        let helper = &shared.shares[1];
+        // The helper's share is tasks 2 and 3: before it arrives both may be stolen...
+        assert_eq!(shared.take(helper, false, 1), Some(3));
+        // ...once it has arrived, its last one is left to it.
+        helper.arrived.store(true, Ordering::Release);
+        assert_eq!(shared.take(helper, false, 1), None);
+        assert_eq!(shared.take(helper, true, 0), Some(2));
     }
 
     #[test]
