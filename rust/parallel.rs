@@ -179,10 +179,14 @@ impl<L: Lanes> Tasks<L> {
 
 /// The task length that cuts `total` elements into a multiple of `threads` tasks of at most
 /// `CHUNK_LEN` elements, as equal as can be: every thread then gets the same amount of work
-/// without taking any from another (see `Shared`).
+/// without taking any from another (see `Shared`). Work that fits one task stays one task,
+/// run by the caller alone: handing a few microseconds of work to another core costs more.
 fn even_chunk_len(total: usize, threads: usize) -> usize {
-    let tasks = total.div_ceil(CHUNK_LEN).next_multiple_of(threads).max(1);
-    total.div_ceil(tasks).max(1)
+    let tasks = total.div_ceil(CHUNK_LEN);
+    if tasks <= 1 {
+        return CHUNK_LEN;
+    }
+    total.div_ceil(tasks.next_multiple_of(threads))
 }
 
 /// One thread's share of a pass's tasks, on cache lines of its own so that claiming and
@@ -492,7 +496,7 @@ impl Helpers {
 /// Calls `work(i)` once for every `i < total`, on the calling thread and on whichever of
 /// the helper threads come in time.
 fn run_shared(total: usize, work: &(dyn Fn(usize) + Sync)) {
-    let team = Team::get().filter(|_| total > 1);
+    let team = (total > 1).then(Team::get).flatten();
     let Some(team) = team else {
         (0..total).for_each(work);
         return;
@@ -506,9 +510,7 @@ fn run_shared(total: usize, work: &(dyn Fn(usize) + Sync)) {
     shared.claim_the_rest();
 }
 
-/// A task's result, set without a lock by the one thread that claimed the task, on a cache
-/// line of its own so that two threads never write the same line.
-#[repr(align(64))]
+/// A task's result, set without a lock by the one thread that claimed the task.
 struct ResultSlot<R>(UnsafeCell<Option<R>>);
 
 // SAFETY: a slot is written by the thread that claimed its index (each index is claimed
@@ -539,12 +541,11 @@ where
 
 /// Applies `kernel` to every piece of every item, in parallel over tasks cut evenly among
 /// the threads: element-wise work comes out the same however it is cut.
-pub fn for_each<L, F>(items: impl IntoIterator<Item = L>, kernel: F)
+pub fn for_each<L, F>(items: Vec<L>, kernel: F)
 where
     L: Lanes,
     F: Fn(L) + Sync + Send,
 {
-    let items: Vec<L> = items.into_iter().collect();
     let total = items.iter().map(Lanes::len).sum();
     let threads = Team::get().map_or(1, |team| team.threads);
     let tasks = Tasks::cut(items, even_chunk_len(total, threads));
@@ -644,7 +645,7 @@ mod tests {
             .num_threads(1)
             .build()
             .unwrap();
-        pool.install(|| for_each([a.as_mut_slice()], |piece: &mut [u32]| piece.fill(7)));
+        pool.install(|| for_each(vec![a.as_mut_slice()], |piece: &mut [u32]| piece.fill(7)));
         assert!(a.iter().all(|&x| x == 7));
     }
 
@@ -667,7 +668,7 @@ mod tests {
     }
 
     #[test]
-    fn even_cuts_give_every_thread_the_same_number_of_tasks() {
+    fn even_cuts_give_every_thread_the_same_number_of_tasks_unless_one_task_does() {
         for total in [1, 7, CHUNK_LEN, 200_000, 10_000_000] {
             for threads in [1, 2, 3] {
                 let data = vec![0u8; total];
@@ -675,12 +676,9 @@ mod tests {
                 let sizes: Vec<usize> = tasks.iter().map(|t| t[0].len()).collect();
                 assert_eq!(sizes.iter().sum::<usize>(), total);
                 assert!(sizes.iter().all(|&n| n <= CHUNK_LEN));
-                if total >= threads {
-                    assert_eq!(
-                        sizes.len() % threads,
-                        0,
-                        "{total} elements, {threads} threads"
-                    );
+                match total <= CHUNK_LEN {
+                    true => assert_eq!(sizes.len(), 1, "{total} elements: one task"),
+                    false => assert_eq!(sizes.len() % threads, 0, "{total}, {threads} threads"),
                 }
                 let (min, max) = (sizes.iter().min(), sizes.iter().max());
                 assert!(max.unwrap() - min.unwrap() <= sizes.len(), "{sizes:?}");
