@@ -639,6 +639,23 @@ mod tests {
     }
 
     #[test]
+    fn every_element_is_run_once_per_pass_over_many_passes() {
+        // Sizes that give odd and even task counts, one task, and pieces across tasks.
+        let mut arrays: Vec<Vec<u32>> = [7 * CHUNK_LEN + 5, 3, 2 * CHUNK_LEN, CHUNK_LEN - 1]
+            .iter()
+            .map(|&n| vec![0; n])
+            .collect();
+        let passes = 300;
+        for _ in 0..passes {
+            let items: Vec<&mut [u32]> = arrays.iter_mut().map(Vec::as_mut_slice).collect();
+            for_each(items, |piece: &mut [u32]| {
+                piece.iter_mut().for_each(|x| *x += 1)
+            });
+        }
+        assert!(arrays.iter().flatten().all(|&x| x == passes));
+    }
+
+    #[test]
     fn for_each_covers_every_task_in_a_one_thread_pool() {
         let mut a = vec![0u32; 5 * CHUNK_LEN + 3];
         let pool = rayon::ThreadPoolBuilder::new()
