@@ -1314,7 +1314,11 @@ def test_gsam_decomposition(data: Any) -> None:
     if relation in ("parallel", "antiparallel"):
         assert R.global_norm(perp) <= 1e-14 * n0
     if relation in ("orthogonal", "zero1"):
-        assert R.global_norm({k: perp[k] - g0[k] for k in g0}) <= 1e-13 * n0
+        # g1 = raw - c*g0 is orthogonal to g0 up to its rounding, about eps*|raw|*|g0|, so
+        # the part of g0 along g1 may be eps*(|raw|/|g1|)*|g0|: large when raw is nearly
+        # parallel to g0 (two scalars of scales 0.01 and 30 gave |raw|/|g1| = 6341).
+        conditioning = max(1.0, R.global_norm(raw) / n1) if n1 > 0 else 1.0
+        assert R.global_norm({k: perp[k] - g0[k] for k in g0}) <= 1e-13 * n0 * conditioning
     # what samopt hands a Python base
     base = PySGD(0.0, 0.0)
     opt = GsamOptimizer(base, 0.1, alpha=alpha)
