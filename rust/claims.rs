@@ -2,8 +2,8 @@
 //! call (the same array under two names, a parameter passed as a gradient) and against the
 //! other calls in flight in the process (two threads updating the same arrays at once).
 //!
-//! One sort per call and a registry entry per call, instead of a borrow per array: with
-//! hundreds of small arrays per call the per-array bookkeeping costs more than the work.
+//! At most one sort per call and a registry entry per call, instead of a borrow per array:
+//! with hundreds of small arrays per call the per-array bookkeeping costs more than the work.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
