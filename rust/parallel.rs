@@ -189,9 +189,20 @@ fn even_chunk_len(total: usize, threads: usize) -> usize {
     total.div_ceil(tasks.next_multiple_of(threads))
 }
 
-/// One thread's share of a pass's tasks, on cache lines of its own so that claiming and
-/// counting its own tasks never moves a line between cores.
+/// A value on cache lines of its own (128 bytes: the prefetcher fetches lines in pairs), so
+/// that writing it never takes a line another thread is using, nor the other way round.
 #[repr(align(128))]
+struct OwnLine<T>(T);
+
+impl<T> std::ops::Deref for OwnLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// One thread's share of a pass's tasks, held in an `OwnLine` so that claiming and counting
+/// its own tasks never moves a line between cores.
 struct Share {
     /// The share's unclaimed tasks `[front, back)`, packed as `back << 32 | front`: its
     /// owner claims from the front, a thread out of work steals from the back.
@@ -211,7 +222,7 @@ struct Share {
 /// not come at all: a call never waits for a sleeping thread to wake up (tens of
 /// microseconds on a virtual machine), only for tasks already under way.
 struct Shared {
-    shares: Box<[Share]>,
+    shares: Box<[OwnLine<Share>]>,
     total: usize,
     /// The caller's work, its lifetime erased: only called with a claimed index, and the
     /// caller does not return before every claimed task is done (see `WaitForClaimed`).
@@ -247,10 +258,12 @@ impl Shared {
         let bound = |k: usize| k * total / threads;
         Shared {
             shares: (0..threads)
-                .map(|k| Share {
-                    unclaimed: AtomicU64::new(pack(bound(k), bound(k + 1))),
-                    done: AtomicUsize::new(0),
-                    arrived: AtomicBool::new(k == 0),
+                .map(|k| {
+                    OwnLine(Share {
+                        unclaimed: AtomicU64::new(pack(bound(k), bound(k + 1))),
+                        done: AtomicUsize::new(0),
+                        arrived: AtomicBool::new(k == 0),
+                    })
                 })
                 .collect(),
             total,
@@ -329,7 +342,7 @@ impl Shared {
             let (front, back) = unpack(share.unclaimed.load(Ordering::Acquire));
             back.saturating_sub(front)
         };
-        self.shares.iter().map(left).sum()
+        self.shares.iter().map(|share| left(share)).sum()
     }
 }
 
@@ -359,7 +372,7 @@ impl Drop for WaitForClaimed<'_> {
         let claimed = self.0.total - never_claimed;
         let done = || {
             let count = |share: &Share| share.done.load(Ordering::Acquire);
-            shares.iter().map(count).sum::<usize>()
+            shares.iter().map(|share| count(share)).sum::<usize>()
         };
         let mut spins = 0u32;
         while done() < claimed {
@@ -396,9 +409,6 @@ struct Helpers {
     generation: OwnLine<AtomicU64>,
     wake: Condvar,
 }
-
-#[repr(align(128))]
-struct OwnLine<T>(T);
 
 /// The helper threads and how many threads share a call's tasks: the caller (share 0) and
 /// helpers `1..threads`.
@@ -450,7 +460,7 @@ impl Helpers {
         loop {
             let spin_start = Instant::now();
             let mut spins = 0u32;
-            while self.generation.0.load(Ordering::Acquire) == seen {
+            while self.generation.load(Ordering::Acquire) == seen {
                 std::hint::spin_loop();
                 spins = spins.wrapping_add(1);
                 // Reading the clock costs more than a spin: look at it now and then.
@@ -484,7 +494,7 @@ impl Helpers {
             };
             offer.shared = Some(Arc::clone(shared));
             offer.generation += 1;
-            self.generation.0.store(offer.generation, Ordering::Release);
+            self.generation.store(offer.generation, Ordering::Release);
             offer.sleeping
         };
         if sleeping > 0 {
@@ -495,8 +505,8 @@ impl Helpers {
 
 /// Calls `work(i)` once for every `i < total`, on the calling thread and on whichever of
 /// the helper threads come in time.
-fn run_shared(total: usize, work: &(dyn Fn(usize) + Sync)) {
-    let team = (total > 1).then(Team::get).flatten();
+fn run_shared(total: usize, team: Option<Team>, work: &(dyn Fn(usize) + Sync)) {
+    let team = team.filter(|_| total > 1);
     let Some(team) = team else {
         (0..total).for_each(work);
         return;
@@ -519,7 +529,7 @@ unsafe impl<R: Send> Sync for ResultSlot<R> {}
 
 /// `per_task` applied to every task, in parallel; the results come back in task order,
 /// whichever thread produced them.
-fn map_tasks<L, R, F>(tasks: Tasks<L>, per_task: F) -> Vec<R>
+fn map_tasks<L, R, F>(tasks: Tasks<L>, team: Option<Team>, per_task: F) -> Vec<R>
 where
     L: Lanes,
     R: Send,
@@ -528,7 +538,7 @@ where
     let results: Vec<ResultSlot<R>> = (0..tasks.len())
         .map(|_| ResultSlot(UnsafeCell::new(None)))
         .collect();
-    run_shared(tasks.len(), &|index| {
+    run_shared(tasks.len(), team, &|index| {
         // SAFETY: this thread claimed `index`, and each index is claimed once.
         let result = per_task(&mut unsafe { tasks.take(index) });
         unsafe { *results[index].0.get() = Some(result) };
@@ -547,9 +557,10 @@ where
     F: Fn(L) + Sync + Send,
 {
     let total = items.iter().map(Lanes::len).sum();
-    let threads = Team::get().map_or(1, |team| team.threads);
+    let team = Team::get();
+    let threads = team.map_or(1, |team| team.threads);
     let tasks = Tasks::cut(items, even_chunk_len(total, threads));
-    map_tasks(tasks, |task| task.for_each(&kernel));
+    map_tasks(tasks, team, |task| task.for_each(&kernel));
 }
 
 /// Sums `partial(piece)` over every piece, reproducibly: the items are cut into tasks of
@@ -562,7 +573,7 @@ where
 {
     let task_total =
         |task: &mut dyn Iterator<Item = L>| task.map(&partial).fold(0.0, |acc, x| acc + x);
-    map_tasks(Tasks::cut(items, CHUNK_LEN), task_total)
+    map_tasks(Tasks::cut(items, CHUNK_LEN), Team::get(), task_total)
         .into_iter()
         .fold(0.0, |acc, x| acc + x)
 }
@@ -574,7 +585,7 @@ where
     F: Fn(L) -> f64 + Sync + Send,
 {
     let task_max = |task: &mut dyn Iterator<Item = L>| task.map(&measure).fold(0.0, f64::max);
-    map_tasks(Tasks::cut(items, CHUNK_LEN), task_max)
+    map_tasks(Tasks::cut(items, CHUNK_LEN), Team::get(), task_max)
         .into_iter()
         .fold(0.0, f64::max)
 }
