@@ -9,6 +9,8 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::state::OutOfMemory;
+
 /// The memory one array of a call spans, and how the call uses it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Claim {
@@ -106,6 +108,56 @@ impl Claim {
             };
         !disjoint
     }
+}
+
+/// Whether two elements of one array share a byte: a zero stride over a dimension longer
+/// than one, or strides that run into each other. Written through, such an array would
+/// update one element several times per step.
+///
+/// Strides that nest (each at least the span of the smaller ones, as every array NumPy
+/// makes) prove the elements apart at once; other layouts are decided by listing every
+/// element's offset.
+pub fn overlaps_itself(
+    shape: &[usize],
+    strides: &[isize],
+    itemsize: usize,
+) -> Result<bool, OutOfMemory> {
+    if shape.contains(&0) {
+        return Ok(false);
+    }
+    // A negative stride mirrors its dimension, which moves no element onto another.
+    let mut dims: Vec<(usize, usize)> = shape
+        .iter()
+        .zip(strides)
+        .filter(|(&len, _)| len > 1)
+        .map(|(&len, &stride)| (stride.unsigned_abs(), len))
+        .collect();
+    dims.sort_unstable();
+    let mut span = itemsize;
+    let nested = dims.iter().all(|&(stride, len)| {
+        let apart = stride >= span;
+        span = span.saturating_add(stride.saturating_mul(len - 1));
+        apart
+    });
+    if nested {
+        return Ok(false);
+    }
+    let count = dims.iter().map(|&(_, len)| len).product::<usize>();
+    let mut offsets: Vec<usize> = Vec::new();
+    offsets.try_reserve_exact(count).map_err(|_| OutOfMemory {
+        bytes: count.saturating_mul(std::mem::size_of::<usize>()),
+    })?;
+    offsets.push(0);
+    for &(stride, len) in &dims {
+        let inner = offsets.len();
+        for k in 1..len {
+            for j in 0..inner {
+                offsets.push(offsets[j] + k * stride);
+            }
+        }
+    }
+    offsets.sort_unstable();
+    Ok(offsets.windows(2).any(|pair| pair[1] - pair[0] < itemsize))
 }
 
 thread_local! {
@@ -321,6 +373,26 @@ mod tests {
                 .collect()
         };
         assert_eq!(items, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn arrays_that_overlap_themselves_are_told_from_exotic_ones_that_do_not() {
+        let overlaps = |shape: &[usize], strides: &[isize]| overlaps_itself(shape, strides, 8);
+        // Every layout NumPy makes: contiguous, transposed, reversed, strided, broadcast 1s.
+        assert!(!overlaps(&[3, 4], &[32, 8]).unwrap());
+        assert!(!overlaps(&[3, 4], &[8, 24]).unwrap());
+        assert!(!overlaps(&[5], &[-16]).unwrap());
+        assert!(!overlaps(&[1, 6], &[0, 8]).unwrap());
+        assert!(!overlaps(&[], &[]).unwrap());
+        assert!(!overlaps(&[0, 3], &[0, 0]).unwrap());
+        // Zero strides, colliding strides, elements that share bytes.
+        assert!(overlaps(&[4], &[0]).unwrap());
+        assert!(overlaps(&[3, 3], &[8, 8]).unwrap());
+        assert!(overlaps(&[2], &[4]).unwrap());
+        // Interleaved but apart: offsets 0, 16, 24, 32, 40, 56 (the nesting test fails).
+        assert!(!overlaps(&[3, 2], &[16, 24]).unwrap());
+        assert!(!overlaps(&[3, 3], &[16, 24]).unwrap());
+        assert!(overlaps(&[4, 3], &[16, 24]).unwrap());
     }
 
     #[test]

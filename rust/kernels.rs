@@ -1,33 +1,10 @@
-//! Fused element-wise updates over flat slices. Each element's streams are read and written
-//! once; arithmetic is done in f64 whatever the storage type, and rounded once on store.
+//! Fused element-wise passes over flat slices: each element's streams are read and written
+//! once. `update` applies a base optimizer's spec (`specs`) with SAM's restore and GSAM's
+//! mix fused in; `perturb`, `restore` and `mix_into` are SAM's and GSAM's own passes.
 
-/// A parameter storage type: f32 or f64.
-pub trait Real: Copy + Send + Sync + 'static {
-    fn to_f64(self) -> f64;
-    fn from_f64(x: f64) -> Self;
-}
-
-impl Real for f32 {
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        f64::from(self)
-    }
-    #[inline(always)]
-    fn from_f64(x: f64) -> Self {
-        x as f32
-    }
-}
-
-impl Real for f64 {
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn from_f64(x: f64) -> Self {
-        x
-    }
-}
+use crate::float::{Norm, Real, WideFactor};
+use crate::parallel::{Lanes, Split};
+use crate::specs::Update;
 
 /// Gradient clipping, resolved to what happens to one element once the global norm is
 /// known: `g ↦ clamp(g·factor, −limit, limit)`. Off is factor 1 and an infinite limit, both
@@ -78,137 +55,26 @@ impl Mix {
     };
 }
 
-/// A factor that may lie beyond f64's range (ρ/‖g‖ for a subnormal ‖g‖), applied to
-/// values small enough that the product fits: `x·f` is computed as
-/// `((x·pre₀)·pre₁)·mantissa` with exact power-of-two `pre`. In range, `pre` is (1, 1) and
-/// the result is exactly `x·mantissa`.
+/// The gradient an update uses: mixed with `g0` for GSAM, then clipped.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct WideFactor {
-    mantissa: f64,
-    pre: (f64, f64),
+pub struct GradientPlan {
+    pub mix: Mix,
+    pub clip: Clip,
 }
 
-impl WideFactor {
-    pub const ONE: WideFactor = WideFactor {
-        mantissa: 1.0,
-        pre: (1.0, 1.0),
+impl GradientPlan {
+    pub const PLAIN: GradientPlan = GradientPlan {
+        mix: Mix::PLAIN,
+        clip: Clip::OFF,
     };
 
-    /// `numerator / denominator` for a finite numerator and a positive, finite denominator.
-    pub fn ratio(numerator: f64, denominator: f64) -> WideFactor {
-        let direct = numerator / denominator;
-        if direct.is_finite() {
-            return WideFactor {
-                mantissa: direct,
-                pre: (1.0, 1.0),
-            };
-        }
-        // Bring the denominator into [1, 2) with an exact power of two split in two factors.
-        let shift = -(denominator.log2().floor() as i32);
-        let half = shift / 2;
-        let pre = (pow2(half), pow2(shift - half));
-        WideFactor {
-            mantissa: numerator / (denominator * pre.0 * pre.1),
-            pre,
-        }
-    }
-
-    /// `numerator / (mantissa·2^exponent)`: the same for a denominator given as a `Norm`
-    /// (a subnormal norm loses no bits this way). Exponents beyond ±2044 are clamped, far
-    /// past anything finite inputs produce.
-    pub fn ratio_scaled(numerator: f64, mantissa: f64, exponent: i32) -> WideFactor {
-        if exponent == 0 {
-            return WideFactor::ratio(numerator, mantissa);
-        }
-        let shift = (-exponent).clamp(-2044, 2044);
-        let half = shift / 2;
-        WideFactor {
-            mantissa: numerator / mantissa,
-            pre: (pow2(half), pow2(shift - half)),
-        }
-    }
-
+    /// Without GSAM, `g0` is `g` itself and the mix `1·g + 0·g`, exactly `g` for finite
+    /// values: one loop serves both, and reading `g` twice costs no memory traffic.
     #[inline(always)]
-    pub fn apply(self, x: f64) -> f64 {
-        x * self.pre.0 * self.pre.1 * self.mantissa
+    fn gradient<T: Real>(self, g: T, g0: T) -> f64 {
+        self.clip
+            .apply(self.mix.a.apply(g.to_f64()) + self.mix.b * g0.to_f64())
     }
-}
-
-/// `2^e` for `e` in f64's normal exponent range.
-pub(crate) fn pow2(e: i32) -> f64 {
-    f64::from_bits(((e + 1023) as u64) << 52)
-}
-
-/// The gradient an update uses at element `i`: mixed with `g0` for GSAM, then clipped.
-/// Without GSAM, `g0` is `g` itself and the mix `1·g + 0·g`, exactly `g` for finite values:
-/// one loop serves both, and reading `g` twice costs no memory traffic.
-#[inline(always)]
-fn gradient_at<T: Real>(g: &[T], g0: &[T], mix: Mix, clip: Clip, i: usize) -> f64 {
-    clip.apply(mix.a.apply(g[i].to_f64()) + mix.b * g0[i].to_f64())
-}
-
-/// Whether the update's gradient is `g` itself: no clipping and no mix. `gradient_at` then
-/// returns exactly `g[i]` for the finite values an update is given, so a kernel may skip
-/// its eight operations per element.
-fn is_plain(mix: Mix, clip: Clip) -> bool {
-    mix == Mix::PLAIN && clip == Clip::OFF
-}
-
-use crate::norm::Norm;
-
-/// Runs a kernel body compiled for the widest vectors the CPU has: AVX-512, else AVX2, else
-/// as compiled (wheels target baseline x86-64). Only the vector width changes, never the
-/// operations (Rust never fuses a multiply and an add), so the results are bitwise the same
-/// on every machine.
-macro_rules! widest {
-    ($body:ident($($arg:expr),*)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-            {
-                // SAFETY: the CPU supports AVX-512 F and VL, checked just above.
-                return unsafe { $body::avx512($($arg),*) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2, checked just above.
-                return unsafe { $body::avx2($($arg),*) };
-            }
-        }
-        $body::portable($($arg),*)
-    }};
-}
-
-/// Declares a kernel body once and compiles it three times: portable, with AVX2 and with
-/// AVX-512 enabled (`widest!` picks one).
-macro_rules! kernel_body {
-    ($name:ident<$t:ident: $bound:path>($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-
-            // Index loops over slices cut to one length vectorise without bounds checks.
-            #[allow(clippy::needless_range_loop)]
-            #[inline(always)]
-            fn body<$t: $bound>($($arg: $ty),*) $(-> $ret)? $body
-
-            pub(super) fn portable<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
-                body($($arg),*)
-            }
-
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2")]
-            pub(super) unsafe fn avx2<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
-                body($($arg),*)
-            }
-
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx512vl")]
-            pub(super) unsafe fn avx512<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
-                body($($arg),*)
-            }
-        }
-    };
 }
 
 /// GSAM's mix for `g1 − α·g0⊥`, where `g0⊥ = g0 − (g0·g1/‖g1‖²)·g1` is the part of `g0`
@@ -217,7 +83,7 @@ macro_rules! kernel_body {
 /// intermediate in range (`a` itself may not be: it is a `WideFactor`).
 pub fn gsam_mix(alpha: f64, n0: f64, n1: Norm, cos: f64) -> Mix {
     let a = if n1.mantissa > 0.0 {
-        WideFactor::ratio_scaled(n1.value() + alpha * n0 * cos, n1.mantissa, n1.exponent)
+        WideFactor::ratio_scaled(n1.value() + alpha * n0 * cos, n1)
     } else {
         WideFactor::ONE
     };
@@ -238,6 +104,119 @@ pub fn mixed_norm(alpha: f64, n0: f64, n1: f64, cos: f64) -> f64 {
     largest * (x * x + 2.0 * sign * x * y * cos + y * y).max(0.0).sqrt()
 }
 
+/// The streams of a base optimizer's update over one piece of one parameter: the
+/// parameter, its gradient, the optimizer's `N` state slots, where the step starts from
+/// (`None`: the parameter itself; `Some(saved)`: SAM's saved values, so the restore costs
+/// no pass of its own) and GSAM's `g0` when the gradient is mixed.
+pub struct UpdateLanes<'a, T, const N: usize> {
+    pub param: &'a mut [T],
+    pub grad: &'a [T],
+    pub slots: [&'a mut [T]; N],
+    pub start: Option<&'a [T]>,
+    pub grad0: Option<&'a [T]>,
+}
+
+impl<T, const N: usize> Split for UpdateLanes<'_, T, N> {
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (param, param_tail) = Split::split_at(self.param, mid);
+        let (grad, grad_tail) = Split::split_at(self.grad, mid);
+        let (slots, slots_tail) = Split::split_at(self.slots, mid);
+        let (start, start_tail) = Split::split_at(self.start, mid);
+        let (grad0, grad0_tail) = Split::split_at(self.grad0, mid);
+        (
+            UpdateLanes {
+                param,
+                grad,
+                slots,
+                start,
+                grad0,
+            },
+            UpdateLanes {
+                param: param_tail,
+                grad: grad_tail,
+                slots: slots_tail,
+                start: start_tail,
+                grad0: grad0_tail,
+            },
+        )
+    }
+}
+
+impl<T: Send + Sync, const N: usize> Lanes for UpdateLanes<'_, T, N> {
+    fn len(&self) -> usize {
+        self.param.len()
+    }
+}
+
+/// One step of the base optimizer `spec` over one piece, with the gradient `plan` says.
+pub fn update<T: Real, U: Update<T, N>, const N: usize>(
+    lanes: UpdateLanes<'_, T, N>,
+    spec: &U,
+    plan: GradientPlan,
+) {
+    widest!(update_body(lanes, spec, plan))
+}
+
+kernel_body!(update_body[T: Real, U: Update<T, N>, const N: usize](
+    lanes: UpdateLanes<'_, T, N>,
+    spec: &U,
+    plan: GradientPlan
+) {
+    let UpdateLanes { param, grad, slots, start, grad0 } = lanes;
+    let n = param.len();
+    let grad = &grad[..n];
+    let grad0 = grad0.map_or(grad, |s| &s[..n]);
+    // With neither clipping nor a mix the gradient is `g` itself (exactly, for the finite
+    // values an update is given): skip the eight operations per element.
+    if plan == GradientPlan::PLAIN {
+        update_loop(param, slots, start, |i| grad[i].to_f64(), spec);
+    } else {
+        update_loop(param, slots, start, |i| plan.gradient(grad[i], grad0[i]), spec);
+    }
+});
+
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn update_loop<T: Real, U: Update<T, N>, const N: usize>(
+    param: &mut [T],
+    slots: [&mut [T]; N],
+    start: Option<&[T]>,
+    gradient: impl Fn(usize) -> f64,
+    spec: &U,
+) {
+    let n = param.len();
+    let mut slots = slots.map(|s| &mut s[..n]);
+    match start {
+        Some(start) => {
+            let start = &start[..n];
+            for i in 0..n {
+                param[i] = element_at(spec, start[i], gradient(i), &mut slots, i);
+            }
+        }
+        None => {
+            for i in 0..n {
+                param[i] = element_at(spec, param[i], gradient(i), &mut slots, i);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn element_at<T: Real, U: Update<T, N>, const N: usize>(
+    spec: &U,
+    p0: T,
+    g: f64,
+    slots: &mut [&mut [T]; N],
+    i: usize,
+) -> T {
+    let mut state: [T; N] = std::array::from_fn(|k| slots[k][i]);
+    let p = spec.element(p0, g, &mut state);
+    for k in 0..N {
+        slots[k][i] = state[k];
+    }
+    p
+}
+
 /// The output buffer, the gradient at the perturbed point and `g0`.
 pub type MixLanes<'a, T> = (&'a mut [T], &'a [T], &'a [T]);
 
@@ -247,172 +226,6 @@ pub fn mix_into<T: Real>((out, g, g0): MixLanes<'_, T>, mix: Mix) {
     let (g, g0) = (&g[..n], &g0[..n]);
     for i in 0..n {
         out[i] = T::from_f64(mix.a.apply(g[i].to_f64()) + mix.b * g0[i].to_f64());
-    }
-}
-
-/// Parameter, gradient, velocity, where the step starts from (`None`: the parameter itself;
-/// `Some(saved)`: SAM's saved value, so the restore costs no pass of its own), and GSAM's
-/// `g0` when the gradient is mixed.
-pub type SgdLanes<'a, T> = (
-    &'a mut [T],
-    &'a [T],
-    &'a mut [T],
-    Option<&'a [T]>,
-    Option<&'a [T]>,
-);
-
-#[derive(Clone, Copy, Debug)]
-pub struct SgdStep {
-    pub lr: f64,
-    pub momentum: f64,
-    pub clip: Clip,
-    pub mix: Mix,
-}
-
-/// `v ← μ·v + lr·g ; p ← p_start − v`.
-pub fn sgd<T: Real>(lanes: SgdLanes<'_, T>, step: &SgdStep) {
-    widest!(sgd_body(lanes, step))
-}
-
-kernel_body!(sgd_body<T: Real>(lanes: SgdLanes<'_, T>, step: &SgdStep) {
-    let (p, g, velocity, start, g0) = lanes;
-    let n = p.len();
-    let (g, velocity) = (&g[..n], &mut velocity[..n]);
-    let g0 = g0.map_or(g, |s| &s[..n]);
-    if is_plain(step.mix, step.clip) {
-        sgd_loop(p, velocity, start, |i| g[i].to_f64(), step);
-    } else {
-        sgd_loop(p, velocity, start, |i| gradient_at(g, g0, step.mix, step.clip, i), step);
-    }
-});
-
-/// SGD over one piece with the gradient of element `i` given by `grad`.
-#[allow(clippy::needless_range_loop)]
-#[inline(always)]
-fn sgd_loop<T: Real>(
-    p: &mut [T],
-    velocity: &mut [T],
-    start: Option<&[T]>,
-    grad: impl Fn(usize) -> f64,
-    step: &SgdStep,
-) {
-    let n = p.len();
-    let velocity = &mut velocity[..n];
-    match start {
-        Some(start) => {
-            let start = &start[..n];
-            for i in 0..n {
-                let vi = step.momentum * velocity[i].to_f64() + step.lr * grad(i);
-                velocity[i] = T::from_f64(vi);
-                p[i] = T::from_f64(start[i].to_f64() - vi);
-            }
-        }
-        None => {
-            for i in 0..n {
-                let vi = step.momentum * velocity[i].to_f64() + step.lr * grad(i);
-                velocity[i] = T::from_f64(vi);
-                p[i] = T::from_f64(p[i].to_f64() - vi);
-            }
-        }
-    }
-}
-
-/// Parameter, gradient, first moment, second moment, start and `g0` (as for SGD).
-pub type AdamLanes<'a, T> = (
-    &'a mut [T],
-    &'a [T],
-    &'a mut [T],
-    &'a mut [T],
-    Option<&'a [T]>,
-    Option<&'a [T]>,
-);
-
-#[derive(Clone, Copy, Debug)]
-pub struct AdamStep {
-    /// The bias-corrected step size `lr·√(1−β2^t)/(1−β1^t)`.
-    pub lr_t: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub epsilon: f64,
-    /// `lr·weight_decay` for AdamW's decoupled decay; 0 for Adam.
-    pub decay: f64,
-    pub clip: Clip,
-    pub mix: Mix,
-}
-
-/// `m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g² ; p ← p_start − lr_t·m/(√v+ε) − decay·p_start`.
-pub fn adam<T: AdamElement>(lanes: AdamLanes<'_, T>, step: &AdamStep) {
-    widest!(adam_body(lanes, step))
-}
-
-/// One element of Adam: the new `(p, m, v)` from the start value `p0` and the (clipped,
-/// mixed) gradient. Computed in the parameter's own precision: for float32 the square root
-/// and the division dominate, and 8-wide f32 arithmetic keeps the kernel memory-bound.
-pub trait AdamElement: Real {
-    fn adam_element(p0: Self, gi: f64, m: Self, v: Self, step: &AdamStep) -> (Self, Self, Self);
-}
-
-impl AdamElement for f64 {
-    #[inline(always)]
-    fn adam_element(p0: f64, gi: f64, m: f64, v: f64, step: &AdamStep) -> (f64, f64, f64) {
-        let m = step.beta1 * m + (1.0 - step.beta1) * gi;
-        let v = step.beta2 * v + (1.0 - step.beta2) * gi * gi;
-        let p = p0 - step.lr_t * m / (v.sqrt() + step.epsilon) - step.decay * p0;
-        (p, m, v)
-    }
-}
-
-impl AdamElement for f32 {
-    #[inline(always)]
-    fn adam_element(p0: f32, gi: f64, m: f32, v: f32, step: &AdamStep) -> (f32, f32, f32) {
-        let g = gi as f32;
-        let (b1, b2) = (step.beta1 as f32, step.beta2 as f32);
-        let (c1, c2) = ((1.0 - step.beta1) as f32, (1.0 - step.beta2) as f32);
-        let m = b1 * m + c1 * g;
-        let v = b2 * v + c2 * g * g;
-        let p =
-            p0 - step.lr_t as f32 * m / (v.sqrt() + step.epsilon as f32) - step.decay as f32 * p0;
-        (p, m, v)
-    }
-}
-
-kernel_body!(adam_body<T: AdamElement>(lanes: AdamLanes<'_, T>, step: &AdamStep) {
-    let (p, g, m, v, start, g0) = lanes;
-    let n = p.len();
-    let g = &g[..n];
-    let g0 = g0.map_or(g, |s| &s[..n]);
-    if is_plain(step.mix, step.clip) {
-        adam_loop(p, m, v, start, |i| g[i].to_f64(), step);
-    } else {
-        adam_loop(p, m, v, start, |i| gradient_at(g, g0, step.mix, step.clip, i), step);
-    }
-});
-
-/// Adam over one piece with the gradient of element `i` given by `grad`.
-#[allow(clippy::needless_range_loop)]
-#[inline(always)]
-fn adam_loop<T: AdamElement>(
-    p: &mut [T],
-    m: &mut [T],
-    v: &mut [T],
-    start: Option<&[T]>,
-    grad: impl Fn(usize) -> f64,
-    step: &AdamStep,
-) {
-    let n = p.len();
-    let (m, v) = (&mut m[..n], &mut v[..n]);
-    match start {
-        Some(start) => {
-            let start = &start[..n];
-            for i in 0..n {
-                (p[i], m[i], v[i]) = T::adam_element(start[i], grad(i), m[i], v[i], step);
-            }
-        }
-        None => {
-            for i in 0..n {
-                (p[i], m[i], v[i]) = T::adam_element(p[i], grad(i), m[i], v[i], step);
-            }
-        }
     }
 }
 
@@ -434,7 +247,7 @@ pub fn perturb<T: Real>(lanes: PerturbLanes<'_, T>, ascent: &Ascent) {
     widest!(perturb_body(lanes, ascent))
 }
 
-kernel_body!(perturb_body<T: Real>(lanes: PerturbLanes<'_, T>, ascent: &Ascent) {
+kernel_body!(perturb_body[T: Real](lanes: PerturbLanes<'_, T>, ascent: &Ascent) {
     let (p, g, saved, kept) = lanes;
     let n = p.len();
     let (g, saved) = (&g[..n], &mut saved[..n]);
@@ -460,31 +273,57 @@ kernel_body!(perturb_body<T: Real>(lanes: PerturbLanes<'_, T>, ascent: &Ascent) 
     }
 });
 
-/// Parameter and its saved value.
-pub type RestoreLanes<'a, T> = (&'a mut [T], &'a mut [T]);
+/// A destination and the values it receives.
+pub type CopyLanes<'a, T> = (&'a mut [T], &'a [T]);
 
-/// `p ← saved`, bit for bit.
-pub fn restore<T: Real>((p, saved): RestoreLanes<'_, T>) {
-    p.copy_from_slice(&saved[..p.len()]);
+/// `dst ← src`, bit for bit: SAM's restore, and the copies around a base written in Python.
+pub fn copy<T: Copy>((dst, src): CopyLanes<'_, T>) {
+    dst.copy_from_slice(&src[..dst.len()]);
+}
+
+/// A parameter, the buffer that keeps its current values and the values it receives.
+pub type RestoreKeepingLanes<'a, T> = (&'a mut [T], &'a mut [T], &'a [T]);
+
+/// `kept ← p ; p ← saved`: SAM's restore before a base written in Python, keeping the
+/// perturbed values to put back should that base raise.
+pub fn restore_keeping<T: Copy>((p, kept, saved): RestoreKeepingLanes<'_, T>) {
+    let n = p.len();
+    kept[..n].copy_from_slice(p);
+    p.copy_from_slice(&saved[..n]);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::specs::{Adam, Hyper, Sgd, Spec};
+
+    const HYPER: Hyper = Hyper {
+        lr: 0.1,
+        momentum: 0.9,
+        beta1: 0.9,
+        beta2: 0.999,
+        epsilon: 1e-8,
+        weight_decay: 0.0,
+    };
 
     #[test]
-    fn sgd_matches_formula_and_starts_from_saved() {
+    fn update_starts_from_saved_values_and_clips() {
         let mut p = [1.0f64, -2.0];
         let g = [0.5f64, 4.0];
         let mut vel = [0.1f64, 0.0];
         let saved = [10.0f64, 20.0];
-        let step = SgdStep {
-            lr: 0.1,
-            momentum: 0.9,
-            clip: Clip::value(1.0),
-            mix: Mix::PLAIN,
+        let lanes = UpdateLanes {
+            param: &mut p,
+            grad: &g,
+            slots: [&mut vel],
+            start: Some(&saved),
+            grad0: None,
         };
-        sgd((&mut p, &g, &mut vel, Some(&saved), None), &step);
+        let plan = GradientPlan {
+            mix: Mix::PLAIN,
+            clip: Clip::value(1.0),
+        };
+        update(lanes, &Sgd::at_step(&HYPER, 1), plan);
         let v0 = 0.9 * 0.1 + 0.1 * 0.5;
         let v1 = 0.1 * 1.0;
         assert_eq!(vel, [v0, v1]);
@@ -492,43 +331,61 @@ mod tests {
     }
 
     #[test]
-    fn adamw_matches_formula() {
-        let (lr, wd, b1, b2, eps) = (0.01, 0.1, 0.9, 0.999, 1e-8);
-        let lr_t = lr * (1.0f64 - b2).sqrt() / (1.0 - b1);
-        let mut p = [2.0f64];
-        let g = [3.0f64];
-        let (mut m, mut v) = ([0.0f64], [0.0f64]);
-        let step = AdamStep {
-            lr_t,
-            beta1: b1,
-            beta2: b2,
-            epsilon: eps,
-            decay: lr * wd,
-            clip: Clip::scale(0.5),
-            mix: Mix::PLAIN,
+    fn update_matches_the_element_formula_across_pieces() {
+        let n = 1000;
+        let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.1).sin()).collect();
+        let p0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).cos()).collect();
+        let adam = Adam::<true>::at_step(&HYPER, 3);
+        let (mut p, mut m, mut v) = (p0.clone(), vec![0.01f32; n], vec![0.02f32; n]);
+        let lanes = UpdateLanes {
+            param: &mut p,
+            grad: &g,
+            slots: [&mut m, &mut v],
+            start: None,
+            grad0: None,
         };
-        adam((&mut p, &g, &mut m, &mut v, None, None), &step);
-        let gc = 1.5;
-        let (m1, v1) = ((1.0 - b1) * gc, (1.0 - b2) * gc * gc);
-        assert_eq!(m[0], m1);
-        assert_eq!(v[0], v1);
-        let expected = 2.0 - lr_t * m1 / (v1.sqrt() + eps) - lr * wd * 2.0;
-        assert!((p[0] - expected).abs() <= 1e-15 * expected.abs());
+        // Cut in two, as the scheduler does: each element is updated alike.
+        let (head, tail) = Split::split_at(lanes, 337);
+        update(head, &adam, GradientPlan::PLAIN);
+        update(tail, &adam, GradientPlan::PLAIN);
+        for i in 0..n {
+            let mut s = [0.01f32, 0.02f32];
+            let expected = adam.element(p0[i], f64::from(g[i]), &mut s);
+            assert_eq!((p[i], m[i], v[i]), (expected, s[0], s[1]));
+        }
     }
 
     #[test]
-    fn f32_storage_computes_in_f64_and_rounds_once() {
-        let mut p = [1.0f32];
-        let g = [1.0e-8f32];
-        let mut vel = [0.0f32];
-        let step = SgdStep {
-            lr: 1.0,
-            momentum: 0.0,
-            clip: Clip::OFF,
-            mix: Mix::PLAIN,
+    fn mixed_gradient_is_clipped_after_mixing() {
+        let mut p = [0.0f64];
+        let (g, g0) = ([2.0f64], [4.0f64]);
+        let mut vel = [0.0f64];
+        let mix = Mix {
+            a: WideFactor::ratio(1.5, 1.0),
+            b: -0.5,
         };
-        sgd((&mut p, &g, &mut vel, None, None), &step);
-        assert_eq!(p[0], (1.0f64 - f64::from(1.0e-8f32)) as f32);
+        let plain = Sgd::at_step(
+            &Hyper {
+                lr: 1.0,
+                momentum: 0.0,
+                ..HYPER
+            },
+            1,
+        );
+        let lanes = UpdateLanes {
+            param: &mut p,
+            grad: &g,
+            slots: [&mut vel],
+            start: None,
+            grad0: Some(&g0),
+        };
+        let plan = GradientPlan {
+            mix,
+            clip: Clip::value(0.75),
+        };
+        update(lanes, &plain, plan);
+        // 1.5·2 − 0.5·4 = 1, clamped to 0.75.
+        assert_eq!(p, [-0.75]);
     }
 
     #[test]
@@ -547,28 +404,8 @@ mod tests {
         );
         assert_ne!(p, original);
         assert_eq!(kept, g);
-        restore((&mut p, &mut saved));
+        copy((&mut p, &saved));
         assert_eq!(p, original);
-    }
-
-    #[test]
-    fn mixed_gradient_is_clipped_after_mixing() {
-        let mut p = [0.0f64];
-        let (g, g0) = ([2.0f64], [4.0f64]);
-        let mut vel = [0.0f64];
-        let mix = Mix {
-            a: WideFactor::ratio(1.5, 1.0),
-            b: -0.5,
-        };
-        let step = SgdStep {
-            lr: 1.0,
-            momentum: 0.0,
-            clip: Clip::value(0.75),
-            mix,
-        };
-        sgd((&mut p, &g, &mut vel, None, Some(&g0)), &step);
-        // 1.5·2 − 0.5·4 = 1, clamped to 0.75.
-        assert_eq!(p, [-0.75]);
     }
 
     #[test]
@@ -597,13 +434,8 @@ mod tests {
     }
 
     #[test]
-    fn wide_factor_reaches_beyond_f64_range_exactly_in_range() {
-        let tiny = 4e-320; // subnormal: 0.05 / tiny overflows
-        let factor = WideFactor::ratio(0.05, tiny);
-        let moved = factor.apply(3e-320);
-        assert!((moved - 0.05 * 0.75).abs() < 1e-3 * 0.05, "{moved}");
-        assert_eq!(WideFactor::ratio(0.05, 2.0).apply(3.0), 3.0 * (0.05 / 2.0));
-        // GSAM with a vanishing g1: a = 1 + α·n0·cos/n1 overflows, a·g1 does not.
+    fn gsam_mix_survives_a_vanishing_g1() {
+        // a = 1 + α·n0·cos/n1 overflows, a·g1 does not.
         let mix = gsam_mix(0.4, 1.0, Norm::of(1e-310), 0.5);
         let d = mix.a.apply(1e-310) + mix.b * 1.0;
         assert!((d - (1e-310 + 0.4 * 0.5 - 0.4)).abs() < 1e-15, "{d}");

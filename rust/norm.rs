@@ -5,7 +5,7 @@
 //! that is not finite or is so small that squares may have lost bits to underflow sends the
 //! call to a rescaled second pass, with power-of-two factors so the rescaling is exact.
 
-use crate::kernels::{pow2, Real, WideFactor};
+use crate::float::{pow2, Norm, Real, WideFactor};
 use crate::parallel::{max_of, ordered_sum, ByDtype};
 
 /// One array's streams for a norm: the gradient and, for adaptive SAM, its parameter
@@ -28,36 +28,6 @@ const SMALLEST_SAFE_SUM: f64 = 1.0e-270;
 /// `w = 1` where it does not.
 pub fn global_norm(items: &[NormItem<'_>], eta: f64) -> Result<f64, NormError> {
     global_norm_parts(items, eta).map(Norm::value)
-}
-
-/// A norm as `mantissa·2^exponent`, so that one outside f64's range (or subnormal, with
-/// few significant bits) keeps its full precision for what is computed from it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Norm {
-    pub mantissa: f64,
-    pub exponent: i32,
-}
-
-impl Norm {
-    /// A norm already in f64 range.
-    pub fn of(value: f64) -> Norm {
-        Norm {
-            mantissa: value,
-            exponent: 0,
-        }
-    }
-
-    /// The norm as an f64 (infinite, subnormal or zero where it must be).
-    pub fn value(self) -> f64 {
-        let (mut x, mut e) = (self.mantissa, self.exponent);
-        while e > 1000 {
-            (x, e) = (x * pow2(1000), e - 1000);
-        }
-        while e < -1000 {
-            (x, e) = (x * pow2(-1000), e + 1000);
-        }
-        x * pow2(e)
-    }
 }
 
 /// `global_norm` as a `Norm`.
@@ -105,7 +75,13 @@ pub type DotItem<'a> = ByDtype<DotLanes<'a, f32>, DotLanes<'a, f64>>;
 pub fn normalised_dot(items: &[DotItem<'_>], nx: Norm, ny: f64) -> f64 {
     fn partial<T: Real>((x, y): DotLanes<'_, T>, nx: Norm, ny: f64) -> f64 {
         let y = &y[..x.len()];
-        let shift = WideFactor::ratio_scaled(1.0, 1.0, nx.exponent);
+        let shift = WideFactor::ratio_scaled(
+            1.0,
+            Norm {
+                mantissa: 1.0,
+                exponent: nx.exponent,
+            },
+        );
         let mut acc = [0.0f64; 4];
         for (i, (&xi, &yi)) in x.iter().zip(y).enumerate() {
             acc[i % 4] += (shift.apply(xi.to_f64()) / nx.mantissa) * (yi.to_f64() / ny);
@@ -234,7 +210,7 @@ fn weighted_sum_squares<T: Real>(
     widest!(sum_squares_body(lanes, eta, scale_g, scale_w))
 }
 
-kernel_body!(sum_squares_body<T: Real>(
+kernel_body!(sum_squares_body[T: Real](
     lanes: NormLanes<'_, T>,
     eta: f64,
     scale_g: Pow2Scale,

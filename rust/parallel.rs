@@ -54,6 +54,20 @@ impl<A: Split> Split for Option<A> {
     }
 }
 
+impl<A: Split, const N: usize> Split for [A; N] {
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let mut tails: [Option<A>; N] = std::array::from_fn(|_| None);
+        let mut next = 0;
+        let heads = self.map(|a| {
+            let (head, tail) = a.split_at(mid);
+            tails[next] = Some(tail);
+            next += 1;
+            head
+        });
+        (heads, tails.map(|tail| tail.expect("one tail per head")))
+    }
+}
+
 impl<T: Send> Lanes for &mut [T] {
     fn len(&self) -> usize {
         <[T]>::len(self)

@@ -215,6 +215,12 @@ def is_float_grad(v: Any) -> bool:
     return isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.dtype.itemsize in (2, 4, 8)
 
 
+def as_grad(v: Any) -> Any:
+    """A gradient as SPEC reads it: a NumPy floating scalar or a Python float is a 0-d
+    array (arithmetic on 0-d arrays returns scalars); anything else as it is."""
+    return np.asarray(v) if isinstance(v, (float, np.floating)) else v
+
+
 # ----------------------------------------------------------------------------- references
 
 
@@ -480,7 +486,7 @@ def predict(world: World, params: Any, grads: Any, phase: str,
             if k not in grads:
                 ex.must_fail(k, f"missing gradient {k!r}")
                 continue
-            g = grads[k]
+            g = as_grad(grads[k])
             if not is_float_grad(g):
                 ex.must_fail(k, f"gradient {k!r} is {type(g).__name__} {getattr(g, 'dtype', '')}")
                 continue
@@ -883,7 +889,7 @@ class Inputs:
         for grads in grad_dicts:
             g = grads if isinstance(grads, Mapping) else {}
             self.grads.append({k: np.array(g[k]) for k in self.values
-                               if k in g and is_float_grad(g[k])})
+                               if k in g and is_float_grad(as_grad(g[k]))})
         self.frozen = [freeze(g) for g in grad_dicts]
         self.grad_dicts = grad_dicts
         self.params = p
@@ -1092,6 +1098,7 @@ def do_norm(world: World, draw: Any) -> None:
         expect.must_fail("grads", "grads is not a mapping")
     else:
         for k, g in grads.items():
+            g = as_grad(g)
             if not isinstance(k, str):
                 expect.must_fail(repr(k), "non-str key")
             elif not is_float_grad(g):
@@ -1267,6 +1274,18 @@ def classify_state(world: World, state: Any) -> tuple[Expect, dict[str, Any] | N
             scalar("grad_norm0", "positive")
         else:
             out.pop("grad_norm0", None)
+        for name in set(groups["saved_"]) & set(groups["grad0_"]):
+            saved, grad0 = groups["saved_"][name], groups["grad0_"][name]
+            if saved.dtype != grad0.dtype or saved.shape != grad0.shape:
+                ex.must_fail("grad0_" + name, f"grad0_ {name!r} does not fit saved_")
+    if pending and not world.foreign:
+        # A pending first_step must fit the base's state, when it has any.
+        known = groups[BASE_PREFIXES[world.base_kind][0]]
+        for name, saved in groups["saved_"].items() if known else ():
+            if name not in known:
+                ex.must_fail("saved_" + name, f"saved_ {name!r}: the base has no state for it")
+            elif saved.dtype != known[name].dtype or saved.shape != known[name].shape:
+                ex.must_fail("saved_" + name, f"saved_ {name!r} does not fit the base's state")
     return ex, out
 
 

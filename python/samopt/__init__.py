@@ -5,7 +5,7 @@ that follows the ``Optimizer`` protocol, with the element-wise work in Rust.
 """
 
 from ._config import GradClipMode, OptimizerConfig
-from ._errors import NonFiniteGradientError, OptimizerError, TrainError
+from ._errors import NonFiniteGradientError, OptimizerError, OutOfMemoryError, TrainError
 from ._optimizers import AdamOptimizer, AdamWOptimizer, SgdOptimizer, compute_gradient_norm
 from ._protocol import Optimizer
 from ._sam import GradFn, GsamOptimizer, SamOptimizer
@@ -20,6 +20,7 @@ __all__ = [
     "Optimizer",
     "OptimizerConfig",
     "OptimizerError",
+    "OutOfMemoryError",
     "SamOptimizer",
     "SgdOptimizer",
     "TrainError",

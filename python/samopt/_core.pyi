@@ -1,78 +1,101 @@
 # Hand-written stub of the Rust extension (checked by `python -m mypy.stubtest samopt._core`).
-# Every function validates the whole call before writing and raises samopt's OptimizerError
-# (NonFiniteGradientError for NaN/inf gradients) naming the offending key.
+# Every phase validates the whole call before writing and raises samopt's OptimizerError
+# (NonFiniteGradientError for NaN/inf gradients, OutOfMemoryError when a buffer cannot be
+# allocated) naming the offending key; each commits its state changes into the engines
+# before it returns.
+from collections.abc import Callable
 from typing import Any, final
 
-import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
-    "NameOrder",
-    "adam_step",
+    "Engine",
+    "SamEngine",
+    "StagedSamState",
+    "first_step",
     "gradient_norm",
-    "gsam_direction",
     "restore",
-    "sam_perturb",
-    "sgd_step",
+    "sam_step",
+    "second_step",
+    "step",
 ]
 
-_Arrays = dict[str, NDArray[Any]]
-_State = dict[str, NDArray[np.floating[Any]]]
+_Arrays = dict[str, Any]
+_State = dict[str, NDArray[Any]]
 
 @final
-class NameOrder:
-    """The sorted order of the last parameter names a call saw (one per optimizer): a
-    call with the same key objects in the same dict order skips sorting them again."""
+class Engine:
+    """A base optimizer's native state: its spec, hyperparameters, step count and
+    per-parameter slots."""
 
-    def __init__(self) -> None: ...
+    lr: float
+    @property
+    def steps(self) -> int: ...
+    @property
+    def slots(self) -> list[str]: ...
+    def __new__(
+        cls,
+        kind: str,
+        *,
+        lr: float,
+        momentum: float,
+        beta1: float,
+        beta2: float,
+        epsilon: float,
+        weight_decay: float,
+        clip_value: float | None = None,
+        clip_norm: float | None = None,
+    ) -> Engine: ...
+    def state_dict(self) -> _State: ...
+    def load(self, steps: int, entries: dict[str, tuple[NDArray[Any], ...]]) -> None: ...
 
-def sgd_step(
+@final
+class SamEngine:
+    """SAM's native state: saved values (and GSAM's g0), the pending set, the call count."""
+
+    def __new__(cls, keeps_grad0: bool) -> SamEngine: ...
+    @property
+    def pending(self) -> bool: ...
+    @property
+    def calls(self) -> int: ...
+    def pending_names(self) -> list[str]: ...
+    def state_dict(self) -> _State: ...
+    def stage(
+        self,
+        calls: int,
+        pending: dict[str, tuple[NDArray[Any], NDArray[Any] | None]],
+        grad0_norm: float,
+    ) -> StagedSamState: ...
+    def install(self, staged: StagedSamState) -> None: ...
+
+@final
+class StagedSamState:
+    """A SAM state read from a state dict, checked and copied, not yet in force."""
+
+def step(engine: Engine, params: _Arrays, grads: _Arrays) -> None: ...
+def first_step(
+    sam: SamEngine,
     params: _Arrays,
-    order: NameOrder | None,
     grads: _Arrays,
-    velocity: _State,
-    saved: _State | None,
-    gsam: tuple[_State, float, float] | None,
-    lr: float,
-    momentum: float,
-    clip_value: float | None,
-    clip_norm: float | None,
-) -> None: ...
-def adam_step(
-    params: _Arrays,
-    order: NameOrder | None,
-    grads: _Arrays,
-    m: _State,
-    v: _State,
-    saved: _State | None,
-    gsam: tuple[_State, float, float] | None,
-    lr_t: float,
-    beta1: float,
-    beta2: float,
-    epsilon: float,
-    decay: float,
-    clip_value: float | None,
-    clip_norm: float | None,
-) -> None: ...
-def sam_perturb(
-    params: _Arrays,
-    order: NameOrder | None,
-    grads: _Arrays,
-    saved: _State,
-    grad0: _State | None,
     rho: float,
     eps: float,
     adaptive: bool,
     eta: float,
 ) -> float: ...
-def gsam_direction(
-    params: _Arrays,
-    order: NameOrder | None,
-    grads: _Arrays,
-    grad0: _State,
-    out: _State,
-    alpha: float,
-    grad0_norm: float,
+def second_step(
+    sam: SamEngine, base: Any, params: _Arrays, grads: _Arrays, alpha: float | None
 ) -> None: ...
-def restore(params: _Arrays, order: NameOrder | None, saved: _State) -> None: ...
+def restore(sam: SamEngine, params: _Arrays) -> None: ...
+def sam_step(
+    sam: SamEngine,
+    base: Any,
+    params: _Arrays,
+    grad_fn: Callable[[_Arrays], tuple[Any, Any]],
+    rho: float,
+    eps: float,
+    adaptive: bool,
+    eta: float,
+    alpha: float | None,
+    interval: int,
+) -> Any: ...
 def gradient_norm(grads: _Arrays) -> float: ...

@@ -6,7 +6,7 @@ They live in this importable module (and are raised from Rust by their dotted pa
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteGradientError", "OptimizerError", "TrainError"]
+__all__ = ["NonFiniteGradientError", "OptimizerError", "OutOfMemoryError", "TrainError"]
 
 
 class TrainError(Exception):
@@ -29,3 +29,9 @@ class OptimizerError(TrainError, ValueError):
 
 class NonFiniteGradientError(OptimizerError):
     """A gradient holds NaN or infinity; nothing was changed, so the batch can be skipped."""
+
+
+class OutOfMemoryError(TrainError, MemoryError):
+    """A buffer a call needed (optimizer state, SAM's saved values, a staged or converted
+    copy) could not be allocated. Raised before anything was written: nothing changed.
+    The message gives the bytes asked for; ``key`` names the parameter or state key."""

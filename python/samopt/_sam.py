@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -12,7 +13,7 @@ from numpy.typing import NDArray
 from . import _core
 from ._config import check_real
 from ._errors import OptimizerError
-from ._optimizers import GsamMix, NativeOptimizer
+from ._optimizers import LoadedState, NativeOptimizer
 from ._protocol import Grads, Optimizer, Params, StateDict
 from ._state import as_dict, scalar_entry, state_array, time_step_entry
 
@@ -39,10 +40,15 @@ class SamOptimizer:
     ``second_step`` puts them back bit for bit and lets the base optimizer step with the
     gradient taken at the moved point. ``sam_step`` does both around a gradient function,
     and with ``interval=k`` only every k-th call (a plain base step otherwise).
+
+    The saved values, what is pending and the call count live in a native engine
+    (``samopt._core.SamEngine``) that each phase's native call updates before it returns.
     """
 
-    # Per-parameter buffers that belong to a pending first_step, by state-dict prefix.
-    _pending_buffers: tuple[tuple[str, str], ...] = ((_SAVED, "_saved"),)
+    # State-dict prefixes of the per-parameter buffers of a pending first_step, and the
+    # scalars it keeps.
+    _pending_prefixes: tuple[str, ...] = (_SAVED,)
+    _pending_scalars_names: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -54,13 +60,7 @@ class SamOptimizer:
         eps: float = 0.0,
         interval: int = 1,
     ) -> None:
-        if not isinstance(base_optimizer, Optimizer):
-            raise OptimizerError(
-                "base_optimizer must implement the Optimizer protocol (step, zero_grad, "
-                f"get_lr, set_lr, state_dict, load_state_dict), got "
-                f"{type(base_optimizer).__name__}",
-                "base_optimizer",
-            )
+        _check_base(base_optimizer)
         if not isinstance(adaptive, bool):
             raise OptimizerError(f"adaptive must be a bool, got {adaptive!r}", "adaptive")
         self.base_optimizer = base_optimizer
@@ -69,17 +69,10 @@ class SamOptimizer:
         self.eta = check_real("eta", eta, minimum=0.0)
         self._eps = check_real("eps", eps, minimum=0.0)
         self._interval = _check_interval(interval)
-        # Scratch buffers that receive the values first_step moves away from; reused across
-        # steps so a step allocates nothing proportional to the parameters.
-        self._saved: dict[str, NDArray[Any]] = {}
-        # Names moved by the pending first_step, or None when nothing is pending.
-        self._pending: frozenset[str] | None = None
-        self._calls = 0
         # Kernels run without the GIL: the lock serialises concurrent calls (re-entrant so
         # that sam_step can hold it around the user's gradient function).
         self._lock = threading.RLock()
-        # The last parameter names' sorted order, reused while they stay the same objects.
-        self._order = _core.NameOrder()
+        self._engine = _core.SamEngine(len(self._pending_prefixes) > 1)
 
     @property
     def rho(self) -> float:
@@ -111,26 +104,29 @@ class SamOptimizer:
     @property
     def pending(self) -> bool:
         """Whether a first_step has moved the parameters and awaits its second_step."""
-        return self._pending is not None
+        return bool(self._engine.pending)
+
+    def _mix_alpha(self) -> float | None:
+        """GSAM's alpha, which mixes g0 into the second step; None for SAM."""
+        return None
+
+    def _base(self) -> tuple[Any, contextlib.AbstractContextManager[Any]]:
+        """What the second phase steps — the base's native engine, so that the restore is
+        fused into its update, or the base itself when it is written in Python (or
+        overrides ``step``) — and the lock to hold while it does."""
+        base = self.base_optimizer
+        if isinstance(base, NativeOptimizer) and type(base).step is NativeOptimizer.step:
+            return base._engine, base._lock
+        return base, contextlib.nullcontext()
 
     def first_step(self, params: Params, grads: Grads) -> None:
         """Climbs to the worst point within radius rho; nothing moves when ‖g‖ = 0."""
         params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
         with self._lock:
-            if self._pending is not None:
-                raise OptimizerError(
-                    "first_step called twice without second_step: the parameters are "
-                    "already perturbed (call second_step, or restore to abandon the step)",
-                    None,
-                )
-            if self._perturb(params_dict, grads_dict) > 0.0:
-                self._pending = frozenset(params_dict)
-
-    def _perturb(self, params: dict[str, Any], grads: dict[str, Any]) -> float:
-        return _core.sam_perturb(
-            params, self._order, grads, self._saved, None,
-            self.rho, self.eps, self.adaptive, self.eta,
-        )
+            _core.first_step(
+                self._engine, params_dict, grads_dict,
+                self.rho, self._eps, self.adaptive, self.eta,
+            )
 
     def second_step(self, params: Params, grads: Grads) -> None:
         """Restores the parameters exactly and steps the base optimizer with ``grads``,
@@ -138,38 +134,9 @@ class SamOptimizer:
         plain base step."""
         params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
         with self._lock:
-            if self._pending is None:
-                self.base_optimizer.step(params_dict, grads_dict)
-                return
-            self._check_pending_names(params_dict)
-            base = self.base_optimizer
-            if isinstance(base, NativeOptimizer):
-                base.step_from(params_dict, grads_dict, self._saved, self._gsam_mix())
-            else:
-                self._foreign_step(base, params_dict, grads_dict)
-            self._pending = None
-
-    def _foreign_step(
-        self, base: Optimizer, params: dict[str, Any], grads: dict[str, Any]
-    ) -> None:
-        """Restores and steps a base optimizer written in Python. Whatever it changed
-        before raising is undone: the perturbed values are kept (a copy: this path is not
-        the fused one), so an error leaves everything as it was, the step still pending."""
-        step_grads = self._foreign_gradients(params, grads)
-        perturbed = {name: np.copy(array) for name, array in params.items()}
-        _core.restore(params, self._order, self._saved)
-        try:
-            base.step(params, step_grads)
-        except BaseException:
-            for name, array in perturbed.items():
-                np.copyto(params[name], array)
-            raise
-
-    def _gsam_mix(self) -> GsamMix | None:
-        return None
-
-    def _foreign_gradients(self, params: dict[str, Any], grads: dict[str, Any]) -> Grads:
-        return grads
+            base, base_lock = self._base()
+            with base_lock:
+                _core.second_step(self._engine, base, params_dict, grads_dict, self._mix_alpha())
 
     step = second_step
 
@@ -177,53 +144,25 @@ class SamOptimizer:
         """One whole step: ``grad_fn(params) -> (loss, grads)`` is called at the current
         point and, on SAM calls, at the perturbed point; returns the first loss. With
         ``interval=k`` only every k-th call (the first included) is a SAM step, the others
-        a plain base step with one gradient evaluation. On any error the parameters are
-        left as they were."""
+        a plain base step with one gradient evaluation. The step is one native call: on
+        any error — in ``grad_fn`` too, Ctrl-C included — the parameters are left as they
+        were and nothing is pending; when it returns, the step is complete."""
         params_dict = as_dict(params, "params")
         with self._lock:
-            if self._pending is not None:
-                raise OptimizerError(
-                    "sam_step called while a first_step is pending (call second_step or "
-                    "restore first)",
-                    None,
+            base, base_lock = self._base()
+            with base_lock:
+                return _core.sam_step(
+                    self._engine, base, params_dict, grad_fn,
+                    self.rho, self._eps, self.adaptive, self.eta,
+                    self._mix_alpha(), self._interval,
                 )
-            loss, grads = _call(grad_fn, params_dict)
-            if self._calls % self.interval != 0:
-                self.base_optimizer.step(params_dict, grads)
-            else:
-                self.first_step(params_dict, grads)
-                try:
-                    _, perturbed_grads = _call(grad_fn, params_dict)
-                    self.second_step(params_dict, perturbed_grads)
-                except BaseException:
-                    self.restore(params_dict)
-                    raise
-            self._calls += 1
-        return loss
 
     def restore(self, params: Params) -> None:
         """Abandons a pending perturbation: puts the parameters back to their values before
         first_step, bit for bit (e.g. after second_step raised NonFiniteGradientError)."""
         params_dict = as_dict(params, "params")
         with self._lock:
-            if self._pending is None:
-                return
-            self._check_pending_names(params_dict)
-            _core.restore(params_dict, self._order, self._saved)
-            self._pending = None
-
-    def _check_pending_names(self, params: dict[str, Any]) -> None:
-        assert self._pending is not None
-        if self._pending == params.keys():
-            return
-        missing = sorted(self._pending - params.keys())
-        extra = sorted(set(params) - self._pending, key=repr)  # keys of any type
-        first = [*missing, *extra][0]
-        raise OptimizerError(
-            "second_step must get the same parameter names as the pending first_step: "
-            f"missing {missing}, unexpected {extra}",
-            first if isinstance(first, str) else repr(first),
-        )
+            _core.restore(self._engine, params_dict)
 
     def zero_grad(self) -> None:
         self.base_optimizer.zero_grad()
@@ -234,89 +173,96 @@ class SamOptimizer:
     def set_lr(self, lr: float) -> None:
         self.base_optimizer.set_lr(lr)
 
-    def _own_scalars(self) -> dict[str, NDArray[Any]]:
-        return {"rho": np.array(self._rho), _CALLS: np.array(self._calls, dtype=np.int64)}
-
-    def _pending_scalars(self) -> dict[str, NDArray[Any]]:
-        return {}
+    def _is_own_key(self, key: object) -> bool:
+        return isinstance(key, str) and (
+            key in ("rho", _CALLS)
+            or key in self._pending_scalars_names
+            or any(key.startswith(prefix) for prefix in self._pending_prefixes)
+        )
 
     def state_dict(self) -> StateDict:
         """The base optimizer's state, ``rho``, ``sam_calls`` (for ``interval``), and for
         each parameter of a pending first_step its saved value ``saved_<name>``."""
         with self._lock:
             state = self.base_optimizer.state_dict()
-            own = self._own_scalars()
-            pending = self._pending_scalars() if self._pending is not None else {}
-            for prefix, attribute in self._pending_buffers:
-                buffers: dict[str, NDArray[Any]] = getattr(self, attribute)
-                for name in sorted(self._pending or ()):
-                    pending[prefix + name] = buffers[name].copy()
-            clash = sorted(k for k in state if k in own or self._is_pending_key(k))
+            clash = sorted(k for k in state if self._is_own_key(k))
             if clash:
                 raise OptimizerError(
                     f"the base optimizer's state key '{clash[0]}' clashes with "
                     f"{type(self).__name__}'s",
                     clash[0],
                 )
-            state.update(own)
-            state.update(pending)
+            state["rho"] = np.array(self._rho)
+            state.update(self._engine.state_dict())
         return state
-
-    def _is_pending_key(self, key: object) -> bool:
-        return isinstance(key, str) and (
-            key in self._pending_scalars_names()
-            or any(key.startswith(prefix) for prefix, _ in self._pending_buffers)
-        )
-
-    def _pending_scalars_names(self) -> tuple[str, ...]:
-        return ()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Loads a state_dict (also into a freshly built optimizer); checks everything
-        before changing anything."""
+        before changing anything: a pending first_step loads only when it fits the base's
+        state, so a loaded state is always usable."""
         if not isinstance(state, Mapping):
             raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
         rho = scalar_entry(state, "rho", positive=True)
+        base_state = {k: v for k, v in state.items() if not self._is_own_key(k)}
+        base = self.base_optimizer
+        if isinstance(base, NativeOptimizer):
+            loaded = base._parse_state(base_state)
+            staged = self._stage(state, loaded)
+            with self._lock:
+                base._install(loaded)
+                self._rho = rho
+                self._engine.install(staged)
+            return
+        staged = self._stage(state, None)
+        with self._lock:
+            base.load_state_dict(base_state)
+            self._rho = rho
+            self._engine.install(staged)
+
+    def _stage(self, state: Mapping[str, Any], base: LoadedState | None) -> _core.StagedSamState:
+        """The SAM part of ``state`` checked and copied, not yet in force. With the base's
+        loaded state, a pending first_step must fit its per-parameter state."""
         calls = time_step_entry(state, _CALLS) if _CALLS in state else 0
-        buffers: dict[str, dict[str, NDArray[Any]]] = {}
-        for prefix, attribute in self._pending_buffers:
+        buffers: list[dict[str, NDArray[Any]]] = []
+        for prefix in self._pending_prefixes:
             keys = sorted(k for k in state if isinstance(k, str) and k.startswith(prefix))
-            buffers[attribute] = {k[len(prefix):]: state_array(state, k) for k in keys}
-        names = {attribute: set(b) for attribute, b in buffers.items()}
-        pending_names = names["_saved"]
-        for found in names.values():
-            if found != pending_names:
-                key = sorted(found ^ pending_names)[0]
+            buffers.append({k[len(prefix):]: state_array(state, k) for k in keys})
+        pending_names = set(buffers[0])
+        for found in buffers[1:]:
+            if set(found) != pending_names:
+                key = sorted(set(found) ^ pending_names)[0]
                 raise OptimizerError(
                     f"state dict's pending buffers disagree for parameter '{key}'", key
                 )
-        scalars = self._load_pending_scalars(state) if pending_names else {}
-        own = {"rho", _CALLS}
-        base_state = {
-            k: v for k, v in state.items() if k not in own and not self._is_pending_key(k)
+        if base is not None:
+            assert isinstance(self.base_optimizer, NativeOptimizer)
+            _check_pending_fits_base(buffers[0], base, self.base_optimizer)
+        for found, prefix in zip(buffers[1:], self._pending_prefixes[1:]):
+            for name, array in found.items():
+                _check_same_layout(prefix + name, array, _SAVED + name, buffers[0][name])
+        scalars = self._load_pending_scalars(state) if pending_names else 0.0
+        pending = {
+            name: (buffers[0][name], buffers[1][name] if len(buffers) > 1 else None)
+            for name in pending_names
         }
-        with self._lock:
-            self.base_optimizer.load_state_dict(base_state)
-            self._rho, self._calls = rho, calls
-            for attribute, loaded in buffers.items():
-                setattr(self, attribute, loaded)
-            for attribute, value in scalars.items():
-                setattr(self, attribute, value)
-            self._pending = frozenset(pending_names) if pending_names else None
+        return self._engine.stage(calls, pending, scalars)
 
-    def _load_pending_scalars(self, state: Mapping[str, Any]) -> dict[str, float]:
-        return {}
+    def _load_pending_scalars(self, state: Mapping[str, Any]) -> float:
+        return 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         with self._lock:
             state = self.__dict__.copy()
-        del state["_lock"], state["_order"]
+            state["_engine"] = self._engine.state_dict()
+        del state["_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        own = state.pop("_engine")
         self.__dict__.update(state)
         self._lock = threading.RLock()
-        self._order = _core.NameOrder()
+        self._engine = _core.SamEngine(len(self._pending_prefixes) > 1)
+        self._engine.install(self._stage(own, None))
 
     def __repr__(self) -> str:
         return (
@@ -326,14 +272,49 @@ class SamOptimizer:
         )
 
 
-def _call(grad_fn: GradFn, params: dict[str, NDArray[Any]]) -> tuple[Any, dict[str, Any]]:
-    result = grad_fn(params)
-    if not isinstance(result, tuple) or len(result) != 2:
+def _check_base(base_optimizer: object) -> None:
+    if isinstance(base_optimizer, type):
         raise OptimizerError(
-            f"grad_fn must return (loss, grads), got {type(result).__name__}", "grad_fn"
+            "base_optimizer must be an optimizer instance, got the class "
+            f"{base_optimizer.__name__} (build one: {base_optimizer.__name__}(...))",
+            "base_optimizer",
         )
-    loss, grads = result
-    return loss, as_dict(grads, "grads")
+    if not isinstance(base_optimizer, Optimizer):
+        raise OptimizerError(
+            "base_optimizer must implement the Optimizer protocol (step, zero_grad, "
+            f"get_lr, set_lr, state_dict, load_state_dict), got "
+            f"{type(base_optimizer).__name__}",
+            "base_optimizer",
+        )
+
+
+def _check_pending_fits_base(
+    saved: Mapping[str, NDArray[Any]], base: LoadedState, base_optimizer: NativeOptimizer
+) -> None:
+    """A pending first_step must fit the base's loaded state, when it has any: each name
+    one the base has state for, of that state's dtype and shape. A corrupt or mismatched
+    checkpoint is so refused whole instead of loading into an optimizer whose second_step
+    and restore then fail on every call. (A parameter whose very first step is the pending
+    one is refused too: checkpoint after its second_step.)"""
+    if not base.entries:
+        return  # a fresh base: its state is made at its first step
+    prefix = base_optimizer._engine.slots[0]
+    for name in sorted(saved):
+        if name not in base.entries:
+            raise OptimizerError(
+                f"state '{_SAVED}{name}' names a parameter the base optimizer has no state for",
+                _SAVED + name,
+            )
+        _check_same_layout(_SAVED + name, saved[name], prefix + name, base.entries[name][0])
+
+
+def _check_same_layout(key: str, array: NDArray[Any], other_key: str, other: NDArray[Any]) -> None:
+    if array.dtype != other.dtype or array.shape != other.shape:
+        raise OptimizerError(
+            f"state '{key}' has dtype {array.dtype} and shape {array.shape} but "
+            f"'{other_key}' has dtype {other.dtype} and shape {other.shape}",
+            key,
+        )
 
 
 class GsamOptimizer(SamOptimizer):
@@ -347,7 +328,8 @@ class GsamOptimizer(SamOptimizer):
     [rho_min, rho_max]).
     """
 
-    _pending_buffers = ((_SAVED, "_saved"), ("grad0_", "_grad0"))
+    _pending_prefixes = (_SAVED, "grad0_")
+    _pending_scalars_names = ("grad_norm0",)
 
     def __init__(
         self,
@@ -372,9 +354,6 @@ class GsamOptimizer(SamOptimizer):
         self._alpha = check_real("alpha", alpha, minimum=0.0)
         self.lr_min = check_real("lr_min", lr_min, minimum=0.0)
         self.lr_max = float(base_optimizer.get_lr())
-        self._grad0: dict[str, NDArray[Any]] = {}
-        self._grad0_norm = 0.0
-        self._direction: dict[str, NDArray[Any]] = {}
 
     @property
     def rho_max(self) -> float:
@@ -408,30 +387,11 @@ class GsamOptimizer(SamOptimizer):
             )
         self._rho = rho_max
 
-    def _perturb(self, params: dict[str, Any], grads: dict[str, Any]) -> float:
-        norm = _core.sam_perturb(
-            params, self._order, grads, self._saved, self._grad0, self.rho, self.eps, False, 0.0
-        )
-        self._grad0_norm = norm
-        return norm
+    def _mix_alpha(self) -> float:
+        return self._alpha
 
-    def _gsam_mix(self) -> GsamMix:
-        return (self._grad0, self.alpha, self._grad0_norm)
-
-    def _foreign_gradients(self, params: dict[str, Any], grads: dict[str, Any]) -> Grads:
-        _core.gsam_direction(
-            params, self._order, grads, self._grad0, self._direction, self.alpha, self._grad0_norm
-        )
-        return {name: self._direction[name] for name in params}
-
-    def _pending_scalars(self) -> dict[str, NDArray[Any]]:
-        return {"grad_norm0": np.array(self._grad0_norm)}
-
-    def _pending_scalars_names(self) -> tuple[str, ...]:
-        return ("grad_norm0",)
-
-    def _load_pending_scalars(self, state: Mapping[str, Any]) -> dict[str, float]:
-        return {"_grad0_norm": scalar_entry(state, "grad_norm0", positive=True)}
+    def _load_pending_scalars(self, state: Mapping[str, Any]) -> float:
+        return scalar_entry(state, "grad_norm0", positive=True)
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,722 @@
+//! The Python entry points: one function per optimizer phase, each one validated, claimed
+//! call over every array of the dict (`driver`) that commits its state changes into the
+//! optimizers' native state (`engine`) before it returns. `sam_step` runs a whole SAM
+//! step, the user's gradient function included, inside one call.
+
+use numpy::{Element, PyArrayDyn, PyArrayMethods};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
+use std::sync::Arc;
+
+use super::arrays::{self, norm_gradient, norm_source, sorted_entries, Float, Key, NormSource};
+use super::driver::{prepare, Entry, Pending, Policy, Prepared, TableRef, Use};
+use super::engine::{busy, Engine, SamEngine, StagedSamState, SAM_SLOTS};
+use super::{optimizer_error, OptimizerError};
+use crate::claims::{self, CallClaims};
+use crate::kernels::{CopyLanes, MixLanes, PerturbLanes, RestoreKeepingLanes, UpdateLanes};
+use crate::norm::NormItem;
+use crate::parallel::ByDtype;
+use crate::phases::{self, AscentInputs, GsamInputs};
+use crate::specs::{Adam, Kind, Sgd, Spec};
+use crate::state;
+
+fn borrow<'py, T>(object: &Bound<'py, T>) -> PyResult<PyRefMut<'py, T>>
+where
+    T: pyo3::PyClass<Frozen = pyo3::pyclass::boolean_struct::False>,
+{
+    object.try_borrow_mut().map_err(|_| busy())
+}
+
+/// Misuse of the two-phase protocol: an error that names no key.
+fn protocol_error(message: &str) -> PyErr {
+    OptimizerError::new_err((message.to_owned(), Option::<String>::None))
+}
+
+/// SAM's saved values and, for GSAM, the gradients at the original point, in table
+/// `table` of the call.
+fn sam_uses(table: usize, gsam: bool, policy: Policy) -> Vec<Use> {
+    let mut uses = vec![Use {
+        table,
+        slot: 0,
+        prefix: SAM_SLOTS[0],
+        policy,
+    }];
+    if gsam {
+        uses.push(Use {
+            table,
+            slot: 1,
+            prefix: SAM_SLOTS[1],
+            policy,
+        });
+    }
+    uses
+}
+
+/// A base step's lanes for one entry: the `N` slots, then SAM's saved values and GSAM's
+/// g0 when the step restarts from them.
+fn update_lanes<'a, T: Float, const N: usize>(
+    entry: &'a mut Entry<'_, T>,
+    restart: bool,
+    mix: bool,
+) -> UpdateLanes<'a, T, N> {
+    let (param, grad, states) = entry.lanes();
+    let mut states = states.into_iter();
+    let slots: [&mut [T]; N] = std::array::from_fn(|_| states.next().expect("one per slot"));
+    let start = restart.then(|| &*states.next().expect("saved values"));
+    let grad0 = mix.then(|| &*states.next().expect("GSAM's g0"));
+    UpdateLanes {
+        param,
+        grad: grad.expect("a base step has gradients"),
+        slots,
+        start,
+        grad0,
+    }
+}
+
+/// SAM's part in a base step: restarting from its saved values (with GSAM's mix when
+/// `alpha` is set), counting one more `sam_step` call, or both.
+struct SamPart<'a> {
+    sam: &'a mut SamEngine,
+    restart: bool,
+    alpha: Option<f64>,
+    count: bool,
+}
+
+/// One base-optimizer step of spec `S`: a plain one, or SAM's second step with its restore
+/// fused in. Commits the slots, the step count, SAM's pending set and its call count.
+fn base_step_of<const N: usize, S: Spec<N>>(
+    py: Python<'_>,
+    base: &mut Engine,
+    sam: Option<SamPart<'_>>,
+    params: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+) -> PyResult<()> {
+    let Engine {
+        kind,
+        hyper,
+        clipping,
+        steps,
+        table,
+        order,
+        cache,
+    } = base;
+    let mut uses: Vec<Use> = (0..N)
+        .map(|slot| Use {
+            table: 0,
+            slot,
+            prefix: S::SLOTS[slot],
+            policy: Policy::Lazy,
+        })
+        .collect();
+    let mut tables = vec![TableRef { table, cache }];
+    let (mut order, mut restart, mut gsam, mut count) = (order, false, None, None);
+    let mut expected = None;
+    if let Some(SamPart {
+        sam,
+        restart: restarts,
+        alpha,
+        count: counts,
+    }) = sam
+    {
+        let SamEngine {
+            state,
+            order: sam_order,
+            cache: sam_cache,
+            ..
+        } = sam;
+        if restarts {
+            uses.extend(sam_uses(1, alpha.is_some(), Policy::Required));
+            gsam = alpha.map(|alpha| GsamInputs {
+                alpha,
+                grad0_norm: state.grad0_norm,
+            });
+            tables.push(TableRef {
+                table: &mut state.table,
+                cache: sam_cache,
+            });
+            order = sam_order;
+            restart = true;
+            expected = state.pending.clone();
+        }
+        count = Some((&mut state.pending, &mut state.calls, counts));
+    }
+    let pending = expected
+        .as_deref()
+        .map(|entries| Pending { table: 1, entries });
+    let mut prepared = prepare(
+        params,
+        Some(order),
+        Some(grads),
+        &mut tables,
+        &uses,
+        pending,
+    )?;
+    let counted = kind.counts_steps() && !prepared.names.is_empty();
+    let t = *steps + u64::from(counted);
+    let spec = S::at_step(hyper, t);
+    let clipping = *clipping;
+    let mix = gsam.is_some();
+    let items = prepared.lanes(
+        |e| update_lanes::<f32, N>(e, restart, mix),
+        |e| update_lanes::<f64, N>(e, restart, mix),
+    );
+    let outcome = py.detach(move || phases::base_step(items, spec, clipping, gsam));
+    if let Err(error) = outcome {
+        let error = prepared.norm_error(error);
+        prepared.release(&mut tables);
+        return Err(error);
+    }
+    prepared.commit(&mut tables);
+    drop(tables);
+    *steps = t;
+    if let Some((pending, calls, counts)) = count {
+        if restart {
+            *pending = None;
+        }
+        *calls += u64::from(counts);
+    }
+    Ok(())
+}
+
+fn base_step(
+    py: Python<'_>,
+    base: &mut Engine,
+    sam: Option<SamPart<'_>>,
+    params: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+) -> PyResult<()> {
+    match base.kind {
+        Kind::Sgd => base_step_of::<1, Sgd>(py, base, sam, params, grads),
+        Kind::Adam => base_step_of::<2, Adam<false>>(py, base, sam, params, grads),
+        Kind::AdamW => base_step_of::<2, Adam<true>>(py, base, sam, params, grads),
+    }
+}
+
+/// A base optimizer's step: updates every array of `params` in place.
+#[pyfunction]
+fn step(
+    py: Python<'_>,
+    engine: &Bound<'_, Engine>,
+    params: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+) -> PyResult<()> {
+    base_step(py, &mut *borrow(engine)?, None, params, grads)
+}
+
+fn perturb_lanes<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> PerturbLanes<'a, T> {
+    let (param, grad, states) = entry.lanes();
+    let mut states = states.into_iter();
+    let saved = states.next().expect("saved values");
+    let grad = grad.expect("first_step has gradients");
+    (param, grad, saved, states.next())
+}
+
+/// SAM's first phase (`phases::perturb`); commits the saved values and the pending set.
+/// Returns the norm; when it is zero nothing changes and nothing is pending.
+fn perturb(
+    py: Python<'_>,
+    sam: &mut SamEngine,
+    params: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+    inputs: AscentInputs,
+) -> PyResult<f64> {
+    if sam.state.pending.is_some() {
+        return Err(protocol_error(
+            "first_step called twice without second_step: the parameters are already \
+             perturbed (call second_step, or restore to abandon the step)",
+        ));
+    }
+    let uses = sam_uses(0, sam.keeps_grad0, Policy::Scratch);
+    let SamEngine {
+        state,
+        order,
+        cache,
+        keeps_grad0,
+    } = sam;
+    let mut tables = [TableRef {
+        table: &mut state.table,
+        cache,
+    }];
+    let mut prepared = prepare(params, Some(order), Some(grads), &mut tables, &uses, None)?;
+    let items = prepared.lanes(perturb_lanes::<f32>, perturb_lanes::<f64>);
+    let norm = match py.detach(move || phases::perturb(items, inputs)) {
+        Ok(norm) if norm > 0.0 => norm,
+        Ok(_) => {
+            prepared.release(&mut tables);
+            return Ok(0.0);
+        }
+        Err(error) => {
+            let error = prepared.norm_error(error);
+            prepared.release(&mut tables);
+            return Err(error);
+        }
+    };
+    let entries = prepared.commit(&mut tables).swap_remove(0);
+    state.pending = Some(entries);
+    if *keeps_grad0 {
+        state.grad0_norm = norm;
+    }
+    Ok(norm)
+}
+
+/// SAM's first phase: moves the parameters by the ascent, saving their exact values.
+#[pyfunction]
+#[pyo3(signature = (sam, params, grads, rho, eps, adaptive, eta))]
+#[allow(clippy::too_many_arguments)]
+fn first_step(
+    py: Python<'_>,
+    sam: &Bound<'_, SamEngine>,
+    params: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+    rho: f64,
+    eps: f64,
+    adaptive: bool,
+    eta: f64,
+) -> PyResult<f64> {
+    let inputs = AscentInputs {
+        rho,
+        eps,
+        adaptive,
+        eta,
+    };
+    perturb(py, &mut *borrow(sam)?, params, grads, inputs)
+}
+
+fn restore_lanes<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> CopyLanes<'a, T> {
+    let (param, _, states) = entry.lanes();
+    let saved = states.into_iter().next().expect("saved values");
+    (param, saved)
+}
+
+/// Puts the parameters of the pending first_step back to their saved values, bit for bit.
+fn restore_pending(
+    py: Python<'_>,
+    sam: &mut SamEngine,
+    params: &Bound<'_, PyDict>,
+) -> PyResult<()> {
+    let Some(expected) = sam.state.pending.clone() else {
+        return Ok(());
+    };
+    let uses = sam_uses(0, false, Policy::Required);
+    let SamEngine {
+        state,
+        order,
+        cache,
+        ..
+    } = sam;
+    let mut tables = [TableRef {
+        table: &mut state.table,
+        cache,
+    }];
+    let pending = Some(Pending {
+        table: 0,
+        entries: &expected,
+    });
+    let mut prepared = prepare(params, Some(order), None, &mut tables, &uses, pending)?;
+    let items = prepared.lanes(restore_lanes::<f32>, restore_lanes::<f64>);
+    py.detach(move || phases::copy(items));
+    prepared.commit(&mut tables);
+    state.pending = None;
+    Ok(())
+}
+
+/// Abandons a pending perturbation: the parameters go back to their values before
+/// first_step, bit for bit.
+#[pyfunction]
+fn restore(py: Python<'_>, sam: &Bound<'_, SamEngine>, params: &Bound<'_, PyDict>) -> PyResult<()> {
+    restore_pending(py, &mut *borrow(sam)?, params)
+}
+
+/// The buffers that keep a parameter's perturbed values while a base written in Python
+/// steps, one per entry, allocated before anything is written.
+fn kept_values<T: Float>(entries: &[Entry<'_, T>], names: &[Key<'_>]) -> PyResult<Vec<Box<[T]>>> {
+    entries
+        .iter()
+        .map(|entry| {
+            let len = entry.param.shape().iter().product();
+            state::zeroed::<T>(len).map_err(|error| {
+                names[entry.item].out_of_memory("a copy of the perturbed parameter", error)
+            })
+        })
+        .collect()
+}
+
+/// GSAM's gradient for a base written in Python: a new array per parameter, of its dtype,
+/// shape and layout.
+fn direction_arrays<'py, T: Float>(
+    py: Python<'py>,
+    entries: &[Entry<'_, T>],
+    names: &[Key<'_>],
+) -> PyResult<Vec<Bound<'py, PyArrayDyn<T>>>> {
+    entries
+        .iter()
+        .map(|entry| {
+            let name = names[entry.item].text();
+            let fortran = entry.param.order().fortran();
+            arrays::new_array::<T>(py, entry.param.shape(), fortran, &name)
+        })
+        .collect()
+}
+
+/// A new array's values, for the kernels to write.
+fn slice_of<'a, T: Element>(array: &'a mut Bound<'_, PyArrayDyn<T>>) -> &'a mut [T] {
+    // SAFETY: an array this call made, contiguous, not yet seen by any other code.
+    unsafe { array.as_slice_mut() }.expect("a new contiguous array")
+}
+
+fn mix_lanes<'a, T: Float>(entry: &'a mut Entry<'_, T>, out: &'a mut [T]) -> MixLanes<'a, T> {
+    let (_, grad, states) = entry.lanes();
+    let grad0 = states.into_iter().nth(1).expect("GSAM keeps g0");
+    (out, grad.expect("GSAM's second step has gradients"), grad0)
+}
+
+fn keeping_lanes<'a, T: Float>(
+    entry: &'a mut Entry<'_, T>,
+    kept: &'a mut [T],
+) -> RestoreKeepingLanes<'a, T> {
+    let (param, _, states) = entry.lanes();
+    let saved = states.into_iter().next().expect("saved values");
+    (param, kept, saved)
+}
+
+fn put_back_lanes<'a, T: Float>(entry: &'a mut Entry<'_, T>, kept: &'a [T]) -> CopyLanes<'a, T> {
+    (entry.lanes().0, kept)
+}
+
+/// The perturbed values of the float32 and of the float64 parameters, in entry order.
+type KeptValues = (Vec<Box<[f32]>>, Vec<Box<[f64]>>);
+
+/// What a base written in Python gets and what is kept while it steps.
+struct ForeignStep<'py> {
+    prepared: Prepared<'py>,
+    kept: KeptValues,
+    grads: Bound<'py, PyDict>,
+}
+
+/// Everything before a base written in Python steps: GSAM's gradient for it, the
+/// perturbed values kept, the restore. Commits the saved values back (still pending).
+fn before_foreign_step<'py>(
+    py: Python<'py>,
+    sam: &mut SamEngine,
+    params: &Bound<'py, PyDict>,
+    grads: &Bound<'py, PyDict>,
+    alpha: Option<f64>,
+) -> PyResult<ForeignStep<'py>> {
+    let expected = sam.state.pending.clone().unwrap_or_default();
+    let uses = sam_uses(0, alpha.is_some(), Policy::Required);
+    let SamEngine {
+        state,
+        order,
+        cache,
+        ..
+    } = sam;
+    let grad0_norm = state.grad0_norm;
+    let mut tables = [TableRef {
+        table: &mut state.table,
+        cache,
+    }];
+    let gradients = alpha.is_some().then_some(grads);
+    let pending = Some(Pending {
+        table: 0,
+        entries: &expected,
+    });
+    let mut prepared = prepare(params, Some(order), gradients, &mut tables, &uses, pending)?;
+    let buffers = (|| -> PyResult<_> {
+        let names = &prepared.names;
+        let kept = (
+            kept_values(&prepared.singles, names)?,
+            kept_values(&prepared.doubles, names)?,
+        );
+        let directions = match alpha {
+            Some(_) => Some((
+                direction_arrays(py, &prepared.singles, names)?,
+                direction_arrays(py, &prepared.doubles, names)?,
+            )),
+            None => None,
+        };
+        Ok((kept, directions))
+    })();
+    let (mut kept, mut directions) = match buffers {
+        Ok(buffers) => buffers,
+        Err(error) => {
+            prepared.release(&mut tables);
+            return Err(error);
+        }
+    };
+    if let (Some(alpha), Some((singles, doubles))) = (alpha, &mut directions) {
+        let (mut singles, mut doubles) = (singles.iter_mut(), doubles.iter_mut());
+        let items = prepared.lanes(
+            |e| mix_lanes(e, slice_of(singles.next().expect("one per entry"))),
+            |e| mix_lanes(e, slice_of(doubles.next().expect("one per entry"))),
+        );
+        let gsam = GsamInputs { alpha, grad0_norm };
+        if let Err(error) = py.detach(move || phases::gsam_direction(items, gsam)) {
+            let error = prepared.norm_error(error);
+            prepared.release(&mut tables);
+            return Err(error);
+        }
+    }
+    let (mut singles, mut doubles) = (kept.0.iter_mut(), kept.1.iter_mut());
+    let items = prepared.lanes(
+        |e| keeping_lanes(e, singles.next().expect("one per entry")),
+        |e| keeping_lanes(e, doubles.next().expect("one per entry")),
+    );
+    py.detach(move || phases::restore_keeping(items));
+    prepared.commit(&mut tables);
+    let grads = match directions {
+        Some((singles, doubles)) => {
+            let out = PyDict::new(py);
+            let (mut singles, mut doubles) = (singles.into_iter(), doubles.into_iter());
+            for (key, &single) in prepared.names.iter().zip(&prepared.is_single) {
+                let array = match single {
+                    true => singles.next().expect("one per entry").into_any(),
+                    false => doubles.next().expect("one per entry").into_any(),
+                };
+                out.set_item(&key.0, array)?;
+            }
+            out
+        }
+        None => grads.clone(),
+    };
+    Ok(ForeignStep {
+        prepared,
+        kept,
+        grads,
+    })
+}
+
+/// SAM's second phase over a base written in Python: restores the saved values, then
+/// calls `base.step` (with GSAM's mixed gradient when `alpha` is set). If it raises, the
+/// perturbed values are put back and the step stays pending; if it returns, the step is
+/// committed (and, with `count`, one more `sam_step` call).
+fn foreign_second_step(
+    py: Python<'_>,
+    sam_object: &Bound<'_, SamEngine>,
+    base: &Bound<'_, PyAny>,
+    params: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+    alpha: Option<f64>,
+    count: bool,
+) -> PyResult<()> {
+    let pending = borrow(sam_object)?.state.pending.is_some();
+    if !pending {
+        base.call_method1("step", (params, grads))?;
+        borrow(sam_object)?.state.calls += u64::from(count);
+        return Ok(());
+    }
+    let mut step = before_foreign_step(py, &mut *borrow(sam_object)?, params, grads, alpha)?;
+    // The base may run samopt calls on these arrays, or on this optimizer.
+    step.prepared.unclaim();
+    match base.call_method1("step", (params, &step.grads)) {
+        Ok(_) => {
+            let mut sam = borrow(sam_object)?;
+            sam.state.pending = None;
+            sam.state.calls += u64::from(count);
+            Ok(())
+        }
+        Err(error) => {
+            let ForeignStep {
+                mut prepared, kept, ..
+            } = step;
+            prepared.reclaim()?;
+            let (mut singles, mut doubles) = (kept.0.iter(), kept.1.iter());
+            let items = prepared.lanes(
+                |e| put_back_lanes(e, singles.next().expect("one per entry")),
+                |e| put_back_lanes(e, doubles.next().expect("one per entry")),
+            );
+            py.detach(move || phases::copy(items));
+            prepared.write_back();
+            Err(error)
+        }
+    }
+}
+
+/// SAM's second phase (or, with nothing pending, a plain base step) over `base`: a native
+/// engine, the restore fused into its update, or an optimizer written in Python.
+fn second_step_over(
+    py: Python<'_>,
+    sam_object: &Bound<'_, SamEngine>,
+    base: &Bound<'_, PyAny>,
+    params: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+    alpha: Option<f64>,
+    count: bool,
+) -> PyResult<()> {
+    let Ok(engine) = base.cast::<Engine>() else {
+        return foreign_second_step(py, sam_object, base, params, grads, alpha, count);
+    };
+    let mut sam = borrow(sam_object)?;
+    let mut engine = borrow(engine)?;
+    let restart = sam.state.pending.is_some();
+    let part = SamPart {
+        sam: &mut sam,
+        restart,
+        alpha,
+        count,
+    };
+    base_step(py, &mut engine, Some(part), params, grads)
+}
+
+/// SAM's second phase: restores the parameters exactly and steps the base with `grads`.
+#[pyfunction]
+#[pyo3(signature = (sam, base, params, grads, alpha))]
+fn second_step(
+    py: Python<'_>,
+    sam: &Bound<'_, SamEngine>,
+    base: &Bound<'_, PyAny>,
+    params: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+    alpha: Option<f64>,
+) -> PyResult<()> {
+    second_step_over(py, sam, base, params, grads, alpha, false)
+}
+
+fn type_name(object: &Bound<'_, PyAny>) -> String {
+    object
+        .get_type()
+        .name()
+        .map(|name| name.to_string())
+        .unwrap_or_default()
+}
+
+/// `collections.abc.Mapping`, looked up once.
+fn mapping_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    static MAPPING: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    MAPPING.import(py, "collections.abc", "Mapping")
+}
+
+/// `grad_fn(params) -> (loss, grads)`, its grads as a dict.
+fn gradients<'py>(
+    grad_fn: &Bound<'py, PyAny>,
+    params: &Bound<'py, PyDict>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyDict>)> {
+    let py = params.py();
+    let result = grad_fn.call1((params,))?;
+    let pair = match result.cast::<PyTuple>() {
+        Ok(pair) if pair.len() == 2 => pair,
+        _ => {
+            let got = type_name(&result);
+            return Err(optimizer_error(
+                "grad_fn",
+                format!("grad_fn must return (loss, grads), got {got}"),
+            ));
+        }
+    };
+    let (loss, grads) = (pair.get_item(0)?, pair.get_item(1)?);
+    if let Ok(dict) = grads.cast::<PyDict>() {
+        return Ok((loss, dict.clone()));
+    }
+    if grads.is_instance(mapping_type(py)?)? {
+        let dict = PyDict::new(py);
+        dict.update(grads.cast()?)?;
+        return Ok((loss, dict));
+    }
+    Err(optimizer_error(
+        "grads",
+        format!(
+            "grads must be a mapping of str to numpy.ndarray, got {}",
+            type_name(&grads)
+        ),
+    ))
+}
+
+/// One whole SAM step: `grad_fn` at the current point, first_step, `grad_fn` at the
+/// perturbed point, second_step; every `interval`-th call (the first included) a SAM step,
+/// the others a plain base step. Returns the first loss. Should anything raise — the
+/// gradient function too, Ctrl-C included — the parameters go back to where they were and
+/// nothing stays pending; when the call returns, the step and the call count are
+/// committed.
+#[pyfunction]
+#[pyo3(signature = (sam, base, params, grad_fn, rho, eps, adaptive, eta, alpha, interval))]
+#[allow(clippy::too_many_arguments)]
+fn sam_step<'py>(
+    py: Python<'py>,
+    sam: &Bound<'py, SamEngine>,
+    base: &Bound<'py, PyAny>,
+    params: &Bound<'py, PyDict>,
+    grad_fn: &Bound<'py, PyAny>,
+    rho: f64,
+    eps: f64,
+    adaptive: bool,
+    eta: f64,
+    alpha: Option<f64>,
+    interval: u64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let calls = {
+        let engine = borrow(sam)?;
+        if engine.state.pending.is_some() {
+            return Err(protocol_error(
+                "sam_step called while a first_step is pending (call second_step or restore \
+                 first)",
+            ));
+        }
+        engine.state.calls
+    };
+    let (loss, grads) = gradients(grad_fn, params)?;
+    if calls % interval.max(1) != 0 {
+        second_step_over(py, sam, base, params, &grads, alpha, true)?;
+        return Ok(loss);
+    }
+    let inputs = AscentInputs {
+        rho,
+        eps,
+        adaptive,
+        eta,
+    };
+    perturb(py, &mut *borrow(sam)?, params, &grads, inputs)?;
+    let finished = gradients(grad_fn, params)
+        .and_then(|(_, grads)| second_step_over(py, sam, base, params, &grads, alpha, true));
+    if let Err(error) = finished {
+        if let Err(failed) = restore_pending(py, &mut *borrow(sam)?, params) {
+            failed.set_cause(py, Some(error));
+            return Err(failed);
+        }
+        return Err(error);
+    }
+    Ok(loss)
+}
+
+/// `compute_gradient_norm`: the global L2 norm of a dict of gradients, NaN if any element
+/// is NaN, infinity if any is infinite.
+#[pyfunction]
+fn gradient_norm(py: Python<'_>, grads: &Bound<'_, PyDict>) -> PyResult<f64> {
+    let entries = sorted_entries(grads, None)?;
+    let mut names = Vec::with_capacity(entries.len());
+    let mut arrays = Vec::with_capacity(entries.len());
+    let mut claims = Vec::with_capacity(entries.len());
+    for (item, (key, object)) in entries.into_iter().enumerate() {
+        let array = norm_gradient(object, &key)?;
+        claims.push(arrays::claim_of(&array, false, item));
+        arrays.push(array);
+        names.push(key);
+    }
+    let _registration = claims::register(Arc::new(CallClaims::new(claims)))
+        .map_err(|item| arrays::shared_memory_error("gradient", &names[item].text()))?;
+    let sources = arrays
+        .into_iter()
+        .zip(&names)
+        .map(|(array, key)| norm_source(array, key))
+        .collect::<PyResult<Vec<_>>>()?;
+    let items: Vec<NormItem<'_>> = sources
+        .iter()
+        .map(|source| match source {
+            NormSource::Single(s) => ByDtype::Single((s.slice(), None)),
+            NormSource::Double(s) => ByDtype::Double((s.slice(), None)),
+        })
+        .collect();
+    Ok(py.detach(|| phases::gradient_norm(&items)))
+}
+
+pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_function(wrap_pyfunction!(step, module)?)?;
+    module.add_function(wrap_pyfunction!(first_step, module)?)?;
+    module.add_function(wrap_pyfunction!(second_step, module)?)?;
+    module.add_function(wrap_pyfunction!(restore, module)?)?;
+    module.add_function(wrap_pyfunction!(sam_step, module)?)?;
+    module.add_function(wrap_pyfunction!(gradient_norm, module)?)?;
+    module.add_class::<Engine>()?;
+    module.add_class::<SamEngine>()?;
+    module.add_class::<StagedSamState>()?;
+    Ok(())
+}

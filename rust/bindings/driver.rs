@@ -1,0 +1,605 @@
+//! The phase driver: one validated, claimed call over every array of a dict, with the
+//! state buffers each phase uses taken from the optimizers' native tables (or allocated,
+//! fallibly) before anything is written, and put back — updated — when the phase commits.
+
+use numpy::Element;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+
+use super::arrays::{
+    self, checked_grad, checked_param, claim_of, describe_shape, is_float_dtype, key_text,
+    sorted_entries, Float, Key, NameOrder, Order, Source, Target,
+};
+use super::{non_finite_error, optimizer_error};
+use crate::claims::Registration;
+use crate::norm::NormError;
+use crate::parallel::ByDtype;
+use crate::state::{self, Buffer, Table};
+
+/// How a phase uses one state stream of a parameter.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Policy {
+    /// Optimizer state: zeros when absent, an error when it does not fit the parameter.
+    Lazy,
+    /// Written before it is read (SAM's saved values in first_step): a buffer of the
+    /// parameter's dtype and shape is reused, any other replaced.
+    Scratch,
+    /// Must be there and fit (SAM's saved values in second_step).
+    Required,
+}
+
+/// One state stream a phase uses for every parameter: slot `slot` of table `table` of
+/// the call, known in a state dict as `prefix` + the parameter's name.
+#[derive(Clone, Copy, Debug)]
+pub struct Use {
+    pub table: usize,
+    pub slot: usize,
+    pub prefix: &'static str,
+    pub policy: Policy,
+}
+
+/// Where each sorted parameter name's state is in one table: a call with the same key
+/// objects as the last skips looking them up.
+#[derive(Default)]
+pub struct EntryCache {
+    keys: Vec<Py<PyString>>,
+    entries: Vec<Option<usize>>,
+    generation: u64,
+}
+
+impl EntryCache {
+    fn resolve(&mut self, names: &[Key<'_>], table: &Table) -> PyResult<Vec<Option<usize>>> {
+        let known = self.generation == table.generation()
+            && self.keys.len() == names.len()
+            && self
+                .keys
+                .iter()
+                .zip(names)
+                .all(|(a, b)| a.as_ptr() == b.0.as_ptr());
+        if !known {
+            let mut entries = Vec::with_capacity(names.len());
+            for name in names {
+                entries.push(table.find(&key_text(&name.0)?));
+            }
+            self.keys = names.iter().map(|name| name.0.clone().unbind()).collect();
+            self.entries = entries;
+            self.generation = table.generation();
+        }
+        Ok(self.entries.clone())
+    }
+
+    /// Records entries a commit created, while the cache still describes that call.
+    fn learn(&mut self, entries: &[usize], table: &Table) {
+        if self.generation == table.generation() && self.entries.len() == entries.len() {
+            self.entries = entries.iter().map(|&e| Some(e)).collect();
+        }
+    }
+}
+
+/// An optimizer's table of state and the cache of where names are in it.
+pub struct TableRef<'a> {
+    pub table: &'a mut Table,
+    pub cache: &'a mut EntryCache,
+}
+
+/// The most state streams an entry has: a base optimizer's slots, SAM's saved values and
+/// GSAM's g0.
+const MAX_STATES: usize = 4;
+
+/// Up to `MAX_STATES` values of one entry, without a heap allocation per entry and call.
+pub struct Slots<X> {
+    items: [Option<X>; MAX_STATES],
+    len: usize,
+}
+
+impl<X> Slots<X> {
+    fn new() -> Self {
+        Slots {
+            items: std::array::from_fn(|_| None),
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, item: X) {
+        self.items[self.len] = Some(item);
+        self.len += 1;
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut X> {
+        self.items.iter_mut().flatten()
+    }
+}
+
+/// The values, in the order they were pushed.
+impl<X> IntoIterator for Slots<X> {
+    type Item = X;
+    type IntoIter = std::iter::Flatten<std::array::IntoIter<Option<X>, MAX_STATES>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.items.into_iter().flatten()
+    }
+}
+
+/// A state buffer in a call's hands: taken out of its table (with the layout it had
+/// there, to put it back as it was), or made by the call.
+pub struct Held<T> {
+    values: Box<[T]>,
+    taken: Option<(Box<[usize]>, bool)>,
+    /// Taken from the table only when every entry of the call has been built, so that an
+    /// error while building leaves the tables untouched.
+    to_take: bool,
+}
+
+/// Everything one parameter brings to a call, laid out for the kernels.
+pub struct Entry<'py, T: Element> {
+    /// The parameter's position in the call (its name is `Prepared::names[item]`).
+    pub item: usize,
+    pub param: Target<'py, T>,
+    pub grad: Option<Source<'py, T>>,
+    held: Slots<Held<T>>,
+}
+
+impl<T: Element + Copy> Entry<'_, T> {
+    /// The kernels' view: parameter, gradient (if the call has one), state buffers in the
+    /// order of the phase's uses.
+    pub fn lanes(&mut self) -> (&mut [T], Option<&[T]>, Slots<&mut [T]>) {
+        let Entry {
+            param, grad, held, ..
+        } = self;
+        let mut states = Slots::new();
+        held.iter_mut()
+            .for_each(|held| states.push(&mut *held.values));
+        (param.slice(), grad.as_ref().map(Source::slice), states)
+    }
+}
+
+/// A validated call whose memory is claimed and whose state buffers are in hand. It must
+/// end in `commit` or `release`, which give the buffers back to the tables.
+pub struct Prepared<'py> {
+    pub names: Vec<Key<'py>>,
+    /// The entries of the float32 and of the float64 parameters, each in name order (built
+    /// in place: an entry is a few hundred bytes), and for each name whether it is float32.
+    pub singles: Vec<Entry<'py, f32>>,
+    pub doubles: Vec<Entry<'py, f64>>,
+    pub is_single: Vec<bool>,
+    uses: Vec<Use>,
+    /// For each table of the call, each name's entry in it (`None`: it has none yet).
+    entries: Vec<Vec<Option<usize>>>,
+    /// Holds the call's claims until the call has written everything back.
+    registration: Option<Registration>,
+}
+
+/// The state-dict key of a parameter's stream, for messages.
+fn state_key(use_: &Use, key: &Key<'_>) -> String {
+    format!("{}{}", use_.prefix, key.text())
+}
+
+/// What a call does with one state stream of one parameter, decided before anything is
+/// written: the buffer to take, or a new one (zeros, or the old values in the call's
+/// layout), or the error that it does not fit.
+fn hold<T: Float>(
+    use_: &Use,
+    existing: Option<&Buffer>,
+    key: &Key<'_>,
+    shape: &[usize],
+    order: Order,
+) -> PyResult<Held<T>> {
+    let made = |values| Held {
+        values,
+        taken: None,
+        to_take: false,
+    };
+    let zeros = || {
+        let len = shape.iter().product();
+        state::zeroed::<T>(len).map_err(|error| {
+            let key_text = state_key(use_, key);
+            super::out_of_memory(&key_text, &format!("state '{key_text}'"), error.bytes)
+        })
+    };
+    let Some(buffer) = existing else {
+        if use_.policy == Policy::Required {
+            let key = state_key(use_, key);
+            return Err(optimizer_error(&key, format!("state '{key}' is missing")));
+        }
+        return Ok(made(zeros()?));
+    };
+    let fits = T::view(&buffer.data).is_some() && arrays::same_shape(&buffer.shape, shape);
+    match (fits, use_.policy) {
+        (true, Policy::Scratch) => Ok(Held {
+            values: Box::default(),
+            taken: None,
+            to_take: true,
+        }),
+        (true, _) if buffer.fortran == order.fortran() => Ok(Held {
+            values: Box::default(),
+            taken: None,
+            to_take: true,
+        }),
+        (true, _) => {
+            // The parameter changed layout since: the state follows it.
+            let own = if buffer.fortran { Order::F } else { Order::C };
+            let values = T::view(&buffer.data).expect("dtype checked");
+            let relaid = order
+                .gather(own.view(shape, values), |x| x)
+                .map_err(|error| {
+                    let key_text = state_key(use_, key);
+                    super::out_of_memory(&key_text, &format!("state '{key_text}'"), error.bytes)
+                })?;
+            Ok(made(relaid))
+        }
+        (false, Policy::Scratch) => Ok(made(zeros()?)),
+        (false, _) => {
+            let name = key.text();
+            let state = state_key(use_, key);
+            Err(optimizer_error(
+                &state,
+                format!(
+                    "state '{state}' has dtype {} and shape {} but parameter '{name}' has \
+                     dtype {} and shape {}",
+                    buffer.data.dtype(),
+                    describe_shape(&buffer.shape),
+                    T::DTYPE,
+                    describe_shape(shape)
+                ),
+            ))
+        }
+    }
+}
+
+/// Where a call's state buffers come from: its uses, its tables, and each name's entry
+/// in each table.
+struct States<'a, 't> {
+    uses: &'a [Use],
+    tables: &'a [TableRef<'t>],
+    resolved: &'a [Vec<Option<usize>>],
+}
+
+/// Appends parameter `item`'s entry: the parameter laid out for the kernels, its gradient,
+/// and what the call will hold of its state.
+fn build<'py, T: Float>(
+    entries: &mut Vec<Entry<'py, T>>,
+    item: usize,
+    key: &Key<'py>,
+    param: Bound<'py, numpy::PyUntypedArray>,
+    grad: Option<Bound<'py, numpy::PyUntypedArray>>,
+    states: &States<'_, '_>,
+) -> PyResult<()> {
+    let States {
+        uses,
+        tables,
+        resolved,
+    } = states;
+    use numpy::PyUntypedArrayMethods;
+    let order = Order::of(&param);
+    let shape = param.shape().to_vec();
+    let grad = grad
+        .map(|g| arrays::gradient_source::<T>(g, key, order))
+        .transpose()?;
+    let param = arrays::target::<T>(key, param, order)?;
+    let mut held = Slots::new();
+    for use_ in uses.iter() {
+        let existing = resolved[use_.table][item]
+            .and_then(|entry| tables[use_.table].table.entry(entry).buffers[use_.slot].as_ref());
+        held.push(hold::<T>(use_, existing, key, &shape, order)?);
+    }
+    entries.push(Entry {
+        item,
+        param,
+        grad,
+        held,
+    });
+    Ok(())
+}
+
+/// Something done to every entry of a call, whatever its dtype.
+trait Visit {
+    fn visit<T: Float>(&mut self, entry: &mut Entry<'_, T>, item: usize);
+}
+
+/// Moves the buffers the call uses in place out of their tables.
+struct Take<'a, 'b, 't> {
+    uses: &'a [Use],
+    tables: &'a mut [TableRef<'t>],
+    resolved: &'b [Vec<Option<usize>>],
+}
+
+impl Visit for Take<'_, '_, '_> {
+    fn visit<T: Float>(&mut self, entry: &mut Entry<'_, T>, item: usize) {
+        for (held, use_) in entry.held.iter_mut().zip(self.uses) {
+            if !held.to_take {
+                continue;
+            }
+            let index = self.resolved[use_.table][item].expect("a held buffer has an entry");
+            let slot = &mut self.tables[use_.table].table.entry_mut(index).buffers[use_.slot];
+            let buffer = slot.take().expect("checked when held");
+            held.values = T::unwrap(buffer.data).expect("dtype checked when held");
+            held.taken = Some((buffer.shape, buffer.fortran));
+            held.to_take = false;
+        }
+    }
+}
+
+/// Puts every held buffer into its table: as the kernels left it, in the call's layout
+/// (`committed`), or as it was taken.
+struct GiveBack<'a, 't> {
+    uses: &'a [Use],
+    tables: &'a mut [TableRef<'t>],
+    entries: &'a [Vec<Option<usize>>],
+    committed: bool,
+}
+
+impl Visit for GiveBack<'_, '_> {
+    fn visit<T: Float>(&mut self, entry: &mut Entry<'_, T>, item: usize) {
+        let shape: Box<[usize]> = entry.param.shape().into();
+        let fortran = entry.param.order().fortran();
+        for (k, use_) in self.uses.iter().enumerate() {
+            let held = entry.held.items[k].take().expect("one held buffer per use");
+            let Some(index) = self.entries[use_.table][item] else {
+                continue;
+            };
+            let (shape, fortran) = match (self.committed, held.taken) {
+                (true, _) => (shape.clone(), fortran),
+                (false, Some(layout)) => layout,
+                (false, None) => continue,
+            };
+            self.tables[use_.table].table.entry_mut(index).buffers[use_.slot] = Some(Buffer {
+                data: T::wrap(held.values),
+                shape,
+                fortran,
+            });
+        }
+    }
+}
+
+/// The claims of the call's parameters, written (again).
+struct ClaimParams(Vec<crate::claims::Claim>);
+
+impl Visit for ClaimParams {
+    fn visit<T: Float>(&mut self, entry: &mut Entry<'_, T>, item: usize) {
+        self.0.push(claim_of(entry.param.array(), true, item));
+    }
+}
+
+/// The entries of a pending first_step in table `table` of the call, in name order: a
+/// second phase must get exactly its parameter names.
+#[derive(Clone, Copy)]
+pub struct Pending<'a> {
+    pub table: usize,
+    pub entries: &'a [usize],
+}
+
+impl Pending<'_> {
+    fn check(
+        &self,
+        py: Python<'_>,
+        names: &[Key<'_>],
+        given: &[Option<usize>],
+        table: &Table,
+    ) -> PyResult<()> {
+        let pending = self.entries;
+        if given.len() == pending.len() && given.iter().zip(pending).all(|(g, p)| *g == Some(*p)) {
+            return Ok(());
+        }
+        let mut missing: Vec<&str> = pending
+            .iter()
+            .filter(|&&e| !given.contains(&Some(e)))
+            .map(|&e| &*table.entry(e).name)
+            .collect();
+        missing.sort_unstable();
+        let unexpected: Vec<&Key<'_>> = names
+            .iter()
+            .zip(given)
+            .filter(|(_, g)| g.is_none_or(|g| !pending.contains(&g)))
+            .map(|(key, _)| key)
+            .collect();
+        let shown = |names: Vec<Bound<'_, PyString>>| -> PyResult<String> {
+            Ok(pyo3::types::PyList::new(py, names)?.repr()?.to_string())
+        };
+        let missing_shown = shown(missing.iter().map(|n| PyString::new(py, n)).collect())?;
+        let unexpected_shown = shown(unexpected.iter().map(|k| k.0.clone()).collect())?;
+        let first = match (missing.first(), unexpected.first()) {
+            (Some(name), _) => name.to_string(),
+            (None, Some(key)) => key.text(),
+            (None, None) => String::new(),
+        };
+        Err(optimizer_error(
+            &first,
+            format!(
+                "second_step must get the same parameter names as the pending first_step: \
+                 missing {missing_shown}, unexpected {unexpected_shown}"
+            ),
+        ))
+    }
+}
+
+/// Stage 1: validates everything a call touches, claims its memory and takes or makes
+/// every state buffer it uses, writing nothing of the caller's and changing no table
+/// unless everything succeeded.
+pub fn prepare<'py>(
+    params: &Bound<'py, PyDict>,
+    order: Option<&mut NameOrder>,
+    grads: Option<&Bound<'py, PyDict>>,
+    tables: &mut [TableRef<'_>],
+    uses: &[Use],
+    pending: Option<Pending<'_>>,
+) -> PyResult<Prepared<'py>> {
+    let (names, objects): (Vec<_>, Vec<_>) = sorted_entries(params, order)?.into_iter().unzip();
+    let mut resolved = Vec::with_capacity(tables.len());
+    for table in tables.iter_mut() {
+        resolved.push(table.cache.resolve(&names, table.table)?);
+    }
+    if let Some(pending) = pending {
+        let table = &*tables[pending.table].table;
+        pending.check(params.py(), &names, &resolved[pending.table], table)?;
+    }
+    let mut claims = Vec::with_capacity(2 * params.len());
+    let mut param_arrays = Vec::with_capacity(params.len());
+    for (item, (key, object)) in names.iter().zip(objects).enumerate() {
+        let array = checked_param(key, object)?;
+        claims.push(claim_of(&array, true, item));
+        param_arrays.push(array);
+    }
+    let n = names.len();
+    let mut grad_arrays = Vec::with_capacity(if grads.is_some() { n } else { 0 });
+    if let Some(grads) = grads {
+        use numpy::PyUntypedArrayMethods;
+        for (item, (key, param)) in names.iter().zip(&param_arrays).enumerate() {
+            let array = checked_grad(grads, key, param.shape())?;
+            claims.push(claim_of(&array, false, n + item));
+            grad_arrays.push(array);
+        }
+    }
+    // Nothing of the caller's is read before its memory is claimed.
+    let registration = arrays::claim_memory(&names, claims)?;
+    let mut grad_arrays = grad_arrays.into_iter();
+    let n_single = param_arrays
+        .iter()
+        .filter(|p| is_float_dtype::<f32>(p))
+        .count();
+    let mut singles = Vec::with_capacity(n_single);
+    let mut doubles = Vec::with_capacity(n - n_single);
+    let mut is_single = Vec::with_capacity(n);
+    let states = States {
+        uses,
+        tables,
+        resolved: &resolved,
+    };
+    for (item, (key, param)) in names.iter().zip(param_arrays).enumerate() {
+        let grad = grads.and_then(|_| grad_arrays.next());
+        let single = is_float_dtype::<f32>(&param);
+        if single {
+            build(&mut singles, item, key, param, grad, &states)?;
+        } else {
+            build(&mut doubles, item, key, param, grad, &states)?;
+        }
+        is_single.push(single);
+    }
+    let mut prepared = Prepared {
+        names,
+        singles,
+        doubles,
+        is_single,
+        uses: uses.to_vec(),
+        entries: resolved,
+        registration: Some(registration),
+    };
+    let resolved = std::mem::take(&mut prepared.entries);
+    prepared.visit(&mut Take {
+        uses,
+        tables,
+        resolved: &resolved,
+    });
+    prepared.entries = resolved;
+    Ok(prepared)
+}
+
+impl<'py> Prepared<'py> {
+    fn visit(&mut self, visitor: &mut impl Visit) {
+        let (mut singles, mut doubles) = (self.singles.iter_mut(), self.doubles.iter_mut());
+        for (item, &is_single) in self.is_single.iter().enumerate() {
+            match is_single {
+                true => visitor.visit(singles.next().expect("one entry per name"), item),
+                false => visitor.visit(doubles.next().expect("one entry per name"), item),
+            }
+        }
+    }
+
+    /// Builds one kernel's lanes for every entry, in name order.
+    pub fn lanes<'a, S, D>(
+        &'a mut self,
+        mut single: impl FnMut(&'a mut Entry<'py, f32>) -> S,
+        mut double: impl FnMut(&'a mut Entry<'py, f64>) -> D,
+    ) -> Vec<ByDtype<S, D>> {
+        let mut singles = self.singles.iter_mut();
+        let mut doubles = self.doubles.iter_mut();
+        let one_of_each = "an entry per name";
+        self.is_single
+            .iter()
+            .map(|&is_single| match is_single {
+                true => ByDtype::Single(single(singles.next().expect(one_of_each))),
+                false => ByDtype::Double(double(doubles.next().expect(one_of_each))),
+            })
+            .collect()
+    }
+
+    /// Ends the call as if it had not happened: the buffers taken go back as they were.
+    pub fn release(&mut self, tables: &mut [TableRef<'_>]) {
+        self.give_back(tables, false);
+    }
+
+    /// Stage 3: writes staged parameters back and puts every buffer into its table as the
+    /// kernels left it, creating the entries of names seen for the first time. Returns,
+    /// for each table, each name's entry in it.
+    pub fn commit(&mut self, tables: &mut [TableRef<'_>]) -> Vec<Vec<usize>> {
+        self.write_back();
+        self.give_back(tables, true)
+    }
+
+    /// Writes the parameters that had to be staged back into their arrays.
+    pub fn write_back(&mut self) {
+        self.singles.iter_mut().for_each(|e| e.param.write_back());
+        self.doubles.iter_mut().for_each(|e| e.param.write_back());
+    }
+
+    fn give_back(&mut self, tables: &mut [TableRef<'_>], committed: bool) -> Vec<Vec<usize>> {
+        // On commit, names seen for the first time get their entries.
+        let mut entries = std::mem::take(&mut self.entries);
+        if committed {
+            for (t, table) in tables.iter_mut().enumerate() {
+                if !self.uses.iter().any(|u| u.table == t) {
+                    continue;
+                }
+                for (key, entry) in self.names.iter().zip(entries[t].iter_mut()) {
+                    if entry.is_none() {
+                        *entry = Some(table.table.entry_for(&key.text()));
+                    }
+                }
+            }
+        }
+        let uses = std::mem::take(&mut self.uses);
+        self.visit(&mut GiveBack {
+            uses: &uses,
+            tables,
+            entries: &entries,
+            committed,
+        });
+        let lists = entries
+            .into_iter()
+            .zip(tables.iter_mut())
+            .enumerate()
+            .map(|(t, (list, table))| {
+                let list: Vec<usize> = list.into_iter().map(|e| e.unwrap_or(usize::MAX)).collect();
+                if committed && uses.iter().any(|u| u.table == t) {
+                    table.cache.learn(&list, table.table);
+                }
+                list
+            })
+            .collect();
+        self.uses = uses;
+        lists
+    }
+
+    /// Ends the call's claim on its arrays (before a base written in Python runs on them).
+    pub fn unclaim(&mut self) {
+        self.registration = None;
+    }
+
+    /// Claims the parameters again, after `unclaim`.
+    pub fn reclaim(&mut self) -> PyResult<()> {
+        let mut claims = ClaimParams(Vec::with_capacity(self.names.len()));
+        self.visit(&mut claims);
+        self.registration = Some(arrays::claim_memory(&self.names, claims.0)?);
+        Ok(())
+    }
+
+    pub fn norm_error(&self, error: NormError) -> PyErr {
+        match error {
+            NormError::NonFiniteGradient(index) => {
+                let name = self.names[index].text();
+                non_finite_error(&name, format!("gradient '{name}' contains NaN or infinity"))
+            }
+            NormError::NonFiniteParameter(index) => self.names[index]
+                .error(|name| format!("parameter '{name}' contains NaN or infinity")),
+        }
+    }
+}

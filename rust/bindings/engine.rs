@@ -1,0 +1,368 @@
+//! The optimizers' native state: what a phase changes lives here, so that the phase's
+//! native call can commit it before it returns. A base optimizer's `Engine` holds its
+//! spec, hyperparameters, step count and per-parameter slots; SAM's `SamEngine` holds its
+//! saved values, what is pending and its call count. The Python classes hold these and
+//! the configuration; state dicts are copies made and read here.
+
+use numpy::{PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+
+use super::arrays::{
+    self, buffer_of, describe_shape, is_float_dtype, state_array, Float, NameOrder,
+};
+use super::driver::EntryCache;
+use super::{optimizer_error, OptimizerError};
+use crate::phases::Clipping;
+use crate::specs::{Hyper, Kind};
+use crate::state::{Buffer, Data, Table};
+
+/// A base optimizer's native state.
+#[pyclass(module = "samopt._core")]
+pub struct Engine {
+    pub kind: Kind,
+    pub hyper: Hyper,
+    pub clipping: Clipping,
+    /// Steps taken (Adam's `t`), for optimizers that count them.
+    pub steps: u64,
+    pub table: Table,
+    pub order: NameOrder,
+    pub cache: EntryCache,
+}
+
+/// The refusal of a call into an optimizer whose previous call has not returned (a
+/// gradient function or a Python base re-entering it).
+pub fn busy() -> PyErr {
+    OptimizerError::new_err((
+        "the optimizer is in use by a call that has not returned".to_owned(),
+        Option::<String>::None,
+    ))
+}
+
+/// A state dict's copy of one buffer.
+fn export<'py>(py: Python<'py>, buffer: &Buffer, key: &str) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match &buffer.data {
+        Data::Single(values) => {
+            arrays::array_from::<f32>(py, values, &buffer.shape, buffer.fortran, key)?.into_any()
+        }
+        Data::Double(values) => {
+            arrays::array_from::<f64>(py, values, &buffer.shape, buffer.fortran, key)?.into_any()
+        }
+    })
+}
+
+/// Puts every buffer of `table`'s slots into `out`, by name, each under its slot's prefix.
+fn export_table(
+    py: Python<'_>,
+    table: &Table,
+    prefixes: &[&str],
+    only: Option<&[usize]>,
+    out: &Bound<'_, PyDict>,
+) -> PyResult<()> {
+    let mut chosen: Vec<usize> = match only {
+        Some(entries) => entries.to_vec(),
+        None => (0..table.len()).collect(),
+    };
+    chosen.sort_unstable_by(|&a, &b| table.entry(a).name.cmp(&table.entry(b).name));
+    for index in chosen {
+        let entry = table.entry(index);
+        for (buffer, prefix) in entry.buffers.iter().zip(prefixes) {
+            if let Some(buffer) = buffer {
+                let key = format!("{prefix}{}", entry.name);
+                out.set_item(&key, export(py, buffer, &key)?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A copy of a state dict's arrays for one name, one per slot, checked to share a dtype
+/// and a shape.
+fn import_buffers(
+    name: &str,
+    arrays: &Bound<'_, PyTuple>,
+    prefixes: &[&str],
+) -> PyResult<Box<[Option<Buffer>]>> {
+    if arrays.len() != prefixes.len() {
+        return Err(optimizer_error(
+            name,
+            format!("state of '{name}' needs {} arrays", prefixes.len()),
+        ));
+    }
+    let mut buffers = Vec::with_capacity(prefixes.len());
+    let mut first: Option<(bool, Vec<usize>)> = None;
+    for (object, prefix) in arrays.iter().zip(prefixes) {
+        if object.is_none() {
+            buffers.push(None);
+            continue;
+        }
+        let key = format!("{prefix}{name}");
+        let array = state_array(object, &key)?;
+        let single = is_float_dtype::<f32>(&array);
+        match &first {
+            Some((dtype, shape)) if (*dtype, shape.as_slice()) != (single, array.shape()) => {
+                return Err(optimizer_error(
+                    &key,
+                    format!(
+                        "state '{key}' has dtype {} and shape {}, unlike the other state of \
+                         '{name}' ({} and shape {})",
+                        arrays::dtype_name(&array),
+                        describe_shape(array.shape()),
+                        if *dtype { "float32" } else { "float64" },
+                        describe_shape(shape)
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => first = Some((single, array.shape().to_vec())),
+        }
+        buffers.push(Some(import(&array, &key)?));
+    }
+    Ok(buffers.into_boxed_slice())
+}
+
+fn import(array: &Bound<'_, PyUntypedArray>, key: &str) -> PyResult<Buffer> {
+    fn typed<T: Float>(array: &Bound<'_, PyUntypedArray>, key: &str) -> PyResult<Buffer> {
+        let (values, order) = buffer_of::<T>(array, key)?;
+        Ok(Buffer {
+            data: T::wrap(values),
+            shape: array.shape().into(),
+            fortran: order.fortran(),
+        })
+    }
+    match is_float_dtype::<f32>(array) {
+        true => typed::<f32>(array, key),
+        false => typed::<f64>(array, key),
+    }
+}
+
+/// A table made of a state dict's arrays: `entries` maps each name to a tuple with one
+/// array (or None) per slot.
+fn import_table(entries: &Bound<'_, PyDict>, prefixes: &[&str]) -> PyResult<Table> {
+    let mut table = Table::new(prefixes.len());
+    for (name, arrays) in entries.iter() {
+        let name = name.cast_into::<PyString>()?;
+        let text = arrays::key_text(&name)?;
+        let arrays = arrays.cast_into::<PyTuple>()?;
+        let buffers = import_buffers(&text, &arrays, prefixes)?;
+        let index = table.entry_for(&text);
+        table.entry_mut(index).buffers = buffers;
+    }
+    Ok(table)
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[pyo3(signature = (kind, *, lr, momentum, beta1, beta2, epsilon, weight_decay, clip_value = None, clip_norm = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        kind: &str,
+        lr: f64,
+        momentum: f64,
+        beta1: f64,
+        beta2: f64,
+        epsilon: f64,
+        weight_decay: f64,
+        clip_value: Option<f64>,
+        clip_norm: Option<f64>,
+    ) -> PyResult<Engine> {
+        let kind = Kind::parse(kind)
+            .ok_or_else(|| optimizer_error("kind", format!("unknown optimizer kind {kind:?}")))?;
+        let clipping = match (clip_value, clip_norm) {
+            (Some(c), _) => Clipping::Value(c),
+            (None, Some(c)) => Clipping::Norm(c),
+            (None, None) => Clipping::Off,
+        };
+        let slots = kind.slots().len();
+        Ok(Engine {
+            kind,
+            hyper: Hyper {
+                lr,
+                momentum,
+                beta1,
+                beta2,
+                epsilon,
+                weight_decay,
+            },
+            clipping,
+            steps: 0,
+            table: Table::new(slots),
+            order: NameOrder::default(),
+            cache: EntryCache::default(),
+        })
+    }
+
+    /// The learning rate the next step uses.
+    #[getter]
+    fn lr(&self) -> f64 {
+        self.hyper.lr
+    }
+
+    #[setter]
+    fn set_lr(&mut self, lr: f64) {
+        self.hyper.lr = lr;
+    }
+
+    /// Steps taken (Adam's `t`); 0 for optimizers that do not count them.
+    #[getter]
+    fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The state-dict prefixes of the per-parameter slots.
+    #[getter]
+    fn slots(&self) -> Vec<&'static str> {
+        self.kind.slots().to_vec()
+    }
+
+    /// Copies of the per-parameter state by key, and `t` for optimizers that count steps.
+    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        if self.kind.counts_steps() {
+            let t = arrays::array_from::<i64>(py, &[self.steps as i64], &[], false, "t")?;
+            out.set_item("t", t)?;
+        }
+        export_table(py, &self.table, self.kind.slots(), None, &out)?;
+        Ok(out)
+    }
+
+    /// Replaces the whole state: the step count and, by name, one array per slot (each
+    /// copied). Checked and copied before anything is replaced.
+    fn load(&mut self, steps: u64, entries: &Bound<'_, PyDict>) -> PyResult<()> {
+        let table = import_table(entries, self.kind.slots())?;
+        self.table = table;
+        self.steps = steps;
+        Ok(())
+    }
+}
+
+/// What SAM's state holds between calls.
+pub struct SamState {
+    /// Saved values (slot 0) and, for GSAM, the gradients at the original point (slot 1).
+    pub table: Table,
+    /// The table entries of the pending first_step's parameters, in name order.
+    pub pending: Option<Vec<usize>>,
+    /// GSAM's `‖g0‖`, while pending.
+    pub grad0_norm: f64,
+    /// `sam_step` calls made (for `interval`).
+    pub calls: u64,
+}
+
+pub const SAM_SLOTS: [&str; 2] = ["saved_", "grad0_"];
+
+impl SamState {
+    fn new() -> SamState {
+        SamState {
+            table: Table::new(SAM_SLOTS.len()),
+            pending: None,
+            grad0_norm: 0.0,
+            calls: 0,
+        }
+    }
+}
+
+/// The native state of SamOptimizer and its variants.
+#[pyclass(module = "samopt._core")]
+pub struct SamEngine {
+    /// Whether first_step keeps the gradient (GSAM).
+    pub keeps_grad0: bool,
+    pub state: SamState,
+    pub order: NameOrder,
+    pub cache: EntryCache,
+}
+
+/// A SAM state read from a state dict, not yet in force (see `SamEngine.install`).
+#[pyclass(module = "samopt._core")]
+pub struct StagedSamState(Option<SamState>);
+
+#[pymethods]
+impl SamEngine {
+    #[new]
+    fn new(keeps_grad0: bool) -> SamEngine {
+        SamEngine {
+            keeps_grad0,
+            state: SamState::new(),
+            order: NameOrder::default(),
+            cache: EntryCache::default(),
+        }
+    }
+
+    /// Whether a first_step has moved the parameters and awaits its second_step.
+    #[getter]
+    fn pending(&self) -> bool {
+        self.state.pending.is_some()
+    }
+
+    /// `sam_step` calls made.
+    #[getter]
+    fn calls(&self) -> u64 {
+        self.state.calls
+    }
+
+    /// The parameter names of the pending first_step, sorted (empty when none is).
+    fn pending_names<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let names = self.state.pending.iter().flatten();
+        let mut names: Vec<&str> = names.map(|&e| &*self.state.table.entry(e).name).collect();
+        names.sort_unstable();
+        PyList::new(py, names)
+    }
+
+    /// `sam_calls` and, while pending, `saved_<name>` (and `grad0_<name>`, `grad_norm0`).
+    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        let calls = self.state.calls as i64;
+        let calls = arrays::array_from::<i64>(py, &[calls], &[], false, "sam_calls")?;
+        out.set_item("sam_calls", calls)?;
+        if let Some(pending) = &self.state.pending {
+            export_table(py, &self.state.table, &SAM_SLOTS, Some(pending), &out)?;
+            if self.keeps_grad0 {
+                let norm = &[self.state.grad0_norm];
+                out.set_item(
+                    "grad_norm0",
+                    arrays::array_from(py, norm, &[], false, "grad_norm0")?,
+                )?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A state made of a state dict's values, checked and copied: `pending` maps each
+    /// pending name to `(saved, grad0 or None)`.
+    fn stage(
+        &self,
+        calls: u64,
+        pending: &Bound<'_, PyDict>,
+        grad0_norm: f64,
+    ) -> PyResult<StagedSamState> {
+        let table = import_table(pending, &SAM_SLOTS)?;
+        let mut entries: Vec<usize> = (0..table.len()).collect();
+        entries.sort_unstable_by(|&a, &b| table.entry(a).name.cmp(&table.entry(b).name));
+        for &entry in &entries {
+            let buffers = &table.entry(entry).buffers;
+            if buffers[0].is_none() || (self.keeps_grad0 != buffers[1].is_some()) {
+                let name = &table.entry(entry).name;
+                return Err(optimizer_error(
+                    name,
+                    format!("the pending state of '{name}' is incomplete"),
+                ));
+            }
+        }
+        Ok(StagedSamState(Some(SamState {
+            pending: (!entries.is_empty()).then_some(entries),
+            table,
+            grad0_norm,
+            calls,
+        })))
+    }
+
+    /// Puts a staged state in force (it cannot fail: everything was checked and copied).
+    fn install(&mut self, staged: &mut StagedSamState) -> PyResult<()> {
+        let state = staged
+            .0
+            .take()
+            .ok_or_else(|| optimizer_error("state", "this state was installed already".into()))?;
+        self.state = state;
+        Ok(())
+    }
+}
