@@ -156,15 +156,18 @@ impl<L: Lanes> Tasks<L> {
         let mut room = chunk_len;
         for mut item in items {
             while !item.is_empty() {
-                let take = item.len().min(room);
-                let (piece, tail) = item.split_at(take);
+                let len = item.len();
+                if len < room {
+                    // An item that fits is not split (most of many small arrays).
+                    pieces.push(UnsafeCell::new(ManuallyDrop::new(item)));
+                    room -= len;
+                    break;
+                }
+                let (piece, tail) = item.split_at(room);
                 item = tail;
                 pieces.push(UnsafeCell::new(ManuallyDrop::new(piece)));
-                room -= take;
-                if room == 0 {
-                    bounds.push(pieces.len());
-                    room = chunk_len;
-                }
+                bounds.push(pieces.len());
+                room = chunk_len;
             }
         }
         if bounds.last() != Some(&pieces.len()) {

@@ -269,9 +269,7 @@ fn build<'py, T: Float>(
         tables,
         resolved,
     } = states;
-    use numpy::PyUntypedArrayMethods;
     let order = Order::of(&param);
-    let shape = param.shape().to_vec();
     let grad = grad
         .map(|g| arrays::gradient_source::<T>(g, key, order))
         .transpose()?;
@@ -280,7 +278,7 @@ fn build<'py, T: Float>(
     for use_ in uses.iter() {
         let existing = resolved[use_.table][item]
             .and_then(|entry| tables[use_.table].table.entry(entry).buffers[use_.slot].as_ref());
-        held.push(hold::<T>(use_, existing, key, &shape, order)?);
+        held.push(hold::<T>(use_, existing, key, param.shape(), order)?);
     }
     entries.push(Entry {
         item,
@@ -330,7 +328,7 @@ struct GiveBack<'a, 't> {
 
 impl Visit for GiveBack<'_, '_> {
     fn visit<T: Float>(&mut self, entry: &mut Entry<'_, T>, item: usize) {
-        let shape: Box<[usize]> = entry.param.shape().into();
+        let shape = entry.param.shape();
         let fortran = entry.param.order().fortran();
         for (k, use_) in self.uses.iter().enumerate() {
             let held = entry.held.items[k].take().expect("one held buffer per use");
@@ -338,7 +336,9 @@ impl Visit for GiveBack<'_, '_> {
                 continue;
             };
             let (shape, fortran) = match (self.committed, held.taken) {
-                (true, _) => (shape.clone(), fortran),
+                // A buffer keeps its shape (no allocation) unless scratch space was resized.
+                (true, Some((old, _))) if arrays::same_shape(&old, shape) => (old, fortran),
+                (true, _) => (shape.into(), fortran),
                 (false, Some(layout)) => layout,
                 (false, None) => continue,
             };
