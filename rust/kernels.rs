@@ -107,13 +107,14 @@ pub fn mixed_norm(alpha: f64, n0: f64, n1: f64, cos: f64) -> f64 {
 /// The streams of a base optimizer's update over one piece of one parameter: the
 /// parameter, its gradient, the optimizer's `N` state slots, where the step starts from
 /// (`None`: the parameter itself; `Some(saved)`: SAM's saved values, so the restore costs
-/// no pass of its own) and GSAM's `g0` when the gradient is mixed.
+/// no pass of its own), GSAM's `g0` when the gradient is mixed, and the parameter's group.
 pub struct UpdateLanes<'a, T, const N: usize> {
     pub param: &'a mut [T],
     pub grad: &'a [T],
     pub slots: [&'a mut [T]; N],
     pub start: Option<&'a [T]>,
     pub grad0: Option<&'a [T]>,
+    pub group: u32,
 }
 
 impl<T, const N: usize> Split for UpdateLanes<'_, T, N> {
@@ -123,6 +124,7 @@ impl<T, const N: usize> Split for UpdateLanes<'_, T, N> {
         let (slots, slots_tail) = Split::split_at(self.slots, mid);
         let (start, start_tail) = Split::split_at(self.start, mid);
         let (grad0, grad0_tail) = Split::split_at(self.grad0, mid);
+        let group = self.group;
         (
             UpdateLanes {
                 param,
@@ -130,6 +132,7 @@ impl<T, const N: usize> Split for UpdateLanes<'_, T, N> {
                 slots,
                 start,
                 grad0,
+                group,
             },
             UpdateLanes {
                 param: param_tail,
@@ -137,6 +140,7 @@ impl<T, const N: usize> Split for UpdateLanes<'_, T, N> {
                 slots: slots_tail,
                 start: start_tail,
                 grad0: grad0_tail,
+                group,
             },
         )
     }
@@ -148,30 +152,48 @@ impl<T: Send + Sync, const N: usize> Lanes for UpdateLanes<'_, T, N> {
     }
 }
 
-/// One step of the base optimizer `spec` over one piece, with the gradient `plan` says.
+/// A base optimizer's step for one parameter group: the spec's scalars and the L2 penalty
+/// `g ← g + l2·p` added to the (clipped, mixed) gradient, with the step's start value.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupStep<U> {
+    pub spec: U,
+    pub l2: f64,
+}
+
+/// One step of the base optimizer over one piece, with the gradient `plan` says and the
+/// spec of the piece's group.
 pub fn update<T: Real, U: Update<T, N>, const N: usize>(
     lanes: UpdateLanes<'_, T, N>,
-    spec: &U,
+    groups: &[GroupStep<U>],
     plan: GradientPlan,
 ) {
-    widest!(update_body(lanes, spec, plan))
+    widest!(update_body(lanes, groups, plan))
 }
 
 kernel_body!(update_body[T: Real, U: Update<T, N>, const N: usize](
     lanes: UpdateLanes<'_, T, N>,
-    spec: &U,
+    groups: &[GroupStep<U>],
     plan: GradientPlan
 ) {
-    let UpdateLanes { param, grad, slots, start, grad0 } = lanes;
+    let UpdateLanes { param, grad, slots, start, grad0, group } = lanes;
+    let GroupStep { spec, l2 } = &groups[group as usize];
     let n = param.len();
     let grad = &grad[..n];
     let grad0 = grad0.map_or(grad, |s| &s[..n]);
     // With neither clipping nor a mix the gradient is `g` itself (exactly, for the finite
     // values an update is given): skip the eight operations per element.
-    if plan == GradientPlan::PLAIN {
-        update_loop(param, slots, start, |i| grad[i].to_f64(), spec);
-    } else {
-        update_loop(param, slots, start, |i| plan.gradient(grad[i], grad0[i]), spec);
+    match (plan == GradientPlan::PLAIN, *l2 == 0.0) {
+        (true, true) => update_loop(param, slots, start, |i, _| grad[i].to_f64(), spec),
+        (false, true) => {
+            update_loop(param, slots, start, |i, _| plan.gradient(grad[i], grad0[i]), spec)
+        }
+        (_, false) => update_loop(
+            param,
+            slots,
+            start,
+            |i, p0: T| plan.gradient(grad[i], grad0[i]) + l2 * p0.to_f64(),
+            spec,
+        ),
     }
 });
 
@@ -181,7 +203,7 @@ fn update_loop<T: Real, U: Update<T, N>, const N: usize>(
     param: &mut [T],
     slots: [&mut [T]; N],
     start: Option<&[T]>,
-    gradient: impl Fn(usize) -> f64,
+    gradient: impl Fn(usize, T) -> f64,
     spec: &U,
 ) {
     let n = param.len();
@@ -190,12 +212,14 @@ fn update_loop<T: Real, U: Update<T, N>, const N: usize>(
         Some(start) => {
             let start = &start[..n];
             for i in 0..n {
-                param[i] = element_at(spec, start[i], gradient(i), &mut slots, i);
+                let p0 = start[i];
+                param[i] = element_at(spec, p0, gradient(i, p0), &mut slots, i);
             }
         }
         None => {
             for i in 0..n {
-                param[i] = element_at(spec, param[i], gradient(i), &mut slots, i);
+                let p0 = param[i];
+                param[i] = element_at(spec, p0, gradient(i, p0), &mut slots, i);
             }
         }
     }
@@ -230,28 +254,32 @@ pub fn mix_into<T: Real>((out, g, g0): MixLanes<'_, T>, mix: Mix) {
 }
 
 /// Parameter, gradient, the buffer that receives the parameter's value before the move,
-/// and (GSAM) a buffer that keeps the gradient.
-pub type PerturbLanes<'a, T> = (&'a mut [T], &'a [T], &'a mut [T], Option<&'a mut [T]>);
+/// (GSAM) a buffer that keeps the gradient, and the parameter's group.
+pub type PerturbLanes<'a, T> = (&'a mut [T], &'a [T], &'a mut [T], Option<&'a mut [T]>, u32);
 
-/// SAM's ascent `e`: plain `ρ·g/n`, or adaptive `ρ·T²⊙g/n` with `T = |p| + eta`.
+/// SAM's ascent `e` for one group: plain `ρ·g/n`, adaptive `ρ·T²⊙g/n` with
+/// `T = |p| + eta`, or none (a group left out of the perturbation).
 #[derive(Clone, Copy, Debug)]
 pub enum Ascent {
     /// `ρ/n`.
     Plain { scale: WideFactor },
     /// `ρ/n` and eta.
     Adaptive { scale: WideFactor, eta: f64 },
+    /// The parameter stays where it is (its value is still saved, for the restore).
+    Keep,
 }
 
-/// `saved ← p ; p ← p + e` (and `kept ← g`).
-pub fn perturb<T: Real>(lanes: PerturbLanes<'_, T>, ascent: &Ascent) {
-    widest!(perturb_body(lanes, ascent))
+/// `saved ← p ; p ← p + e` (and `kept ← g`), with the ascent of the piece's group.
+pub fn perturb<T: Real>(lanes: PerturbLanes<'_, T>, ascents: &[Ascent]) {
+    widest!(perturb_body(lanes, ascents))
 }
 
-kernel_body!(perturb_body[T: Real](lanes: PerturbLanes<'_, T>, ascent: &Ascent) {
-    let (p, g, saved, kept) = lanes;
+kernel_body!(perturb_body[T: Real](lanes: PerturbLanes<'_, T>, ascents: &[Ascent]) {
+    let (p, g, saved, kept, group) = lanes;
     let n = p.len();
     let (g, saved) = (&g[..n], &mut saved[..n]);
-    match *ascent {
+    match ascents[group as usize] {
+        Ascent::Keep => saved.copy_from_slice(p),
         Ascent::Plain { scale } => {
             for i in 0..n {
                 saved[i] = p[i];
@@ -281,6 +309,24 @@ pub fn copy<T: Copy>((dst, src): CopyLanes<'_, T>) {
     dst.copy_from_slice(&src[..dst.len()]);
 }
 
+/// `dst ← dst + a·src`, computed in f64 and rounded once: gradient accumulation.
+pub fn axpy<T: Real>((dst, src): CopyLanes<'_, T>, a: f64) {
+    let n = dst.len();
+    let src = &src[..n];
+    for i in 0..n {
+        dst[i] = T::from_f64(dst[i].to_f64() + a * src[i].to_f64());
+    }
+}
+
+/// `dst ← a·src`, computed in f64 and rounded once.
+pub fn scale<T: Real>((dst, src): CopyLanes<'_, T>, a: f64) {
+    let n = dst.len();
+    let src = &src[..n];
+    for i in 0..n {
+        dst[i] = T::from_f64(a * src[i].to_f64());
+    }
+}
+
 /// A parameter, the buffer that keeps its current values and the values it receives.
 pub type RestoreKeepingLanes<'a, T> = (&'a mut [T], &'a mut [T], &'a [T]);
 
@@ -304,7 +350,69 @@ mod tests {
         beta2: 0.999,
         epsilon: 1e-8,
         weight_decay: 0.0,
+        nesterov: false,
     };
+
+    fn step<U>(spec: U) -> GroupStep<U> {
+        GroupStep { spec, l2: 0.0 }
+    }
+
+    #[test]
+    fn l2_adds_the_penalty_of_the_start_value_per_group() {
+        let mut p = [1.0f64, 1.0];
+        let g = [0.5f64, 0.5];
+        let mut vel = [0.0f64, 0.0];
+        let saved = [2.0f64, 2.0];
+        let sgd = Sgd::at_step(
+            &Hyper {
+                momentum: 0.0,
+                ..HYPER
+            },
+            1,
+        );
+        let groups = [
+            step(sgd),
+            GroupStep {
+                spec: sgd,
+                l2: 0.25,
+            },
+        ];
+        let (head, tail) = UpdateLanes {
+            param: &mut p,
+            grad: &g,
+            slots: [&mut vel],
+            start: Some(&saved),
+            grad0: None,
+            group: 1,
+        }
+        .split_at(1);
+        update(head, &groups, GradientPlan::PLAIN);
+        update(
+            UpdateLanes { group: 0, ..tail },
+            &groups,
+            GradientPlan::PLAIN,
+        );
+        // Group 1: g + 0.25·2 = 1; group 0: g.
+        assert_eq!(p, [2.0 - 0.1 * 1.0, 2.0 - 0.1 * 0.5]);
+    }
+
+    #[test]
+    fn a_kept_group_is_saved_and_not_moved() {
+        let mut p = [-0.0f32, 3.0];
+        let g = [1.0f32, 1.0];
+        let mut saved = [9.0f32; 2];
+        perturb(
+            (&mut p, &g, &mut saved, None, 1),
+            &[
+                Ascent::Plain {
+                    scale: WideFactor::ONE,
+                },
+                Ascent::Keep,
+            ],
+        );
+        assert_eq!(p.map(f32::to_bits), [(-0.0f32).to_bits(), 3.0f32.to_bits()]);
+        assert_eq!(saved, p);
+    }
 
     #[test]
     fn update_starts_from_saved_values_and_clips() {
@@ -318,12 +426,13 @@ mod tests {
             slots: [&mut vel],
             start: Some(&saved),
             grad0: None,
+            group: 0,
         };
         let plan = GradientPlan {
             mix: Mix::PLAIN,
             clip: Clip::value(1.0),
         };
-        update(lanes, &Sgd::at_step(&HYPER, 1), plan);
+        update(lanes, &[step(Sgd::at_step(&HYPER, 1))], plan);
         let v0 = 0.9 * 0.1 + 0.1 * 0.5;
         let v1 = 0.1 * 1.0;
         assert_eq!(vel, [v0, v1]);
@@ -343,11 +452,12 @@ mod tests {
             slots: [&mut m, &mut v],
             start: None,
             grad0: None,
+            group: 0,
         };
         // Cut in two, as the scheduler does: each element is updated alike.
         let (head, tail) = Split::split_at(lanes, 337);
-        update(head, &adam, GradientPlan::PLAIN);
-        update(tail, &adam, GradientPlan::PLAIN);
+        update(head, &[step(adam)], GradientPlan::PLAIN);
+        update(tail, &[step(adam)], GradientPlan::PLAIN);
         for i in 0..n {
             let mut s = [0.01f32, 0.02f32];
             let expected = adam.element(p0[i], f64::from(g[i]), &mut s);
@@ -378,12 +488,13 @@ mod tests {
             slots: [&mut vel],
             start: None,
             grad0: Some(&g0),
+            group: 0,
         };
         let plan = GradientPlan {
             mix,
             clip: Clip::value(0.75),
         };
-        update(lanes, &plain, plan);
+        update(lanes, &[step(plain)], plan);
         // 1.5·2 − 0.5·4 = 1, clamped to 0.75.
         assert_eq!(p, [-0.75]);
     }
@@ -396,11 +507,11 @@ mod tests {
         let mut saved = vec![0.0f32; 101];
         let mut kept = vec![0.0f32; 101];
         perturb(
-            (&mut p, &g, &mut saved, Some(&mut kept)),
-            &Ascent::Adaptive {
+            (&mut p, &g, &mut saved, Some(&mut kept), 0),
+            &[Ascent::Adaptive {
                 scale: WideFactor::ratio(0.05, 1.0),
                 eta: 0.01,
-            },
+            }],
         );
         assert_ne!(p, original);
         assert_eq!(kept, g);

@@ -8,9 +8,9 @@
 use crate::float::{pow2, Norm, Real, WideFactor};
 use crate::parallel::{max_of, ordered_sum, ByDtype};
 
-/// One array's streams for a norm: the gradient and, for adaptive SAM, its parameter
-/// (weighting each element by `|p| + eta`).
-pub type NormLanes<'a, T> = (&'a [T], Option<&'a [T]>);
+/// One array's streams for a norm: the gradient and, for adaptive SAM, its parameter and
+/// the group's eta (weighting each element by `|p| + eta`).
+pub type NormLanes<'a, T> = (&'a [T], Option<(&'a [T], f64)>);
 pub type NormItem<'a> = ByDtype<NormLanes<'a, f32>, NormLanes<'a, f64>>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,18 +24,18 @@ pub enum NormError {
 /// Below this, squares of the elements may have underflowed enough to matter.
 const SMALLEST_SAFE_SUM: f64 = 1.0e-270;
 
-/// `‖w⊙g‖₂` over all items, with `w = |p| + eta` where an item carries its parameter and
-/// `w = 1` where it does not.
-pub fn global_norm(items: &[NormItem<'_>], eta: f64) -> Result<f64, NormError> {
-    global_norm_parts(items, eta).map(Norm::value)
+/// `‖w⊙g‖₂` over all items, with `w = |p| + eta` where an item carries its parameter (and
+/// its eta) and `w = 1` where it does not.
+pub fn global_norm(items: &[NormItem<'_>]) -> Result<f64, NormError> {
+    global_norm_parts(items).map(Norm::value)
 }
 
 /// `global_norm` as a `Norm`.
-pub fn global_norm_parts(items: &[NormItem<'_>], eta: f64) -> Result<Norm, NormError> {
+pub fn global_norm_parts(items: &[NormItem<'_>]) -> Result<Norm, NormError> {
     let unit = Pow2Scale::ONE;
     let sum = ordered_sum(items.iter().copied(), |piece| match piece {
-        ByDtype::Single(lanes) => weighted_sum_squares(lanes, eta, unit, unit),
-        ByDtype::Double(lanes) => weighted_sum_squares(lanes, eta, unit, unit),
+        ByDtype::Single(lanes) => weighted_sum_squares(lanes, unit, unit),
+        ByDtype::Double(lanes) => weighted_sum_squares(lanes, unit, unit),
     });
     if sum.is_finite() && sum >= SMALLEST_SAFE_SUM {
         return Ok(Norm {
@@ -48,7 +48,7 @@ pub fn global_norm_parts(items: &[NormItem<'_>], eta: f64) -> Result<Norm, NormE
             return Err(error);
         }
     }
-    Ok(rescaled_norm(items, eta))
+    Ok(rescaled_norm(items))
 }
 
 /// Fails on the first item with a non-finite gradient. One read pass: a finite sum of
@@ -56,8 +56,8 @@ pub fn global_norm_parts(items: &[NormItem<'_>], eta: f64) -> Result<Norm, NormE
 pub fn check_finite(items: &[NormItem<'_>]) -> Result<(), NormError> {
     let unit = Pow2Scale::ONE;
     let sum = ordered_sum(items.iter().copied(), |piece| match piece {
-        ByDtype::Single(lanes) => weighted_sum_squares(lanes, 0.0, unit, unit),
-        ByDtype::Double(lanes) => weighted_sum_squares(lanes, 0.0, unit, unit),
+        ByDtype::Single(lanes) => weighted_sum_squares(lanes, unit, unit),
+        ByDtype::Double(lanes) => weighted_sum_squares(lanes, unit, unit),
     });
     match sum.is_finite() {
         true => Ok(()),
@@ -108,7 +108,7 @@ fn first_non_finite(items: &[NormItem<'_>]) -> Option<NormError> {
             return Some(NormError::NonFiniteGradient(index));
         }
         match p {
-            Some(p) if !p.iter().all(|x| x.to_f64().is_finite()) => {
+            Some((p, _)) if !p.iter().all(|x| x.to_f64().is_finite()) => {
                 Some(NormError::NonFiniteParameter(index))
             }
             _ => None,
@@ -123,14 +123,14 @@ fn first_non_finite(items: &[NormItem<'_>]) -> Option<NormError> {
         })
 }
 
-fn rescaled_norm(items: &[NormItem<'_>], eta: f64) -> Norm {
+fn rescaled_norm(items: &[NormItem<'_>]) -> Norm {
     let max_g = max_of(items.iter().copied(), |piece| match piece {
         ByDtype::Single((g, _)) => max_abs(g),
         ByDtype::Double((g, _)) => max_abs(g),
     });
     let max_w = max_of(items.iter().copied(), |piece| match piece {
-        ByDtype::Single((g, p)) => max_weight(g.len(), p, eta),
-        ByDtype::Double((g, p)) => max_weight(g.len(), p, eta),
+        ByDtype::Single((g, p)) => max_weight(g.len(), p),
+        ByDtype::Double((g, p)) => max_weight(g.len(), p),
     });
     if max_g == 0.0 || max_w == 0.0 {
         return Norm {
@@ -140,8 +140,8 @@ fn rescaled_norm(items: &[NormItem<'_>], eta: f64) -> Norm {
     }
     let (scale_g, scale_w) = (Pow2Scale::normalising(max_g), Pow2Scale::normalising(max_w));
     let sum = ordered_sum(items.iter().copied(), |piece| match piece {
-        ByDtype::Single(lanes) => weighted_sum_squares(lanes, eta, scale_g, scale_w),
-        ByDtype::Double(lanes) => weighted_sum_squares(lanes, eta, scale_g, scale_w),
+        ByDtype::Single(lanes) => weighted_sum_squares(lanes, scale_g, scale_w),
+        ByDtype::Double(lanes) => weighted_sum_squares(lanes, scale_g, scale_w),
     });
     Norm {
         mantissa: sum.sqrt(),
@@ -153,9 +153,9 @@ fn max_abs<T: Real>(g: &[T]) -> f64 {
     g.iter().fold(0.0, |m, x| m.max(x.to_f64().abs()))
 }
 
-fn max_weight<T: Real>(len: usize, p: Option<&[T]>, eta: f64) -> f64 {
+fn max_weight<T: Real>(len: usize, p: Option<(&[T], f64)>) -> f64 {
     match p {
-        Some(p) => p.iter().fold(0.0, |m, x| m.max(x.to_f64().abs() + eta)),
+        Some((p, eta)) => p.iter().fold(0.0, |m, x| m.max(x.to_f64().abs() + eta)),
         None if len > 0 => 1.0,
         None => 0.0,
     }
@@ -203,16 +203,14 @@ const HALF: usize = LANES / 2;
 /// pipelines; the grouping is fixed, so the result is too.
 fn weighted_sum_squares<T: Real>(
     lanes: NormLanes<'_, T>,
-    eta: f64,
     scale_g: Pow2Scale,
     scale_w: Pow2Scale,
 ) -> f64 {
-    widest!(sum_squares_body(lanes, eta, scale_g, scale_w))
+    widest!(sum_squares_body(lanes, scale_g, scale_w))
 }
 
 kernel_body!(sum_squares_body[T: Real](
     lanes: NormLanes<'_, T>,
-    eta: f64,
     scale_g: Pow2Scale,
     scale_w: Pow2Scale
 ) -> f64 {
@@ -223,7 +221,7 @@ kernel_body!(sum_squares_body[T: Real](
         // square and the sum).
         None if scale_g == Pow2Scale::ONE => sums.add_squares(g, g, |gi, _| gi),
         None => sums.add_squares(g, g, |gi, _| scale_g.apply(gi)),
-        Some(p) => sums.add_squares(g, &p[..g.len()], |gi, pi| {
+        Some((p, eta)) => sums.add_squares(g, &p[..g.len()], |gi, pi| {
             scale_w.apply(pi.abs() + eta) * scale_g.apply(gi)
         }),
     }
@@ -298,23 +296,23 @@ mod tests {
     #[test]
     fn huge_and_tiny_values_do_not_overflow_or_underflow() {
         let huge = [1e200, 1e200];
-        let n = global_norm(&[plain(&huge)], 0.0).unwrap();
+        let n = global_norm(&[plain(&huge)]).unwrap();
         assert!((n / (2f64.sqrt() * 1e200) - 1.0).abs() < 1e-15, "{n}");
         let tiny = [1e-200];
-        let n = global_norm(&[plain(&tiny)], 0.0).unwrap();
+        let n = global_norm(&[plain(&tiny)]).unwrap();
         assert!((n / 1e-200 - 1.0).abs() < 1e-15, "{n}");
         let subnormal = [f64::from_bits(1), f64::from_bits(1)];
-        let n = global_norm(&[plain(&subnormal)], 0.0).unwrap();
+        let n = global_norm(&[plain(&subnormal)]).unwrap();
         assert_eq!(n, f64::from_bits(1) * 2f64.sqrt());
         let largest = [f64::MAX];
-        assert_eq!(global_norm(&[plain(&largest)], 0.0).unwrap(), f64::MAX);
+        assert_eq!(global_norm(&[plain(&largest)]).unwrap(), f64::MAX);
     }
 
     #[test]
     fn zero_and_empty_give_zero() {
-        assert_eq!(global_norm(&[], 0.0).unwrap(), 0.0);
+        assert_eq!(global_norm(&[]).unwrap(), 0.0);
         let zeros = [0.0; 9];
-        assert_eq!(global_norm(&[plain(&zeros), plain(&[])], 0.0).unwrap(), 0.0);
+        assert_eq!(global_norm(&[plain(&zeros), plain(&[])]).unwrap(), 0.0);
     }
 
     #[test]
@@ -323,10 +321,7 @@ mod tests {
         let bad = [1.0, f64::NAN];
         let inf = [f64::INFINITY];
         let items = [plain(&good), plain(&inf), plain(&bad)];
-        assert_eq!(
-            global_norm(&items, 0.0),
-            Err(NormError::NonFiniteGradient(1))
-        );
+        assert_eq!(global_norm(&items), Err(NormError::NonFiniteGradient(1)));
         assert!(any_nan(&items));
         assert!(!any_nan(&items[..2]));
     }
@@ -338,16 +333,16 @@ mod tests {
         let p64 = [-1.0f64, 7.0];
         let items = [
             ByDtype::Single((&g32[..], None)),
-            ByDtype::Double((&g64[..], Some(&p64[..]))),
+            ByDtype::Double((&g64[..], Some((&p64[..], 0.5)))),
         ];
         // weights: 1 for the f32 array; |-1|+0.5 and |7|+0.5 for the f64 one.
-        let n = global_norm(&items, 0.5).unwrap();
+        let n = global_norm(&items).unwrap();
         assert_eq!(n, (9.0f64 + 36.0).sqrt());
-        let items = [ByDtype::Double((&g64[..], Some(&[f64::INFINITY, 1.0][..])))];
-        assert_eq!(
-            global_norm(&items, 0.0),
-            Err(NormError::NonFiniteParameter(0))
-        );
+        let items = [ByDtype::Double((
+            &g64[..],
+            Some((&[f64::INFINITY, 1.0][..], 0.0)),
+        ))];
+        assert_eq!(global_norm(&items), Err(NormError::NonFiniteParameter(0)));
     }
 
     #[test]
@@ -369,13 +364,13 @@ mod tests {
             .map(|i| ((i * 7919) % 1000) as f64 * 1e-3)
             .collect();
         let items = [plain(&g)];
-        let reference = global_norm(&items, 0.0).unwrap();
+        let reference = global_norm(&items).unwrap();
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            let n = pool.install(|| global_norm(&items, 0.0).unwrap());
+            let n = pool.install(|| global_norm(&items).unwrap());
             assert_eq!(n.to_bits(), reference.to_bits());
         }
         let exact: f64 = g.iter().map(|x| x * x).sum::<f64>().sqrt();

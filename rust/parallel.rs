@@ -54,6 +54,18 @@ impl<A: Split> Split for Option<A> {
     }
 }
 
+/// A per-array constant (a group's index, a weight) travels whole with every piece.
+macro_rules! constant_lanes {
+    ($($t:ty),*) => {$(
+        impl Split for $t {
+            fn split_at(self, _: usize) -> (Self, Self) {
+                (self, self)
+            }
+        }
+    )*};
+}
+constant_lanes!(u32, f64);
+
 impl<A: Split, const N: usize> Split for [A; N] {
     fn split_at(self, mid: usize) -> (Self, Self) {
         let mut tails: [Option<A>; N] = std::array::from_fn(|_| None);

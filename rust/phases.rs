@@ -5,8 +5,8 @@
 
 use crate::float::WideFactor;
 use crate::kernels::{
-    self, Ascent, Clip, CopyLanes, GradientPlan, Mix, MixLanes, PerturbLanes, RestoreKeepingLanes,
-    UpdateLanes,
+    self, Ascent, Clip, CopyLanes, GradientPlan, GroupStep, Mix, MixLanes, PerturbLanes,
+    RestoreKeepingLanes, UpdateLanes,
 };
 use crate::norm::{self, DotItem, NormError, NormItem};
 use crate::parallel::{for_each, ByDtype};
@@ -83,7 +83,7 @@ fn plan_mix<S: WithGradient<f32>, D: WithGradient<f64>>(
     gsam: GsamInputs,
 ) -> Result<(Mix, f64), NormError> {
     let n0 = gsam.grad0_norm;
-    let n1 = norm::global_norm_parts(&gradient_items(items), 0.0)?;
+    let n1 = norm::global_norm_parts(&gradient_items(items))?;
     let cos = if n0 > 0.0 && n1.mantissa > 0.0 {
         let pairs: Vec<DotItem<'_>> = items
             .iter()
@@ -110,7 +110,7 @@ fn plan_update<S: WithGradient<f32>, D: WithGradient<f64>>(
 ) -> Result<GradientPlan, NormError> {
     let (mix, norm) = match (gsam, clipping) {
         (Some(gsam), _) => plan_mix(items, gsam)?,
-        (None, Clipping::Norm(_)) => (Mix::PLAIN, norm::global_norm(&gradient_items(items), 0.0)?),
+        (None, Clipping::Norm(_)) => (Mix::PLAIN, norm::global_norm(&gradient_items(items))?),
         (None, _) => {
             norm::check_finite(&gradient_items(items))?;
             (Mix::PLAIN, f64::NAN)
@@ -124,62 +124,111 @@ fn plan_update<S: WithGradient<f32>, D: WithGradient<f64>>(
     Ok(GradientPlan { mix, clip })
 }
 
-/// One step of the base optimizer `spec` over every item.
+/// One step of the base optimizer over every item, each with its group's spec. Clipping
+/// and GSAM's mix are global: the norms they need run over every item.
 pub fn base_step<S: Spec<N>, const N: usize>(
     items: Vec<UpdateItem<'_, N>>,
-    spec: S,
+    groups: &[GroupStep<S>],
     clipping: Clipping,
     gsam: Option<GsamInputs>,
 ) -> Result<(), NormError> {
     let plan = plan_update(&items, clipping, gsam)?;
     for_each(items, |piece| match piece {
-        ByDtype::Single(lanes) => kernels::update(lanes, &spec, plan),
-        ByDtype::Double(lanes) => kernels::update(lanes, &spec, plan),
+        ByDtype::Single(lanes) => kernels::update(lanes, groups, plan),
+        ByDtype::Double(lanes) => kernels::update(lanes, groups, plan),
     });
     Ok(())
 }
 
-/// SAM's ascent as the optimizer is configured.
+/// SAM's ascent for one parameter group (davda54/sam's groups): its radius, whether it is
+/// adaptive and with which eta, and whether it is perturbed at all.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AscentInputs {
+pub struct AscentGroup {
     pub rho: f64,
-    pub eps: f64,
     pub adaptive: bool,
     pub eta: f64,
+    pub perturb: bool,
 }
 
-/// SAM's first phase: `n = ‖g‖` (adaptive: `‖T⊙g‖`), then `saved ← p ; p ← p + ρ·g/(n +
-/// eps)` (adaptive: `ρ·T²⊙g/(n + eps)`), keeping `g` where the lanes have room for it.
-/// Returns `n`; when it is zero nothing is written.
-pub fn perturb(items: Vec<PerturbItem<'_>>, inputs: AscentInputs) -> Result<f64, NormError> {
-    let adaptive = inputs.adaptive;
-    let weighted: Vec<NormItem<'_>> = items
-        .iter()
-        .map(|item| match item {
-            ByDtype::Single(l) => ByDtype::Single((l.1, adaptive.then_some(&*l.0))),
-            ByDtype::Double(l) => ByDtype::Double((l.1, adaptive.then_some(&*l.0))),
-        })
-        .collect();
-    let parts = norm::global_norm_parts(&weighted, inputs.eta)?;
+fn ascent_group<'g>(item: &PerturbItem<'_>, groups: &'g [AscentGroup]) -> &'g AscentGroup {
+    match item {
+        ByDtype::Single(l) => &groups[l.4 as usize],
+        ByDtype::Double(l) => &groups[l.4 as usize],
+    }
+}
+
+/// A perturbation item's streams for a norm: its gradient, weighted by its parameter when
+/// its group is adaptive (and `weighted`).
+fn norm_lanes<'a>(
+    item: &'a PerturbItem<'_>,
+    groups: &[AscentGroup],
+    weighted: bool,
+) -> NormItem<'a> {
+    let group = ascent_group(item, groups);
+    let adaptive = weighted && group.adaptive;
+    match item {
+        ByDtype::Single(l) => ByDtype::Single((l.1, adaptive.then_some((&*l.0, group.eta)))),
+        ByDtype::Double(l) => ByDtype::Double((l.1, adaptive.then_some((&*l.0, group.eta)))),
+    }
+}
+
+/// An error about item `i` of a selection, renumbered as the selection's `indices[i]`.
+fn renumber(error: NormError, indices: &[usize]) -> NormError {
+    match error {
+        NormError::NonFiniteGradient(i) => NormError::NonFiniteGradient(indices[i]),
+        NormError::NonFiniteParameter(i) => NormError::NonFiniteParameter(indices[i]),
+    }
+}
+
+/// SAM's first phase: `n = ‖g‖` over the perturbed groups (adaptive groups weighted,
+/// `‖T⊙g‖`), then `saved ← p ; p ← p + ρ·g/(n + eps)` (adaptive: `ρ·T²⊙g/(n + eps)`) with
+/// each group's `ρ`, keeping `g` where the lanes have room for it. Groups left out of the
+/// perturbation are only saved. Returns `n`; when it is zero nothing is written.
+pub fn perturb(
+    items: Vec<PerturbItem<'_>>,
+    groups: &[AscentGroup],
+    eps: f64,
+) -> Result<f64, NormError> {
+    // The norm runs over the perturbed groups; the gradients of the others must be finite
+    // all the same (GSAM keeps them, and a step with them must not be taken).
+    let (perturbed, left_out): (Vec<usize>, Vec<usize>) =
+        (0..items.len()).partition(|&i| ascent_group(&items[i], groups).perturb);
+    let pick = |indices: &[usize], weighted: bool| -> Vec<NormItem<'_>> {
+        let lanes = |&i: &usize| norm_lanes(&items[i], groups, weighted);
+        indices.iter().map(lanes).collect()
+    };
+    let parts = norm::global_norm_parts(&pick(&perturbed, true))
+        .map_err(|error| renumber(error, &perturbed))?;
+    if !left_out.is_empty() {
+        norm::check_finite(&pick(&left_out, false)).map_err(|error| renumber(error, &left_out))?;
+    }
     let norm = parts.value();
     if parts.mantissa == 0.0 {
         return Ok(0.0);
     }
-    let scale = if inputs.eps > 0.0 {
-        WideFactor::ratio(inputs.rho, norm + inputs.eps)
-    } else {
-        WideFactor::ratio_scaled(inputs.rho, parts)
+    let scale = |rho: f64| {
+        if eps > 0.0 {
+            WideFactor::ratio(rho, norm + eps)
+        } else {
+            WideFactor::ratio_scaled(rho, parts)
+        }
     };
-    let ascent = match adaptive {
-        true => Ascent::Adaptive {
-            scale,
-            eta: inputs.eta,
-        },
-        false => Ascent::Plain { scale },
-    };
+    let ascents: Vec<Ascent> = groups
+        .iter()
+        .map(|g| match (g.perturb, g.adaptive) {
+            (false, _) => Ascent::Keep,
+            (true, true) => Ascent::Adaptive {
+                scale: scale(g.rho),
+                eta: g.eta,
+            },
+            (true, false) => Ascent::Plain {
+                scale: scale(g.rho),
+            },
+        })
+        .collect();
     for_each(items, |piece| match piece {
-        ByDtype::Single(lanes) => kernels::perturb(lanes, &ascent),
-        ByDtype::Double(lanes) => kernels::perturb(lanes, &ascent),
+        ByDtype::Single(lanes) => kernels::perturb(lanes, &ascents),
+        ByDtype::Double(lanes) => kernels::perturb(lanes, &ascents),
     });
     Ok(norm)
 }
@@ -189,6 +238,40 @@ pub fn copy(items: Vec<CopyItem<'_>>) {
     for_each(items, |piece| match piece {
         ByDtype::Single(lanes) => kernels::copy(lanes),
         ByDtype::Double(lanes) => kernels::copy(lanes),
+    });
+}
+
+/// Gradient accumulation: `dst ← dst + a·src` over every item, once every `src` is
+/// checked finite.
+pub fn accumulate(items: Vec<CopyItem<'_>>, a: f64) -> Result<(), NormError> {
+    let sources: Vec<NormItem<'_>> = items
+        .iter()
+        .map(|item| match item {
+            ByDtype::Single((_, src)) => ByDtype::Single((*src, None)),
+            ByDtype::Double((_, src)) => ByDtype::Double((*src, None)),
+        })
+        .collect();
+    norm::check_finite(&sources)?;
+    for_each(items, |piece| match piece {
+        ByDtype::Single(lanes) => kernels::axpy(lanes, a),
+        ByDtype::Double(lanes) => kernels::axpy(lanes, a),
+    });
+    Ok(())
+}
+
+/// `dst ← a·src` for every item.
+pub fn scale(items: Vec<CopyItem<'_>>, a: f64) {
+    for_each(items, |piece| match piece {
+        ByDtype::Single(lanes) => kernels::scale(lanes, a),
+        ByDtype::Double(lanes) => kernels::scale(lanes, a),
+    });
+}
+
+/// Every item set to zero.
+pub fn zero(items: Vec<ByDtype<&mut [f32], &mut [f64]>>) {
+    for_each(items, |piece| match piece {
+        ByDtype::Single(values) => values.fill(0.0),
+        ByDtype::Double(values) => values.fill(0.0),
     });
 }
 
@@ -213,7 +296,7 @@ pub fn gsam_direction(items: Vec<MixItem<'_>>, gsam: GsamInputs) -> Result<(), N
 /// `compute_gradient_norm`: the global L2 norm, NaN if any element is NaN, infinity if any
 /// is infinite.
 pub fn gradient_norm(items: &[NormItem<'_>]) -> f64 {
-    match norm::global_norm(items, 0.0) {
+    match norm::global_norm(items) {
         Ok(norm) => norm,
         Err(_) if norm::any_nan(items) => f64::NAN,
         Err(_) => f64::INFINITY,

@@ -12,7 +12,8 @@ pub trait Update<T: Real, const N: usize>: Copy + Send + Sync {
     fn element(&self, p0: T, g: f64, s: &mut [T; N]) -> T;
 }
 
-/// The hyperparameters of `OptimizerConfig` that the updates read.
+/// The hyperparameters of `OptimizerConfig` that the updates read (one set per parameter
+/// group).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Hyper {
     pub lr: f64,
@@ -21,6 +22,7 @@ pub struct Hyper {
     pub beta2: f64,
     pub epsilon: f64,
     pub weight_decay: f64,
+    pub nesterov: bool,
 }
 
 /// A base optimizer with `N` state slots per parameter.
@@ -29,13 +31,20 @@ pub trait Spec<const N: usize>: Update<f32, N> + Update<f64, N> {
     const SLOTS: [&'static str; N];
     /// The scalars of step `t` (the first step is 1).
     fn at_step(hyper: &Hyper, t: u64) -> Self;
+    /// The L2 penalty added to the (clipped) gradient, `g ← g + wd·p` (PyTorch's SGD and
+    /// Adam); optimizers that decay the weights otherwise return 0.
+    fn l2(hyper: &Hyper) -> f64 {
+        hyper.weight_decay
+    }
 }
 
-/// SGD with momentum, the crate's form: `v ← μ·v + lr·g ; p ← p − v`.
+/// SGD with momentum, the crate's form: `v ← μ·v + lr·g ; p ← p − v`; with Nesterov
+/// momentum (PyTorch's `nesterov=True` in this form) `p ← p − (lr·g + μ·v)`.
 #[derive(Clone, Copy, Debug)]
 pub struct Sgd {
     lr: f64,
     momentum: f64,
+    nesterov: bool,
 }
 
 impl Spec<1> for Sgd {
@@ -44,6 +53,7 @@ impl Spec<1> for Sgd {
         Sgd {
             lr: hyper.lr,
             momentum: hyper.momentum,
+            nesterov: hyper.nesterov,
         }
     }
 }
@@ -54,7 +64,11 @@ impl<T: Real> Update<T, 1> for Sgd {
     fn element(&self, p0: T, g: f64, [v]: &mut [T; 1]) -> T {
         let velocity = self.momentum * v.to_f64() + self.lr * g;
         *v = T::from_f64(velocity);
-        T::from_f64(p0.to_f64() - velocity)
+        let step = match self.nesterov {
+            true => self.lr * g + self.momentum * velocity,
+            false => velocity,
+        };
+        T::from_f64(p0.to_f64() - step)
     }
 }
 
@@ -88,6 +102,13 @@ impl<const DECOUPLED: bool> Spec<2> for Adam<DECOUPLED> {
             } else {
                 0.0
             },
+        }
+    }
+    fn l2(hyper: &Hyper) -> f64 {
+        if DECOUPLED {
+            0.0
+        } else {
+            hyper.weight_decay
         }
     }
 }
@@ -158,6 +179,7 @@ mod tests {
         beta2: 0.999,
         epsilon: 1e-8,
         weight_decay: 0.1,
+        nesterov: false,
     };
 
     #[test]
@@ -170,10 +192,32 @@ mod tests {
         let one = Sgd {
             lr: 1.0,
             momentum: 0.0,
+            nesterov: false,
         };
         let mut v = [0.0f32];
         let p = one.element(1.0f32, f64::from(1.0e-8f32), &mut v);
         assert_eq!(p, (1.0f64 - f64::from(1.0e-8f32)) as f32);
+    }
+
+    #[test]
+    fn nesterov_steps_with_the_gradient_and_the_new_velocity() {
+        let sgd = Sgd::at_step(
+            &Hyper {
+                nesterov: true,
+                ..HYPER
+            },
+            1,
+        );
+        let mut s = [0.5f64];
+        let p = sgd.element(2.0, 3.0, &mut s);
+        let v = 0.9 * 0.5 + 0.01 * 3.0;
+        assert_eq!(s[0], v);
+        assert_eq!(p, 2.0 - (0.01 * 3.0 + 0.9 * v));
+        assert_eq!(Sgd::l2(&HYPER), 0.1);
+        assert_eq!(
+            (Adam::<false>::l2(&HYPER), Adam::<true>::l2(&HYPER)),
+            (0.1, 0.0)
+        );
     }
 
     #[test]

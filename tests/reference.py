@@ -67,14 +67,21 @@ def clip_grads(
 
 
 class RefSGD:
-    """v <- mu*v + lr*g ; p <- p - v."""
+    """g <- g + wd*p (L2, after clipping) ; v <- mu*v + lr*g ; p <- p - v, or with Nesterov
+    momentum p <- p - (lr*g + mu*v) (PyTorch's nesterov=True written in the crate's form).
+    `groups` maps a parameter name to overrides of lr, momentum, weight_decay, nesterov."""
 
     def __init__(self, lr: float, momentum: float, clip: float | None = None,
-                 clip_mode: str = "value") -> None:
+                 clip_mode: str = "value", weight_decay: float = 0.0,
+                 nesterov: bool = False,
+                 groups: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.lr = lr
         self.momentum = momentum
         self.clip = clip
         self.clip_mode = clip_mode
+        self.weight_decay = weight_decay
+        self.nesterov = nesterov
+        self.groups = dict(groups or {})
         self.velocity: dict[str, np.ndarray] = {}
 
     def step(self, params: dict[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
@@ -82,10 +89,15 @@ class RefSGD:
             return
         g = clip_grads({k: grads[k] for k in params}, self.clip, self.clip_mode)
         for k in params:
+            h = {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                 "nesterov": self.nesterov, **self.groups.get(k, {})}
             if k not in self.velocity:
                 self.velocity[k] = np.zeros(params[k].shape)
-            self.velocity[k] = self.momentum * self.velocity[k] + self.lr * g[k]
-            params[k] = params[k] - self.velocity[k]
+            gk = g[k] + h["weight_decay"] * params[k]
+            self.velocity[k] = h["momentum"] * self.velocity[k] + h["lr"] * gk
+            step = h["lr"] * gk + h["momentum"] * self.velocity[k] if h["nesterov"] \
+                else self.velocity[k]
+            params[k] = params[k] - step
 
     def state_dict(self) -> dict[str, np.ndarray]:
         out = {"lr": np.array(self.lr)}
@@ -95,13 +107,15 @@ class RefSGD:
 
 
 class RefAdam:
-    """t <- t+1 ; lr_t = lr*sqrt(1-b2^t)/(1-b1^t) ; m <- b1*m + (1-b1)*g ;
-    v <- b2*v + (1-b2)*g^2 ; p <- p - lr_t*m/(sqrt(v)+eps)
-    and for AdamW additionally  - lr*wd*p_old."""
+    """t <- t+1 ; g <- g + wd*p (Adam's L2, after clipping) ;
+    lr_t = lr*sqrt(1-b2^t)/(1-b1^t) ; m <- b1*m + (1-b1)*g ; v <- b2*v + (1-b2)*g^2 ;
+    p <- p - lr_t*m/(sqrt(v)+eps), and for AdamW (decoupled, no L2) - lr*wd*p_old.
+    `groups` maps a parameter name to overrides of lr, beta1, beta2, eps, weight_decay."""
 
     def __init__(self, lr: float, beta1: float, beta2: float, eps: float,
                  weight_decay: float = 0.0, decoupled: bool = False,
-                 clip: float | None = None, clip_mode: str = "value") -> None:
+                 clip: float | None = None, clip_mode: str = "value",
+                 groups: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.lr = lr
         self.beta1 = beta1
         self.beta2 = beta2
@@ -110,6 +124,7 @@ class RefAdam:
         self.decoupled = decoupled
         self.clip = clip
         self.clip_mode = clip_mode
+        self.groups = dict(groups or {})
         self.t = 0
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
@@ -120,17 +135,21 @@ class RefAdam:
         g = clip_grads({k: grads[k] for k in params}, self.clip, self.clip_mode)
         self.t += 1
         t = self.t
-        lr_t = self.lr * math.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)
         for k in params:
+            h = {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
+                 "weight_decay": self.weight_decay, **self.groups.get(k, {})}
+            lr, b1, b2 = h["lr"], h["beta1"], h["beta2"]
+            lr_t = lr * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
             if k not in self.m:
                 self.m[k] = np.zeros(params[k].shape)
                 self.v[k] = np.zeros(params[k].shape)
-            self.m[k] = self.beta1 * self.m[k] + (1.0 - self.beta1) * g[k]
-            self.v[k] = self.beta2 * self.v[k] + (1.0 - self.beta2) * g[k] * g[k]
             p_old = params[k]
-            new = p_old - lr_t * self.m[k] / (np.sqrt(self.v[k]) + self.eps)
+            gk = g[k] if self.decoupled else g[k] + h["weight_decay"] * p_old
+            self.m[k] = b1 * self.m[k] + (1.0 - b1) * gk
+            self.v[k] = b2 * self.v[k] + (1.0 - b2) * gk * gk
+            new = p_old - lr_t * self.m[k] / (np.sqrt(self.v[k]) + h["eps"])
             if self.decoupled:
-                new = new - self.lr * self.weight_decay * p_old
+                new = new - lr * h["weight_decay"] * p_old
             params[k] = new
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -139,6 +158,14 @@ class RefAdam:
             out["m_" + k] = self.m[k].copy()
             out["v_" + k] = self.v[k].copy()
         return out
+
+
+def effective_weight_decay(kind: str, weight_decay: float | None) -> float:
+    """SPEC: weight_decay None is the optimizer's own default, 0 for SGD and Adam and
+    0.01 for AdamW; an explicit value is applied as it is."""
+    if weight_decay is not None:
+        return weight_decay
+    return 0.01 if kind == "adamw" else 0.0
 
 
 def RefAdamW(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -194,6 +221,36 @@ class RefSAM:
             for k, v in self.saved.items():
                 out["saved_" + k] = v.copy()
         return out
+
+
+class RefGroupedSAM(RefSAM):
+    """SAM with parameter groups, davda54/sam's way: `groups` maps a name to overrides of
+    rho, adaptive, eta and perturb. n is the norm over the perturbed names only (each
+    weighted by its own T when adaptive); each moves by its own rho*(T^2)*g/n; a name with
+    perturb False is neither moved nor counted (its value is kept, the restore is exact)."""
+
+    def __init__(self, base: Any, rho: float, adaptive: bool = False, eta: float = 0.0,
+                 groups: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        super().__init__(base, rho, adaptive, eta)
+        self.groups = dict(groups or {})
+
+    def hyper(self, name: str) -> dict[str, Any]:
+        return {"rho": self.rho, "adaptive": self.adaptive, "eta": self.eta, "perturb": True,
+                **self.groups.get(name, {})}
+
+    def first_step(self, params: dict[str, np.ndarray],
+                   grads: Mapping[str, np.ndarray]) -> None:
+        assert self.saved is None
+        h = {k: self.hyper(k) for k in params}
+        moved = [k for k in params if h[k]["perturb"]]
+        scale = {k: (np.abs(params[k]) + h[k]["eta"]) if h[k]["adaptive"] else 1.0
+                 for k in moved}
+        n = global_norm({k: scale[k] * grads[k] for k in moved})
+        if n == 0.0:
+            return
+        self.saved = {k: params[k].copy() for k in params}
+        for k in moved:
+            params[k] = params[k] + h[k]["rho"] * scale[k] * scale[k] * grads[k] / n
 
 
 # --------------------------------------------------------------------------------------

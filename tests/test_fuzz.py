@@ -272,10 +272,12 @@ class World:
         base: Any
         if base_kind == "sgd":
             base = SgdOptimizer(config)
-            self.ref_base: Any = R.RefSGD(cfg["lr"], cfg["momentum"], cfg["clip"], mode)
+            self.ref_base: Any = R.RefSGD(cfg["lr"], cfg["momentum"], cfg["clip"], mode,
+                                         weight_decay=cfg["wd"] or 0.0)
         elif base_kind == "adam":
             base = AdamOptimizer(config)
             self.ref_base = R.RefAdam(cfg["lr"], cfg["beta1"], cfg["beta2"], cfg["eps"],
+                                      weight_decay=cfg["wd"] or 0.0,
                                       clip=cfg["clip"], clip_mode=mode)
         else:
             base = AdamWOptimizer(config)

@@ -4,6 +4,7 @@ SAM (Foret et al., ICLR 2021), adaptive SAM and GSAM over SGD, Adam, AdamW or an
 that follows the ``Optimizer`` protocol, with the element-wise work in Rust.
 """
 
+from ._accumulate import GradAccumulator
 from ._config import GradClipMode, OptimizerConfig
 from ._errors import NonFiniteGradientError, OptimizerError, OutOfMemoryError, TrainError
 from ._optimizers import AdamOptimizer, AdamWOptimizer, SgdOptimizer, compute_gradient_norm
@@ -13,6 +14,7 @@ from ._sam import GradFn, GsamOptimizer, SamOptimizer
 __all__ = [
     "AdamOptimizer",
     "AdamWOptimizer",
+    "GradAccumulator",
     "GradClipMode",
     "GradFn",
     "GsamOptimizer",

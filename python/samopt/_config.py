@@ -54,12 +54,21 @@ def check_learning_rate(value: object, key: str = "learning_rate") -> float:
     return check_real(key, value, minimum=0.0)
 
 
+def check_bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise OptimizerError(f"{key} must be a bool, got {value!r}", key)
+    return value
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
     """Hyperparameters shared by the base optimizers (the crate's ``OptimizerConfig``).
 
-    SGD uses learning_rate and momentum; Adam adds beta1, beta2 and epsilon; AdamW also
-    weight_decay. Every field is checked here, so a bad value fails at construction.
+    SGD uses learning_rate, momentum, weight_decay and nesterov; Adam and AdamW
+    learning_rate, beta1, beta2, epsilon and weight_decay. ``weight_decay=None`` means the
+    optimizer's own default (0 for SGD and Adam, 0.01 for AdamW); an explicit value is
+    always applied: as L2 (``g ← g + wd·p``) by SGD and Adam, decoupled by AdamW. Every
+    field is checked here, so a bad value fails at construction.
     """
 
     learning_rate: float = 1e-3
@@ -67,19 +76,22 @@ class OptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     epsilon: float = 1e-8
-    weight_decay: float = 0.01
+    weight_decay: float | None = None
     grad_clip: float | None = None
     grad_clip_mode: GradClipMode = GradClipMode.VALUE
+    nesterov: bool = False
 
     def __post_init__(self) -> None:
-        fields = {
+        fields: dict[str, object] = {
             "learning_rate": check_learning_rate(self.learning_rate),
             "momentum": check_real("momentum", self.momentum, minimum=0.0),
             "beta1": check_real("beta1", self.beta1, minimum=0.0, below=1.0),
             "beta2": check_real("beta2", self.beta2, minimum=0.0, below=1.0),
             "epsilon": check_real("epsilon", self.epsilon, above=0.0),
-            "weight_decay": check_real("weight_decay", self.weight_decay, minimum=0.0),
+            "nesterov": check_bool("nesterov", self.nesterov),
         }
+        if self.weight_decay is not None:
+            fields["weight_decay"] = check_real("weight_decay", self.weight_decay, minimum=0.0)
         if self.grad_clip is not None:
             fields["grad_clip"] = check_real("grad_clip", self.grad_clip, above=0.0)
         if not isinstance(self.grad_clip_mode, GradClipMode):

@@ -10,14 +10,18 @@ from numpy.typing import NDArray
 
 __all__ = [
     "Engine",
+    "Names",
     "SamEngine",
     "StagedSamState",
+    "accumulate",
     "first_step",
     "gradient_norm",
     "restore",
     "sam_step",
+    "scale",
     "second_step",
     "step",
+    "zero",
 ]
 
 _Arrays = dict[str, Any]
@@ -28,7 +32,7 @@ class Engine:
     """A base optimizer's native state: its spec, hyperparameters, step count and
     per-parameter slots."""
 
-    lr: float
+    lrs: list[float]
     @property
     def steps(self) -> int: ...
     @property
@@ -36,15 +40,11 @@ class Engine:
     def __new__(
         cls,
         kind: str,
+        groups: list[dict[str, Any]],
         *,
-        lr: float,
-        momentum: float,
-        beta1: float,
-        beta2: float,
-        epsilon: float,
-        weight_decay: float,
         clip_value: float | None = None,
         clip_norm: float | None = None,
+        assign: Callable[[str], int] | None = None,
     ) -> Engine: ...
     def state_dict(self) -> _State: ...
     def load(self, steps: int, entries: dict[str, tuple[NDArray[Any], ...]]) -> None: ...
@@ -53,7 +53,13 @@ class Engine:
 class SamEngine:
     """SAM's native state: saved values (and GSAM's g0), the pending set, the call count."""
 
-    def __new__(cls, keeps_grad0: bool) -> SamEngine: ...
+    def __new__(
+        cls,
+        keeps_grad0: bool,
+        groups: list[tuple[float, bool, float, bool]],
+        assign: Callable[[str], int] | None = None,
+    ) -> SamEngine: ...
+    def set_groups(self, groups: list[tuple[float, bool, float, bool]]) -> None: ...
     @property
     def pending(self) -> bool: ...
     @property
@@ -74,13 +80,7 @@ class StagedSamState:
 
 def step(engine: Engine, params: _Arrays, grads: _Arrays) -> None: ...
 def first_step(
-    sam: SamEngine,
-    params: _Arrays,
-    grads: _Arrays,
-    rho: float,
-    eps: float,
-    adaptive: bool,
-    eta: float,
+    sam: SamEngine, params: _Arrays, grads: _Arrays, rho: float, eps: float
 ) -> float: ...
 def second_step(
     sam: SamEngine, base: Any, params: _Arrays, grads: _Arrays, alpha: float | None
@@ -93,9 +93,17 @@ def sam_step(
     grad_fn: Callable[[_Arrays], tuple[Any, Any]],
     rho: float,
     eps: float,
-    adaptive: bool,
-    eta: float,
     alpha: float | None,
     interval: int,
 ) -> Any: ...
 def gradient_norm(grads: _Arrays) -> float: ...
+
+@final
+class Names:
+    """The sorted order of a dict's keys, reused while the same keys come again."""
+
+    def __new__(cls) -> Names: ...
+
+def accumulate(names: Names, sums: _Arrays, grads: _Arrays, weight: float) -> None: ...
+def scale(names: Names, out: _Arrays, values: _Arrays, factor: float) -> None: ...
+def zero(names: Names, arrays: _Arrays) -> None: ...

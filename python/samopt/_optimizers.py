@@ -16,8 +16,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _core
-from ._config import OptimizerConfig, check_learning_rate
+from ._config import OptimizerConfig, check_bool, check_learning_rate, check_real
 from ._errors import OptimizerError
+from ._groups import Check, ParamGroups
 from ._protocol import Grads, Params, StateDict
 from ._state import as_dict, scalar_entry, split_by_prefix, state_array, time_step_entry
 
@@ -38,51 +39,111 @@ def compute_gradient_norm(grads: Grads) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class LoadedState:
-    """A base optimizer's state dict, checked: the learning rate, the step count and, by
-    parameter name, one array per slot."""
+    """A base optimizer's state dict, checked: the learning rates (the optimizer's own, then
+    each parameter group's), the step count and, by parameter name, one array per slot."""
 
-    lr: float
+    lrs: list[float]
     t: int
     entries: dict[str, tuple[NDArray[Any], ...]]
 
 
+def _check_unit(key: str, value: object) -> float:
+    return check_real(key, value, minimum=0.0, below=1.0)
+
+
+# How each hyperparameter a parameter group may override is checked.
+_GROUP_CHECKS: dict[str, Check] = {
+    "lr": lambda key, value: check_learning_rate(value, key),
+    "momentum": lambda key, value: check_real(key, value, minimum=0.0),
+    "beta1": _check_unit,
+    "beta2": _check_unit,
+    "epsilon": lambda key, value: check_real(key, value, above=0.0),
+    "weight_decay": lambda key, value: check_real(key, value, minimum=0.0),
+    "nesterov": check_bool,
+}
+
+
+def _group_lr_key(index: int) -> str:
+    return f"param_groups.{index}.lr"
+
+
 class NativeOptimizer:
-    """What samopt's base optimizers share: config, a lock, a native engine that holds the
-    state, pickling, and a step that SamOptimizer can fuse with its restore."""
+    """What samopt's base optimizers share: config, parameter groups, a lock, a native
+    engine that holds the state, pickling, and a step that SamOptimizer can fuse with its
+    restore."""
 
     _kind = ""
     """The engine's optimizer kind."""
     _non_negative: tuple[str, ...] = ()
     """State-dict prefixes whose values cannot be negative."""
+    _default_weight_decay = 0.0
+    """What ``weight_decay=None`` means for this optimizer."""
+    _group_keys: tuple[str, ...] = ("lr", "beta1", "beta2", "epsilon", "weight_decay")
+    """What a parameter group may override."""
 
-    def __init__(self, config: OptimizerConfig | None = None) -> None:
+    def __init__(
+        self, config: OptimizerConfig | None = None, *, param_groups: object = None
+    ) -> None:
         if config is None:
             config = OptimizerConfig()
         if not isinstance(config, OptimizerConfig):
             raise OptimizerError(
                 f"config must be an OptimizerConfig, got {type(config).__name__}", "config"
             )
+        if config.nesterov and "nesterov" not in self._group_keys:
+            raise OptimizerError(
+                f"nesterov applies to SgdOptimizer's momentum, not to {type(self).__name__}",
+                "nesterov",
+            )
         self.config = config
+        checks = {key: _GROUP_CHECKS[key] for key in self._group_keys}
+        self.param_groups = ParamGroups.parse(param_groups, checks)
+        if config.learning_rate == 0.0 and any("lr" in o for o in self.param_groups.overrides):
+            raise OptimizerError(
+                "a parameter group's lr keeps its ratio to the optimizer's learning_rate, "
+                "which is 0",
+                "lr",
+            )
         # Kernels run without the GIL: the lock keeps concurrent calls of one optimizer
         # from interleaving (re-entrant, so a gradient function run inside a SAM step may
         # use the optimizer).
         self._lock = threading.RLock()
         self._engine = self._new_engine()
 
-    def _new_engine(self) -> _core.Engine:
+    def _hyperparameters(self) -> list[dict[str, Any]]:
+        """The optimizer's hyperparameters, then each parameter group's."""
         config = self.config
-        clip_value, clip_norm = config.clip_bounds
+        weight_decay = config.weight_decay
+        defaults = {
+            "lr": config.learning_rate,
+            "momentum": config.momentum,
+            "beta1": config.beta1,
+            "beta2": config.beta2,
+            "epsilon": config.epsilon,
+            "weight_decay": self._default_weight_decay if weight_decay is None else weight_decay,
+            "nesterov": config.nesterov,
+        }
+        return self.param_groups.resolved(defaults)
+
+    def _new_engine(self) -> _core.Engine:
+        clip_value, clip_norm = self.config.clip_bounds
+        assign = self.param_groups.assign if len(self.param_groups) else None
         return _core.Engine(
             self._kind,
-            lr=config.learning_rate,
-            momentum=config.momentum,
-            beta1=config.beta1,
-            beta2=config.beta2,
-            epsilon=config.epsilon,
-            weight_decay=config.weight_decay,
+            self._hyperparameters(),
             clip_value=clip_value,
             clip_norm=clip_norm,
+            assign=assign,
         )
+
+    def _scaled_lrs(self, lr: float) -> list[float]:
+        """Every group's learning rate for the optimizer's ``lr``: a group that sets its own
+        keeps its ratio to the configured one, the others take ``lr`` itself."""
+        configured = self.config.learning_rate
+        lrs = [lr]
+        for values in self.param_groups.overrides:
+            lrs.append(values["lr"] * (lr / configured) if "lr" in values else lr)
+        return lrs
 
     def step(self, params: Params, grads: Grads) -> None:
         """One optimizer step: updates every array of ``params`` in place."""
@@ -94,16 +155,22 @@ class NativeOptimizer:
         """Nothing to do: gradients are the caller's arrays (kept for API parity)."""
 
     def get_lr(self) -> float:
-        return self._engine.lr
+        """The optimizer's own learning rate (parameter groups keep their ratio to it)."""
+        return self._engine.lrs[0]
 
     def set_lr(self, lr: float) -> None:
-        value = check_learning_rate(lr, "lr")
+        """Sets the learning rate; every parameter group's that sets its own is scaled by
+        the same factor."""
+        lrs = self._scaled_lrs(check_learning_rate(lr, "lr"))
         with self._lock:
-            self._engine.lr = value
+            self._engine.lrs = lrs
 
     def state_dict(self) -> StateDict:
         with self._lock:
-            state: StateDict = {"lr": np.array(self._engine.lr)}
+            lrs = self._engine.lrs
+            state: StateDict = {"lr": np.array(lrs[0])}
+            for index, lr in enumerate(lrs[1:]):
+                state[_group_lr_key(index)] = np.array(lr)
             state.update(self._engine.state_dict())
         return state
 
@@ -116,9 +183,10 @@ class NativeOptimizer:
         """A state dict checked and copied, not yet in force."""
         slots = tuple(self._engine.slots)
         counts_steps = self._kind != "sgd"
-        scalars = ("lr", "t") if counts_steps else ("lr",)
+        group_lrs = tuple(_group_lr_key(i) for i in range(len(self.param_groups)))
+        scalars = ("lr", *group_lrs, "t") if counts_steps else ("lr", *group_lrs)
         groups = split_by_prefix(state, slots, scalars)
-        lr = scalar_entry(state, "lr")
+        lrs = [scalar_entry(state, key) for key in ("lr", *group_lrs)]
         t = time_step_entry(state, "t") if counts_steps else 0
         names = sorted(set().union(*(groups[prefix].keys() for prefix in slots)))
         entries: dict[str, tuple[NDArray[Any], ...]] = {}
@@ -137,12 +205,12 @@ class NativeOptimizer:
                 keys = " and ".join(f"'{prefix}{name}'" for prefix in slots)
                 raise OptimizerError(f"state {keys} differ in shape or dtype", slots[0] + name)
             entries[name] = arrays
-        return LoadedState(lr, t, entries)
+        return LoadedState(lrs, t, entries)
 
     def _install(self, loaded: LoadedState) -> None:
         with self._lock:
             self._engine.load(loaded.t, loaded.entries)
-            self._engine.lr = loaded.lr
+            self._engine.lrs = loaded.lrs
 
     def __getstate__(self) -> dict[str, Any]:
         with self._lock:
@@ -163,14 +231,18 @@ class NativeOptimizer:
 
 
 class SgdOptimizer(NativeOptimizer):
-    """SGD with momentum, the crate's formula: ``v ← μ·v + lr·g ; p ← p − v``."""
+    """SGD with momentum, the crate's formula: ``v ← μ·v + lr·g ; p ← p − v``, with
+    ``g ← g + wd·p`` for an explicit weight_decay (L2, as PyTorch's SGD); with
+    ``nesterov=True``, ``p ← p − (lr·g + μ·v)`` (PyTorch's Nesterov momentum in this form)."""
 
     _kind = "sgd"
+    _group_keys = ("lr", "momentum", "weight_decay", "nesterov")
 
 
 class AdamOptimizer(NativeOptimizer):
-    """Adam, the crate's formula (weight_decay unused):
-    ``lr_t = lr·√(1−β2^t)/(1−β1^t) ; p ← p − lr_t·m/(√v + ε)``."""
+    """Adam, the crate's formula: ``lr_t = lr·√(1−β2^t)/(1−β1^t) ;
+    p ← p − lr_t·m/(√v + ε)``, with ``g ← g + wd·p`` for an explicit weight_decay (L2, as
+    PyTorch's Adam)."""
 
     _kind = "adam"
     _non_negative = ("v_",)
@@ -178,6 +250,7 @@ class AdamOptimizer(NativeOptimizer):
 
 class AdamWOptimizer(AdamOptimizer):
     """Adam with decoupled weight decay from the step's starting value:
-    ``p ← p − lr_t·m/(√v+ε) − lr·wd·p_old``."""
+    ``p ← p − lr_t·m/(√v+ε) − lr·wd·p_old`` (weight_decay 0.01 unless set)."""
 
     _kind = "adamw"
+    _default_weight_decay = 0.01

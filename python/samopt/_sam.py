@@ -11,8 +11,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _core
-from ._config import check_real
+from ._config import check_bool, check_real
 from ._errors import OptimizerError
+from ._groups import Check, ParamGroups
 from ._optimizers import LoadedState, NativeOptimizer
 from ._protocol import Grads, Optimizer, Params, StateDict
 from ._state import as_dict, scalar_entry, state_array, time_step_entry
@@ -24,6 +25,15 @@ GradFn = Callable[[dict[str, NDArray[Any]]], tuple[Any, Grads]]
 
 _SAVED = "saved_"
 _CALLS = "sam_calls"
+
+
+# How each value a SAM parameter group may override is checked.
+_GROUP_CHECKS: dict[str, Check] = {
+    "rho": lambda key, value: check_real(key, value, above=0.0),
+    "adaptive": check_bool,
+    "eta": lambda key, value: check_real(key, value, minimum=0.0),
+    "perturb": check_bool,
+}
 
 
 def _check_interval(interval: object) -> int:
@@ -49,6 +59,8 @@ class SamOptimizer:
     # scalars it keeps.
     _pending_prefixes: tuple[str, ...] = (_SAVED,)
     _pending_scalars_names: tuple[str, ...] = ()
+    # What a parameter group may override.
+    _group_keys: tuple[str, ...] = ("rho", "adaptive", "eta", "perturb")
 
     def __init__(
         self,
@@ -59,20 +71,61 @@ class SamOptimizer:
         eta: float = 0.0,
         eps: float = 0.0,
         interval: int = 1,
+        param_groups: object = None,
     ) -> None:
         _check_base(base_optimizer)
-        if not isinstance(adaptive, bool):
-            raise OptimizerError(f"adaptive must be a bool, got {adaptive!r}", "adaptive")
         self.base_optimizer = base_optimizer
         self._rho = check_real("rho", rho, above=0.0)
-        self.adaptive = adaptive
-        self.eta = check_real("eta", eta, minimum=0.0)
+        self._configured_rho = self._rho
+        self._adaptive = check_bool("adaptive", adaptive)
+        self._eta = check_real("eta", eta, minimum=0.0)
         self._eps = check_real("eps", eps, minimum=0.0)
         self._interval = _check_interval(interval)
+        checks = {key: _GROUP_CHECKS[key] for key in self._group_keys}
+        self.param_groups = ParamGroups.parse(param_groups, checks)
         # Kernels run without the GIL: the lock serialises concurrent calls (re-entrant so
         # that sam_step can hold it around the user's gradient function).
         self._lock = threading.RLock()
-        self._engine = _core.SamEngine(len(self._pending_prefixes) > 1)
+        self._engine = self._new_engine()
+
+    def _new_engine(self) -> _core.SamEngine:
+        assign = self.param_groups.assign if len(self.param_groups) else None
+        return _core.SamEngine(len(self._pending_prefixes) > 1, self._ascents(), assign)
+
+    def _ascents(self) -> list[tuple[float, bool, float, bool]]:
+        """The engine's ascent per group, the optimizer's own first: ``(rho as a multiple
+        of the optimizer's, adaptive, eta, perturb)``. A group's own rho keeps its ratio to
+        the configured one when rho changes (a rho schedule scales every group)."""
+        own = (1.0, self._adaptive, self._eta, True)
+        ascents = [own]
+        for values in self.param_groups.overrides:
+            ratio = values["rho"] / self._configured_rho if "rho" in values else 1.0
+            adaptive = values.get("adaptive", self._adaptive)
+            eta = values.get("eta", self._eta)
+            ascents.append((ratio, adaptive, eta, values.get("perturb", True)))
+        return ascents
+
+    @property
+    def adaptive(self) -> bool:
+        """Adaptive SAM (ASAM): the ascent weighted by ``|p| + eta``."""
+        return self._adaptive
+
+    @adaptive.setter
+    def adaptive(self, value: bool) -> None:
+        with self._lock:
+            self._adaptive = check_bool("adaptive", value)
+            self._engine.set_groups(self._ascents())
+
+    @property
+    def eta(self) -> float:
+        """ASAM's ``T = |p| + eta``."""
+        return self._eta
+
+    @eta.setter
+    def eta(self, value: float) -> None:
+        with self._lock:
+            self._eta = check_real("eta", value, minimum=0.0)
+            self._engine.set_groups(self._ascents())
 
     @property
     def rho(self) -> float:
@@ -123,10 +176,7 @@ class SamOptimizer:
         """Climbs to the worst point within radius rho; nothing moves when ‖g‖ = 0."""
         params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
         with self._lock:
-            _core.first_step(
-                self._engine, params_dict, grads_dict,
-                self.rho, self._eps, self.adaptive, self.eta,
-            )
+            _core.first_step(self._engine, params_dict, grads_dict, self.rho, self._eps)
 
     def second_step(self, params: Params, grads: Grads) -> None:
         """Restores the parameters exactly and steps the base optimizer with ``grads``,
@@ -153,8 +203,7 @@ class SamOptimizer:
             with base_lock:
                 return _core.sam_step(
                     self._engine, base, params_dict, grad_fn,
-                    self.rho, self._eps, self.adaptive, self.eta,
-                    self._mix_alpha(), self._interval,
+                    self.rho, self._eps, self._mix_alpha(), self._interval,
                 )
 
     def restore(self, params: Params) -> None:
@@ -261,7 +310,7 @@ class SamOptimizer:
         own = state.pop("_engine")
         self.__dict__.update(state)
         self._lock = threading.RLock()
-        self._engine = _core.SamEngine(len(self._pending_prefixes) > 1)
+        self._engine = self._new_engine()
         self._engine.install(self._stage(own, None))
 
     def __repr__(self) -> str:
@@ -330,6 +379,7 @@ class GsamOptimizer(SamOptimizer):
 
     _pending_prefixes = (_SAVED, "grad0_")
     _pending_scalars_names = ("grad_norm0",)
+    _group_keys = ("rho", "perturb")
 
     def __init__(
         self,
@@ -341,9 +391,12 @@ class GsamOptimizer(SamOptimizer):
         lr_min: float = 0.0,
         eps: float = 0.0,
         interval: int = 1,
+        param_groups: object = None,
     ) -> None:
         rho_max = check_real("rho_max", rho_max, above=0.0)
-        super().__init__(base_optimizer, rho_max, eps=eps, interval=interval)
+        super().__init__(
+            base_optimizer, rho_max, eps=eps, interval=interval, param_groups=param_groups
+        )
         if rho_min is not None:
             rho_min = check_real("rho_min", rho_min, above=0.0)
             if rho_min > rho_max:

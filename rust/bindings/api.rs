@@ -9,15 +9,19 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 use std::sync::Arc;
 
-use super::arrays::{self, norm_gradient, norm_source, sorted_entries, Float, Key, NormSource};
-use super::driver::{prepare, Entry, Pending, Policy, Prepared, TableRef, Use};
+use super::arrays::{
+    self, norm_gradient, norm_source, sorted_entries, Float, Key, NameOrder, NormSource,
+};
+use super::driver::{prepare, Entry, Groups, Pending, Policy, Prepared, TableRef, Use};
 use super::engine::{busy, Engine, SamEngine, StagedSamState, SAM_SLOTS};
 use super::{optimizer_error, OptimizerError};
 use crate::claims::{self, CallClaims};
-use crate::kernels::{CopyLanes, MixLanes, PerturbLanes, RestoreKeepingLanes, UpdateLanes};
+use crate::kernels::{
+    CopyLanes, GroupStep, MixLanes, PerturbLanes, RestoreKeepingLanes, UpdateLanes,
+};
 use crate::norm::NormItem;
 use crate::parallel::ByDtype;
-use crate::phases::{self, AscentInputs, GsamInputs};
+use crate::phases::{self, AscentGroup, GsamInputs};
 use crate::specs::{Adam, Kind, Sgd, Spec};
 use crate::state;
 
@@ -32,6 +36,12 @@ where
 fn protocol_error(message: &str) -> PyErr {
     OptimizerError::new_err((message.to_owned(), Option::<String>::None))
 }
+
+/// For phases whose arithmetic does not depend on the parameters' groups.
+const UNGROUPED: Groups<'static, 'static> = Groups {
+    assign: None,
+    count: 1,
+};
 
 /// SAM's saved values and, for GSAM, the gradients at the original point, in table
 /// `table` of the call.
@@ -60,6 +70,7 @@ fn update_lanes<'a, T: Float, const N: usize>(
     restart: bool,
     mix: bool,
 ) -> UpdateLanes<'a, T, N> {
+    let group = entry.group;
     let (param, grad, states) = entry.lanes();
     let mut states = states.into_iter();
     let slots: [&mut [T]; N] = std::array::from_fn(|_| states.next().expect("one per slot"));
@@ -71,6 +82,7 @@ fn update_lanes<'a, T: Float, const N: usize>(
         slots,
         start,
         grad0,
+        group,
     }
 }
 
@@ -94,7 +106,8 @@ fn base_step_of<const N: usize, S: Spec<N>>(
 ) -> PyResult<()> {
     let Engine {
         kind,
-        hyper,
+        groups,
+        assign,
         clipping,
         steps,
         table,
@@ -144,6 +157,10 @@ fn base_step_of<const N: usize, S: Spec<N>>(
     let pending = expected
         .as_deref()
         .map(|entries| Pending { table: 1, entries });
+    let assigned = Groups {
+        assign: assign.as_ref().map(|assign| assign.bind(py)),
+        count: groups.len(),
+    };
     let mut prepared = prepare(
         params,
         Some(order),
@@ -151,17 +168,24 @@ fn base_step_of<const N: usize, S: Spec<N>>(
         &mut tables,
         &uses,
         pending,
+        &assigned,
     )?;
     let counted = kind.counts_steps() && !prepared.names.is_empty();
     let t = *steps + u64::from(counted);
-    let spec = S::at_step(hyper, t);
+    let specs: Vec<GroupStep<S>> = groups
+        .iter()
+        .map(|hyper| GroupStep {
+            spec: S::at_step(hyper, t),
+            l2: S::l2(hyper),
+        })
+        .collect();
     let clipping = *clipping;
     let mix = gsam.is_some();
     let items = prepared.lanes(
         |e| update_lanes::<f32, N>(e, restart, mix),
         |e| update_lanes::<f64, N>(e, restart, mix),
     );
-    let outcome = py.detach(move || phases::base_step(items, spec, clipping, gsam));
+    let outcome = py.detach(move || phases::base_step(items, &specs, clipping, gsam));
     if let Err(error) = outcome {
         let error = prepared.norm_error(error);
         prepared.release(&mut tables);
@@ -205,11 +229,12 @@ fn step(
 }
 
 fn perturb_lanes<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> PerturbLanes<'a, T> {
+    let group = entry.group;
     let (param, grad, states) = entry.lanes();
     let mut states = states.into_iter();
     let saved = states.next().expect("saved values");
     let grad = grad.expect("first_step has gradients");
-    (param, grad, saved, states.next())
+    (param, grad, saved, states.next(), group)
 }
 
 /// SAM's first phase (`phases::perturb`); commits the saved values and the pending set.
@@ -219,7 +244,8 @@ fn perturb(
     sam: &mut SamEngine,
     params: &Bound<'_, PyDict>,
     grads: &Bound<'_, PyDict>,
-    inputs: AscentInputs,
+    rho: f64,
+    eps: f64,
 ) -> PyResult<f64> {
     if sam.state.pending.is_some() {
         return Err(protocol_error(
@@ -233,14 +259,36 @@ fn perturb(
         order,
         cache,
         keeps_grad0,
+        groups,
+        assign,
     } = sam;
     let mut tables = [TableRef {
         table: &mut state.table,
         cache,
     }];
-    let mut prepared = prepare(params, Some(order), Some(grads), &mut tables, &uses, None)?;
+    let assigned = Groups {
+        assign: assign.as_ref().map(|assign| assign.bind(py)),
+        count: groups.len(),
+    };
+    let pending = None;
+    let mut prepared = prepare(
+        params,
+        Some(order),
+        Some(grads),
+        &mut tables,
+        &uses,
+        pending,
+        &assigned,
+    )?;
+    let ascents: Vec<AscentGroup> = groups
+        .iter()
+        .map(|group| AscentGroup {
+            rho: rho * group.rho,
+            ..*group
+        })
+        .collect();
     let items = prepared.lanes(perturb_lanes::<f32>, perturb_lanes::<f64>);
-    let norm = match py.detach(move || phases::perturb(items, inputs)) {
+    let norm = match py.detach(move || phases::perturb(items, &ascents, eps)) {
         Ok(norm) if norm > 0.0 => norm,
         Ok(_) => {
             prepared.release(&mut tables);
@@ -261,9 +309,9 @@ fn perturb(
 }
 
 /// SAM's first phase: moves the parameters by the ascent, saving their exact values.
+/// `rho` is the optimizer's radius (its groups' are multiples of it).
 #[pyfunction]
-#[pyo3(signature = (sam, params, grads, rho, eps, adaptive, eta))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (sam, params, grads, rho, eps))]
 fn first_step(
     py: Python<'_>,
     sam: &Bound<'_, SamEngine>,
@@ -271,16 +319,8 @@ fn first_step(
     grads: &Bound<'_, PyDict>,
     rho: f64,
     eps: f64,
-    adaptive: bool,
-    eta: f64,
 ) -> PyResult<f64> {
-    let inputs = AscentInputs {
-        rho,
-        eps,
-        adaptive,
-        eta,
-    };
-    perturb(py, &mut *borrow(sam)?, params, grads, inputs)
+    perturb(py, &mut *borrow(sam)?, params, grads, rho, eps)
 }
 
 fn restore_lanes<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> CopyLanes<'a, T> {
@@ -313,7 +353,15 @@ fn restore_pending(
         table: 0,
         entries: &expected,
     });
-    let mut prepared = prepare(params, Some(order), None, &mut tables, &uses, pending)?;
+    let mut prepared = prepare(
+        params,
+        Some(order),
+        None,
+        &mut tables,
+        &uses,
+        pending,
+        &UNGROUPED,
+    )?;
     let items = prepared.lanes(restore_lanes::<f32>, restore_lanes::<f64>);
     py.detach(move || phases::copy(items));
     prepared.commit(&mut tables);
@@ -421,7 +469,15 @@ fn before_foreign_step<'py>(
         table: 0,
         entries: &expected,
     });
-    let mut prepared = prepare(params, Some(order), gradients, &mut tables, &uses, pending)?;
+    let mut prepared = prepare(
+        params,
+        Some(order),
+        gradients,
+        &mut tables,
+        &uses,
+        pending,
+        &UNGROUPED,
+    )?;
     let buffers = (|| -> PyResult<_> {
         let names = &prepared.names;
         let kept = (
@@ -628,7 +684,7 @@ fn gradients<'py>(
 /// nothing stays pending; when the call returns, the step and the call count are
 /// committed.
 #[pyfunction]
-#[pyo3(signature = (sam, base, params, grad_fn, rho, eps, adaptive, eta, alpha, interval))]
+#[pyo3(signature = (sam, base, params, grad_fn, rho, eps, alpha, interval))]
 #[allow(clippy::too_many_arguments)]
 fn sam_step<'py>(
     py: Python<'py>,
@@ -638,8 +694,6 @@ fn sam_step<'py>(
     grad_fn: &Bound<'py, PyAny>,
     rho: f64,
     eps: f64,
-    adaptive: bool,
-    eta: f64,
     alpha: Option<f64>,
     interval: u64,
 ) -> PyResult<Bound<'py, PyAny>> {
@@ -658,13 +712,7 @@ fn sam_step<'py>(
         second_step_over(py, sam, base, params, &grads, alpha, true)?;
         return Ok(loss);
     }
-    let inputs = AscentInputs {
-        rho,
-        eps,
-        adaptive,
-        eta,
-    };
-    perturb(py, &mut *borrow(sam)?, params, &grads, inputs)?;
+    perturb(py, &mut *borrow(sam)?, params, &grads, rho, eps)?;
     let finished = gradients(grad_fn, params)
         .and_then(|(_, grads)| second_step_over(py, sam, base, params, &grads, alpha, true));
     if let Err(error) = finished {
@@ -708,7 +756,107 @@ fn gradient_norm(py: Python<'_>, grads: &Bound<'_, PyDict>) -> PyResult<f64> {
     Ok(py.detach(|| phases::gradient_norm(&items)))
 }
 
+/// The sorted order of a dict's keys, kept for a caller that passes the same dict call
+/// after call (`GradAccumulator`): it skips sorting them again.
+#[pyclass(module = "samopt._core")]
+#[derive(Default)]
+pub struct Names(NameOrder);
+
+#[pymethods]
+impl Names {
+    #[new]
+    fn new() -> Names {
+        Names::default()
+    }
+}
+
+fn pair_lanes<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> CopyLanes<'a, T> {
+    let (dst, src, _) = entry.lanes();
+    (dst, src.expect("a call with a source"))
+}
+
+fn values_of<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> &'a mut [T] {
+    entry.lanes().0
+}
+
+/// Gradient accumulation: `sums[k] += weight·grads[k]` for every array of `sums`, the
+/// gradients converted to the sums' dtype; none of them changes unless every gradient is
+/// finite.
+#[pyfunction]
+fn accumulate(
+    py: Python<'_>,
+    names: &Bound<'_, Names>,
+    sums: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+    weight: f64,
+) -> PyResult<()> {
+    let mut names = borrow(names)?;
+    let mut prepared = prepare(
+        sums,
+        Some(&mut names.0),
+        Some(grads),
+        &mut [],
+        &[],
+        None,
+        &UNGROUPED,
+    )?;
+    let items = prepared.lanes(pair_lanes::<f32>, pair_lanes::<f64>);
+    if let Err(error) = py.detach(move || phases::accumulate(items, weight)) {
+        return Err(prepared.norm_error(error));
+    }
+    prepared.commit(&mut []);
+    Ok(())
+}
+
+/// `out[k] = factor·values[k]` for every array of `out`.
+#[pyfunction]
+fn scale(
+    py: Python<'_>,
+    names: &Bound<'_, Names>,
+    out: &Bound<'_, PyDict>,
+    values: &Bound<'_, PyDict>,
+    factor: f64,
+) -> PyResult<()> {
+    let mut names = borrow(names)?;
+    let mut prepared = prepare(
+        out,
+        Some(&mut names.0),
+        Some(values),
+        &mut [],
+        &[],
+        None,
+        &UNGROUPED,
+    )?;
+    let items = prepared.lanes(pair_lanes::<f32>, pair_lanes::<f64>);
+    py.detach(move || phases::scale(items, factor));
+    prepared.commit(&mut []);
+    Ok(())
+}
+
+/// Every array of `arrays` set to zero.
+#[pyfunction]
+fn zero(py: Python<'_>, names: &Bound<'_, Names>, arrays: &Bound<'_, PyDict>) -> PyResult<()> {
+    let mut names = borrow(names)?;
+    let mut prepared = prepare(
+        arrays,
+        Some(&mut names.0),
+        None,
+        &mut [],
+        &[],
+        None,
+        &UNGROUPED,
+    )?;
+    let items = prepared.lanes(values_of::<f32>, values_of::<f64>);
+    py.detach(move || phases::zero(items));
+    prepared.commit(&mut []);
+    Ok(())
+}
+
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_function(wrap_pyfunction!(accumulate, module)?)?;
+    module.add_function(wrap_pyfunction!(scale, module)?)?;
+    module.add_function(wrap_pyfunction!(zero, module)?)?;
+    module.add_class::<Names>()?;
     module.add_function(wrap_pyfunction!(step, module)?)?;
     module.add_function(wrap_pyfunction!(first_step, module)?)?;
     module.add_function(wrap_pyfunction!(second_step, module)?)?;

@@ -45,6 +45,8 @@ pub struct EntryCache {
     keys: Vec<Py<PyString>>,
     entries: Vec<Option<usize>>,
     generation: u64,
+    /// Each name's parameter group, for these keys (asked of `Groups::assign` once).
+    groups: Option<Vec<u32>>,
 }
 
 impl EntryCache {
@@ -64,8 +66,22 @@ impl EntryCache {
             self.keys = names.iter().map(|name| name.0.clone().unbind()).collect();
             self.entries = entries;
             self.generation = table.generation();
+            self.groups = None;
         }
         Ok(self.entries.clone())
+    }
+
+    /// Each name's group, for the names `resolve` was last given.
+    fn groups(&mut self, names: &[Key<'_>], groups: &Groups<'_, '_>) -> PyResult<Vec<u32>> {
+        if let Some(known) = &self.groups {
+            return Ok(known.clone());
+        }
+        let mut found = Vec::with_capacity(names.len());
+        for name in names {
+            found.push(groups.of(name)?);
+        }
+        self.groups = Some(found.clone());
+        Ok(found)
     }
 
     /// Records entries a commit created, while the cache still describes that call.
@@ -73,6 +89,28 @@ impl EntryCache {
         if self.generation == table.generation() && self.entries.len() == entries.len() {
             self.entries = entries.iter().map(|&e| Some(e)).collect();
         }
+    }
+}
+
+/// An optimizer's parameter groups: `assign(name) -> index` (the Python side's selectors;
+/// none: every name is in group 0) and how many there are.
+pub struct Groups<'a, 'py> {
+    pub assign: Option<&'a Bound<'py, PyAny>>,
+    pub count: usize,
+}
+
+impl Groups<'_, '_> {
+    fn of(&self, name: &Key<'_>) -> PyResult<u32> {
+        let Some(assign) = self.assign else {
+            return Ok(0);
+        };
+        let index: usize = assign.call1((&name.0,))?.extract()?;
+        if index >= self.count {
+            return Err(name.error(|name| {
+                format!("parameter '{name}' was assigned group {index}, which does not exist")
+            }));
+        }
+        Ok(index as u32)
     }
 }
 
@@ -134,6 +172,8 @@ pub struct Held<T> {
 pub struct Entry<'py, T: Element> {
     /// The parameter's position in the call (its name is `Prepared::names[item]`).
     pub item: usize,
+    /// Its parameter group in the call's first table's optimizer.
+    pub group: u32,
     pub param: Target<'py, T>,
     pub grad: Option<Source<'py, T>>,
     held: Slots<Held<T>>,
@@ -252,6 +292,7 @@ struct States<'a, 't> {
     uses: &'a [Use],
     tables: &'a [TableRef<'t>],
     resolved: &'a [Vec<Option<usize>>],
+    groups: &'a [u32],
 }
 
 /// Appends parameter `item`'s entry: the parameter laid out for the kernels, its gradient,
@@ -268,6 +309,7 @@ fn build<'py, T: Float>(
         uses,
         tables,
         resolved,
+        groups,
     } = states;
     let order = Order::of(&param);
     let grad = grad
@@ -282,6 +324,7 @@ fn build<'py, T: Float>(
     }
     entries.push(Entry {
         item,
+        group: groups[item],
         param,
         grad,
         held,
@@ -422,12 +465,17 @@ pub fn prepare<'py>(
     tables: &mut [TableRef<'_>],
     uses: &[Use],
     pending: Option<Pending<'_>>,
+    groups: &Groups<'_, 'py>,
 ) -> PyResult<Prepared<'py>> {
     let (names, objects): (Vec<_>, Vec<_>) = sorted_entries(params, order)?.into_iter().unzip();
     let mut resolved = Vec::with_capacity(tables.len());
     for table in tables.iter_mut() {
         resolved.push(table.cache.resolve(&names, table.table)?);
     }
+    let group_of = match tables.first_mut() {
+        Some(table) if groups.assign.is_some() => table.cache.groups(&names, groups)?,
+        _ => vec![0; names.len()],
+    };
     if let Some(pending) = pending {
         let table = &*tables[pending.table].table;
         pending.check(params.py(), &names, &resolved[pending.table], table)?;
@@ -463,6 +511,7 @@ pub fn prepare<'py>(
         uses,
         tables,
         resolved: &resolved,
+        groups: &group_of,
     };
     for (item, (key, param)) in names.iter().zip(param_arrays).enumerate() {
         let grad = grads.and_then(|_| grad_arrays.next());

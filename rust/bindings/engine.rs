@@ -13,7 +13,7 @@ use super::arrays::{
 };
 use super::driver::EntryCache;
 use super::{optimizer_error, OptimizerError};
-use crate::phases::Clipping;
+use crate::phases::{AscentGroup, Clipping};
 use crate::specs::{Hyper, Kind};
 use crate::state::{Buffer, Data, Table};
 
@@ -21,7 +21,10 @@ use crate::state::{Buffer, Data, Table};
 #[pyclass(module = "samopt._core")]
 pub struct Engine {
     pub kind: Kind,
-    pub hyper: Hyper,
+    /// The optimizer's hyperparameters, then each parameter group's.
+    pub groups: Vec<Hyper>,
+    /// `assign(name) -> group`, the Python side's selectors; none without groups.
+    pub assign: Option<Py<PyAny>>,
     pub clipping: Clipping,
     /// Steps taken (Adam's `t`), for optimizers that count them.
     pub steps: u64,
@@ -151,21 +154,36 @@ fn import_table(entries: &Bound<'_, PyDict>, prefixes: &[&str]) -> PyResult<Tabl
     Ok(table)
 }
 
+/// One parameter group's hyperparameters from the Python side's dict.
+fn hyper_of(group: &Bound<'_, PyDict>) -> PyResult<Hyper> {
+    let get = |key: &str| -> PyResult<Bound<'_, PyAny>> {
+        group
+            .get_item(key)?
+            .ok_or_else(|| optimizer_error(key, format!("a parameter group needs '{key}'")))
+    };
+    Ok(Hyper {
+        lr: get("lr")?.extract()?,
+        momentum: get("momentum")?.extract()?,
+        beta1: get("beta1")?.extract()?,
+        beta2: get("beta2")?.extract()?,
+        epsilon: get("epsilon")?.extract()?,
+        weight_decay: get("weight_decay")?.extract()?,
+        nesterov: get("nesterov")?.extract()?,
+    })
+}
+
 #[pymethods]
 impl Engine {
+    /// `groups[0]` is the optimizer's own hyperparameters, `groups[i]` those of its
+    /// parameter group `i`; `assign(name) -> i` says which group a name is in.
     #[new]
-    #[pyo3(signature = (kind, *, lr, momentum, beta1, beta2, epsilon, weight_decay, clip_value = None, clip_norm = None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (kind, groups, *, clip_value = None, clip_norm = None, assign = None))]
     fn new(
         kind: &str,
-        lr: f64,
-        momentum: f64,
-        beta1: f64,
-        beta2: f64,
-        epsilon: f64,
-        weight_decay: f64,
+        groups: Vec<Bound<'_, PyDict>>,
         clip_value: Option<f64>,
         clip_norm: Option<f64>,
+        assign: Option<Py<PyAny>>,
     ) -> PyResult<Engine> {
         let kind = Kind::parse(kind)
             .ok_or_else(|| optimizer_error("kind", format!("unknown optimizer kind {kind:?}")))?;
@@ -174,17 +192,16 @@ impl Engine {
             (None, Some(c)) => Clipping::Norm(c),
             (None, None) => Clipping::Off,
         };
+        let groups = groups.iter().map(hyper_of).collect::<PyResult<Vec<_>>>()?;
+        if groups.is_empty() {
+            let message = "an optimizer needs its own hyperparameters".to_owned();
+            return Err(optimizer_error("groups", message));
+        }
         let slots = kind.slots().len();
         Ok(Engine {
             kind,
-            hyper: Hyper {
-                lr,
-                momentum,
-                beta1,
-                beta2,
-                epsilon,
-                weight_decay,
-            },
+            groups,
+            assign,
             clipping,
             steps: 0,
             table: Table::new(slots),
@@ -193,15 +210,22 @@ impl Engine {
         })
     }
 
-    /// The learning rate the next step uses.
+    /// Each group's learning rate, the optimizer's own first.
     #[getter]
-    fn lr(&self) -> f64 {
-        self.hyper.lr
+    fn lrs(&self) -> Vec<f64> {
+        self.groups.iter().map(|g| g.lr).collect()
     }
 
     #[setter]
-    fn set_lr(&mut self, lr: f64) {
-        self.hyper.lr = lr;
+    fn set_lrs(&mut self, lrs: Vec<f64>) -> PyResult<()> {
+        if lrs.len() != self.groups.len() {
+            let message = format!("{} groups need as many learning rates", self.groups.len());
+            return Err(optimizer_error("lr", message));
+        }
+        for (group, lr) in self.groups.iter_mut().zip(lrs) {
+            group.lr = lr;
+        }
+        Ok(())
     }
 
     /// Steps taken (Adam's `t`); 0 for optimizers that do not count them.
@@ -267,6 +291,11 @@ impl SamState {
 pub struct SamEngine {
     /// Whether first_step keeps the gradient (GSAM).
     pub keeps_grad0: bool,
+    /// The optimizer's own ascent, then each parameter group's; `rho` is the group's
+    /// radius as a multiple of the optimizer's, which each call gives.
+    pub groups: Vec<AscentGroup>,
+    /// `assign(name) -> group`, the Python side's selectors; none without groups.
+    pub assign: Option<Py<PyAny>>,
     pub state: SamState,
     pub order: NameOrder,
     pub cache: EntryCache,
@@ -278,14 +307,42 @@ pub struct StagedSamState(Option<SamState>);
 
 #[pymethods]
 impl SamEngine {
+    /// `groups` holds `(rho as a multiple of the optimizer's, adaptive, eta, perturb)` for
+    /// the optimizer itself, then for each parameter group.
     #[new]
-    fn new(keeps_grad0: bool) -> SamEngine {
-        SamEngine {
+    #[pyo3(signature = (keeps_grad0, groups, assign = None))]
+    fn new(
+        keeps_grad0: bool,
+        groups: Vec<(f64, bool, f64, bool)>,
+        assign: Option<Py<PyAny>>,
+    ) -> PyResult<SamEngine> {
+        let mut engine = SamEngine {
             keeps_grad0,
+            groups: Vec::new(),
+            assign,
             state: SamState::new(),
             order: NameOrder::default(),
             cache: EntryCache::default(),
+        };
+        engine.set_groups(groups)?;
+        Ok(engine)
+    }
+
+    /// Replaces the groups' ascents (when `adaptive` or `eta` change).
+    fn set_groups(&mut self, groups: Vec<(f64, bool, f64, bool)>) -> PyResult<()> {
+        if groups.is_empty() {
+            return Err(optimizer_error("groups", "SAM needs its own ascent".into()));
         }
+        self.groups = groups
+            .into_iter()
+            .map(|(rho, adaptive, eta, perturb)| AscentGroup {
+                rho,
+                adaptive,
+                eta,
+                perturb,
+            })
+            .collect();
+        Ok(())
     }
 
     /// Whether a first_step has moved the parameters and awaits its second_step.
