@@ -339,7 +339,9 @@ class _Scheduler:
     def _steps(self, c: Mapping[str, Any]) -> int:
         return int(c[self._counters[0].name])
 
-    def _checked_value(self, c: Mapping[str, Any], where: str) -> float:
+    def _checked_value(self, c: Mapping[str, Any], where: str, key: str | None = None) -> float:
+        """The value at ``c``, or an OptimizerError (naming ``key``, default ``param``)
+        when it is not finite (an exponential growth that overflowed)."""
         try:
             value = float(self._value(c))
         except OverflowError:
@@ -347,7 +349,7 @@ class _Scheduler:
         if not math.isfinite(value):
             raise OptimizerError(
                 f"{type(self).__name__}'s {self.param} {where} is not finite ({value!r})",
-                self.param,
+                key or self.param,
             )
         return value
 
@@ -391,7 +393,7 @@ class _Scheduler:
         candidate = object.__new__(type(self))
         candidate.__dict__.update(hyper, _param=self.param, _c=counters)
         candidate._check_counters(counters)
-        candidate._checked_value(counters, "in the loaded state")
+        candidate._checked_value(counters, "in the loaded state", self._counters[0].name)
         with self._lock:
             self.__dict__.update(hyper, _c=counters)
 
