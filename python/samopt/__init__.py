@@ -1,7 +1,8 @@
 """samopt: Sharpness-Aware Minimization for NumPy training loops.
 
 SAM (Foret et al., ICLR 2021), adaptive SAM and GSAM over SGD, Adam, AdamW or any optimizer
-that follows the ``Optimizer`` protocol, with the element-wise work in Rust.
+that follows the ``Optimizer`` protocol, with parameter groups, tensorlogic-train's
+learning-rate schedulers and gradient accumulation; the element-wise work is in Rust.
 """
 
 from ._accumulate import GradAccumulator
@@ -10,22 +11,54 @@ from ._errors import NonFiniteGradientError, OptimizerError, OutOfMemoryError, T
 from ._optimizers import AdamOptimizer, AdamWOptimizer, SgdOptimizer, compute_gradient_norm
 from ._protocol import Optimizer
 from ._sam import GradFn, GsamOptimizer, SamOptimizer
+from ._schedulers import (
+    CosineAnnealingLrScheduler,
+    CyclicLrMode,
+    CyclicLrScheduler,
+    ExponentialLrScheduler,
+    LrScheduler,
+    MultiStepLrScheduler,
+    NoamScheduler,
+    OneCycleLrScheduler,
+    PlateauMode,
+    PolynomialDecayLrScheduler,
+    ReduceLROnPlateauScheduler,
+    SgdrScheduler,
+    StepLrScheduler,
+    WarmupCosineLrScheduler,
+    WarmupScheduler,
+)
 
 __all__ = [
     "AdamOptimizer",
     "AdamWOptimizer",
+    "CosineAnnealingLrScheduler",
+    "CyclicLrMode",
+    "CyclicLrScheduler",
+    "ExponentialLrScheduler",
     "GradAccumulator",
     "GradClipMode",
     "GradFn",
     "GsamOptimizer",
+    "LrScheduler",
+    "MultiStepLrScheduler",
+    "NoamScheduler",
     "NonFiniteGradientError",
+    "OneCycleLrScheduler",
     "Optimizer",
     "OptimizerConfig",
     "OptimizerError",
     "OutOfMemoryError",
+    "PlateauMode",
+    "PolynomialDecayLrScheduler",
+    "ReduceLROnPlateauScheduler",
     "SamOptimizer",
     "SgdOptimizer",
+    "SgdrScheduler",
+    "StepLrScheduler",
     "TrainError",
+    "WarmupCosineLrScheduler",
+    "WarmupScheduler",
     "compute_gradient_norm",
 ]
 

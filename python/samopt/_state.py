@@ -27,7 +27,7 @@ def as_dict(mapping: object, what: str) -> dict[Any, Any]:
     )
 
 
-def _scalar(state: Mapping[str, Any], key: str) -> object:
+def scalar_value(state: Mapping[str, Any], key: str) -> object:
     if key not in state:
         raise OptimizerError(f"state dict is missing key '{key}'", key)
     value = state[key]
@@ -39,22 +39,23 @@ def _scalar(state: Mapping[str, Any], key: str) -> object:
 
 def scalar_entry(state: Mapping[str, Any], key: str, *, positive: bool = False) -> float:
     """A finite, non-negative (or positive) float from a state dict."""
-    value = _scalar(state, key)
+    value = scalar_value(state, key)
     label = f"state '{key}'"
     if positive:
         return check_real(key, value, above=0.0, label=label)
     return check_real(key, value, minimum=0.0, label=label)
 
 
-_LARGEST_COUNT = 2**62  # counters are stored as int64; no run gets near this
+LARGEST_COUNT = 2**62
+"""Counters are stored as int64; no run gets near this."""
 
 
 def time_step_entry(state: Mapping[str, Any], key: str) -> int:
-    value = _scalar(state, key)
+    value = scalar_value(state, key)
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Integral)
-        or not 0 <= int(value) <= _LARGEST_COUNT
+        or not 0 <= int(value) <= LARGEST_COUNT
     ):
         raise OptimizerError(
             f"state '{key}' must be an integer in [0, 2**62], got {value!r}", key
