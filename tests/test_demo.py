@@ -172,3 +172,29 @@ def test_main_is_deterministic(tmp_path: Path) -> None:
         assert demo.main([*argv, "--out", str(tmp_path / f"{i}.png")]) == 0
         reports.append(json.loads(path.read_text(encoding="utf-8"))["optimizers"])
     assert [o["runs"] for o in reports[0]] == [o["runs"] for o in reports[1]]
+
+
+def test_the_recipe_decays_the_weights_but_not_the_biases() -> None:
+    for family in demo.FAMILIES:
+        opt = demo.make_optimizer(demo.OptimizerSpec(family, 0.1, weight_decay=0.01))
+        params = demo.init_mlp((4, 3, 2), 0)
+        params["b1"][:] = 1.0
+        before = {k: v.copy() for k, v in params.items()}
+        opt.step(params, {k: np.zeros_like(v) for k, v in params.items()})
+        assert np.array_equal(params["b1"], before["b1"]), family
+        # With a zero gradient the weights move by their decay alone: towards zero.
+        assert np.all(np.sign(before["W1"]) * (params["W1"] - before["W1"]) < 0), family
+
+
+def test_the_schedule_warms_up_then_anneals_to_zero() -> None:
+    spec = demo.OptimizerSpec("sgd", 0.2, warmup_epochs=2)
+    opt = demo.make_optimizer(spec)
+    schedule = demo.make_schedule(spec, total_steps=100, steps_per_epoch=10)
+    lrs = []
+    for _ in range(100):
+        schedule.step(opt)
+        lrs.append(opt.get_lr())
+    assert lrs[0] == pytest.approx(0.2 / 20) and lrs[19] == pytest.approx(0.2)
+    assert all(a <= b for a, b in zip(lrs[:20], lrs[1:20]))
+    assert all(a >= b for a, b in zip(lrs[19:], lrs[20:]))
+    assert lrs[-1] == 0.0

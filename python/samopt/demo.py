@@ -39,6 +39,7 @@ import importlib
 import itertools
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,11 +50,20 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from samopt import AdamOptimizer, Optimizer, OptimizerConfig, SamOptimizer, SgdOptimizer
+from samopt import (
+    AdamOptimizer,
+    Optimizer,
+    OptimizerConfig,
+    SamOptimizer,
+    SgdOptimizer,
+    WarmupCosineLrScheduler,
+)
 
 __all__ = [
     "DEFAULT_LR",
     "DEFAULT_RHO",
+    "DEFAULT_WARMUP_EPOCHS",
+    "DEFAULT_WEIGHT_DECAY",
     "FAMILIES",
     "NoisyDigits",
     "OptimizerSpec",
@@ -68,6 +78,7 @@ __all__ = [
     "loss_and_grads",
     "main",
     "make_optimizer",
+    "make_schedule",
     "plot_curves",
     "predict",
     "run_experiment",
@@ -91,6 +102,12 @@ FAMILIES: tuple[str, ...] = ("sgd", "adam")
 DEFAULT_LR: dict[str, float] = {"sgd": 0.01, "adam": 0.001}
 #: Default SAM radius per family.
 DEFAULT_RHO: dict[str, float] = {"sgd": 1.0, "adam": 1.0}
+#: The standard recipe: L2 weight decay on the weights (not the biases), and a linear
+#: warmup over the first epochs to the learning rate, then cosine annealing to 0.
+DEFAULT_WEIGHT_DECAY = 5e-4
+DEFAULT_WARMUP_EPOCHS = 5
+#: The biases' names (``b1``, ``b2``, ...): their parameter group has no weight decay.
+BIASES = re.compile(r"b\d+")
 DEFAULT_EPOCHS = 100
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_NOISE = 0.4
@@ -301,13 +318,18 @@ def accuracy(params: Mapping[str, FloatArray], X: FloatArray, y: IntArray) -> fl
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """One optimizer of the comparison: a family, optionally wrapped in SAM."""
+    """One optimizer of the comparison: a family, optionally wrapped in SAM, trained with
+    the standard recipe."""
 
     family: str
     """``"sgd"`` (momentum 0.9) or ``"adam"``."""
     lr: float
+    """The peak learning rate (reached at the end of the warmup)."""
     rho: float | None = None
     """SAM radius, or ``None`` for the plain base optimizer."""
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
+    """L2 weight decay of the weights; the biases have none."""
+    warmup_epochs: int = DEFAULT_WARMUP_EPOCHS
 
     @property
     def name(self) -> str:
@@ -316,31 +338,42 @@ class OptimizerSpec:
 
 
 def default_specs(
-    lr: Mapping[str, float] | None = None, rho: Mapping[str, float] | None = None
+    lr: Mapping[str, float] | None = None,
+    rho: Mapping[str, float] | None = None,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    warmup_epochs: int = DEFAULT_WARMUP_EPOCHS,
 ) -> list[OptimizerSpec]:
     """SGD, SAM(SGD), Adam, SAM(Adam) with the given (or default) lr and rho per family."""
     lrs = {**DEFAULT_LR, **(lr or {})}
     rhos = {**DEFAULT_RHO, **(rho or {})}
     specs: list[OptimizerSpec] = []
     for family in FAMILIES:
-        specs.append(OptimizerSpec(family, lrs[family]))
-        specs.append(OptimizerSpec(family, lrs[family], rhos[family]))
+        for sam_rho in (None, rhos[family]):
+            specs.append(OptimizerSpec(family, lrs[family], sam_rho, weight_decay, warmup_epochs))
     return specs
 
 
 def make_optimizer(spec: OptimizerSpec) -> Optimizer:
-    """Build the samopt optimizer described by ``spec`` (a SamOptimizer when it has a rho)."""
+    """Build the samopt optimizer described by ``spec`` (a SamOptimizer when it has a rho):
+    the biases in a parameter group without weight decay."""
+    no_decay = [{"params": BIASES, "weight_decay": 0.0}]
+    config = OptimizerConfig(learning_rate=spec.lr, momentum=0.9, weight_decay=spec.weight_decay)
     if spec.family == "sgd":
-        base: SgdOptimizer | AdamOptimizer = SgdOptimizer(
-            OptimizerConfig(learning_rate=spec.lr, momentum=0.9)
-        )
+        base: SgdOptimizer | AdamOptimizer = SgdOptimizer(config, param_groups=no_decay)
     elif spec.family == "adam":
-        base = AdamOptimizer(OptimizerConfig(learning_rate=spec.lr))
+        base = AdamOptimizer(config, param_groups=no_decay)
     else:
         raise ValueError(f"unknown optimizer family {spec.family!r}")
     if spec.rho is None:
         return base
     return SamOptimizer(base, rho=spec.rho)
+
+
+def make_schedule(spec: OptimizerSpec, total_steps: int, steps_per_epoch: int) -> Any:
+    """Linear warmup over ``spec.warmup_epochs`` epochs to ``spec.lr``, then cosine
+    annealing to 0 at ``total_steps`` (a step is a mini-batch)."""
+    warmup = min(spec.warmup_epochs * steps_per_epoch, total_steps - 1)
+    return WarmupCosineLrScheduler(spec.lr, 0.0, warmup, total_steps)
 
 
 def train_step(opt: Optimizer, params: Params, X: FloatArray, y: IntArray) -> float:
@@ -408,11 +441,14 @@ def train_one(
     """Train one MLP with ``spec`` for ``epochs`` epochs; ``on_epoch(epoch, test_acc)``."""
     params = init_mlp(sizes, seed)
     opt = make_optimizer(spec)
+    steps_per_epoch = -(-data.X_train.shape[0] // batch_size)
+    schedule = make_schedule(spec, max(2, epochs * steps_per_epoch), steps_per_epoch)
     batch_rng = _rng(seed, _STREAM_BATCHES)
     result = RunResult(spec.name, seed, [], [], [], [])
     for epoch in range(epochs):
         losses: list[float] = []
         for idx in iterate_minibatches(data.X_train.shape[0], batch_size, batch_rng):
+            schedule.step(opt)
             losses.append(train_step(opt, params, data.X_train[idx], data.y_train[idx]))
         train_pred = predict(params, data.X_train)
         result.train_loss.append(float(np.mean(losses)))
@@ -661,6 +697,20 @@ def _noise_fraction(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The demo's command line (see ``python -m samopt.demo --help``)."""
     lrs = ", ".join(f"{k}={v:g}" for k, v in DEFAULT_LR.items())
@@ -712,8 +762,22 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="[FAMILY=]LR",
         default=None,
-        help="constant learning rate, for both families or per family, e.g. adam=0.002 "
+        help="peak learning rate, for both families or per family, e.g. adam=0.002 "
         f"(default {lrs}; SGD has momentum 0.9)",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=_non_negative,
+        default=DEFAULT_WEIGHT_DECAY,
+        help="L2 weight decay of the weights, not the biases (default "
+        f"{DEFAULT_WEIGHT_DECAY:g})",
+    )
+    parser.add_argument(
+        "--warmup-epochs",
+        type=_non_negative_int,
+        default=DEFAULT_WARMUP_EPOCHS,
+        help="epochs of linear warmup to the learning rate before the cosine decay to 0 "
+        f"(default {DEFAULT_WARMUP_EPOCHS})",
     )
     parser.add_argument(
         "--out",
@@ -741,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs: int = args.epochs
     noise: float = args.noise
     batch_size: int = args.batch_size
-    specs = default_specs(lr, rho)
+    specs = default_specs(lr, rho, args.weight_decay, args.warmup_epochs)
 
     start = time.perf_counter()
     runs, corrupted = run_experiment(
@@ -787,6 +851,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "sizes": list(DEFAULT_SIZES),
                 "dtype": "float64",
                 "test_fraction": DEFAULT_TEST_FRACTION,
+                "weight_decay": args.weight_decay,
+                "warmup_epochs": args.warmup_epochs,
+                "schedule": "linear warmup, then cosine to 0 (per mini-batch)",
             },
             "corrupted_fraction": {str(k): v for k, v in corrupted.items()},
             "optimizers": [
