@@ -974,7 +974,8 @@ class DataParallelSam:
         With an optimizer built with ``interval=k`` (``SamOptimizer(..., interval=k)``),
         only every k-th successful call (the first included) is a SAM step; the others are
         a plain base step (``second_step`` with nothing pending) with the averaged gradient
-        at ``w``: one gradient evaluation and one all-reduce per dtype.
+        at ``w``: one gradient evaluation and one all-reduce per dtype (and the two
+        agreements).
 
         On failure on any rank, every rank raises (the original exception where it was
         raised, the same TrainError elsewhere; see the module's documentation) with
