@@ -20,7 +20,6 @@ import time
 from typing import Any
 
 import numpy as np
-
 import samopt
 
 

@@ -1,9 +1,14 @@
 """The noisy-digits demo, data-parallel over MPI ranks with samopt.mpi.DataParallelSam.
 
-    mpirun -n 2 python examples/mpi_digits.py            # 2 ranks
-    python examples/mpi_digits.py                        # the same training on 1 rank
+    mpirun -n 2 python -m mpi4py examples/mpi_digits.py     # 2 ranks
+    python examples/mpi_digits.py                           # the same training on 1 rank
 
 (as root, Open MPI also wants ``--allow-run-as-root``; see the README's "Scaling out".)
+``python -m mpi4py`` runs the script so that an exception escaping it on one rank aborts
+the whole job (mpi4py calls ``MPI_Abort``): under a plain ``python`` that rank would exit
+and the others would wait in their next collective forever. An exception inside a step —
+in the gradient function, the optimizer, even a KeyboardInterrupt — is already raised on
+every rank by ``DataParallelSam.sam_step``; this covers the rest of the script.
 
 Every rank loads the same data set and batch order (the same seeds), rank 0 initializes the
 MLP and ``broadcast_parameters`` copies it to the others. Each global mini-batch of

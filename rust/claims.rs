@@ -1,6 +1,8 @@
 //! Which memory each call reads and writes, checked before anything is written: within a
 //! call (the same array under two names, a parameter passed as a gradient) and against the
-//! other calls in flight in the process (two threads updating the same arrays at once).
+//! other calls in flight in the process (two threads updating the same arrays at once) and
+//! the parameters a SAM first_step holds until its second phase (whose restore would wipe
+//! any other write to them).
 //!
 //! At most one sort per call and a registry entry per call, instead of a borrow per array:
 //! with hundreds of small arrays per call the per-array bookkeeping costs more than the work.
@@ -205,6 +207,11 @@ impl CallClaims {
                 .map(|&i| claims[i as usize])
                 .collect::<Vec<_>>()
         });
+        CallClaims::indexed(claims)
+    }
+
+    /// Indexes claims already sorted by start address.
+    fn indexed(claims: Vec<Claim>) -> CallClaims {
         let mut furthest = 0;
         let reach = claims
             .iter()
@@ -223,6 +230,13 @@ impl CallClaims {
             block,
             block_starts,
         }
+    }
+
+    /// Read claims of the items `keep` accepts, in the same order (no sort: a subsequence
+    /// of a sorted list is sorted).
+    pub fn reads_of(&self, keep: impl Fn(usize) -> bool) -> CallClaims {
+        let kept = self.claims.iter().filter(|c| keep(c.item));
+        CallClaims::indexed(kept.map(|&c| Claim { write: false, ..c }).collect())
     }
 
     /// The item to blame for a conflict within the call: of every conflicting pair, the
@@ -303,38 +317,105 @@ fn sweep(mine: &[Claim], theirs: &[Claim], same: bool, mut found: impl FnMut(&Cl
     }
 }
 
-/// The calls in flight in this process, each with the claims it holds until it ends.
-static IN_FLIGHT: Mutex<Vec<(u64, Arc<CallClaims>)>> = Mutex::new(Vec::new());
-static NEXT_CALL: AtomicU64 = AtomicU64::new(0);
+/// What holds a registration's claims: said when a call that meets them is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holder {
+    /// A call in flight.
+    Call,
+    /// A SAM first_step awaiting its second phase, which restores the parameters: a write
+    /// to them in between would be wiped, so it is refused instead.
+    PendingStep,
+}
 
-/// A call's registration: its claims stay in force until this is dropped.
+/// Why a registration was refused: the earliest item of the call that meets claims in
+/// force, and what holds those.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub item: usize,
+    pub holder: Holder,
+}
+
+/// Claims in force: a call's, or a pending step's between its calls.
+struct InForce {
+    id: u64,
+    holder: Holder,
+    claims: Arc<CallClaims>,
+}
+
+/// Every registration in force in this process.
+static IN_FORCE: Mutex<Vec<InForce>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn in_force() -> std::sync::MutexGuard<'static, Vec<InForce>> {
+    IN_FORCE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The conflict of `claims` with the registrations in force other than `except`.
+fn conflict(in_force: &[InForce], claims: &CallClaims, except: Option<u64>) -> Option<Conflict> {
+    in_force
+        .iter()
+        .filter(|other| Some(other.id) != except)
+        .filter_map(|other| {
+            let item = claims.first_conflict_with(&other.claims)?;
+            Some(Conflict {
+                item,
+                holder: other.holder,
+            })
+        })
+        .min_by_key(|conflict| conflict.item)
+}
+
+/// Puts `claims`, held by `holder`, in force for registration `id`, in place of any it had.
+fn put(in_force: &mut Vec<InForce>, id: u64, holder: Holder, claims: Arc<CallClaims>) {
+    in_force.retain(|entry| entry.id != id);
+    in_force.push(InForce { id, holder, claims });
+}
+
+/// A registration: its claims stay in force until this is dropped.
 #[derive(Debug)]
 pub struct Registration {
     id: u64,
+    claims: Arc<CallClaims>,
 }
 
-/// Registers a call's claims, or returns the earliest item of the call that conflicts with
-/// a call in flight.
-pub fn register(claims: Arc<CallClaims>) -> Result<Registration, usize> {
-    let mut in_flight = IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
-    let blamed = in_flight
-        .iter()
-        .filter_map(|(_, other)| claims.first_conflict_with(other))
-        .min();
-    if let Some(item) = blamed {
-        return Err(item);
+/// Registers a call's claims, or says which item of the call meets claims in force.
+pub fn register(claims: Arc<CallClaims>) -> Result<Registration, Conflict> {
+    let mut in_force = in_force();
+    if let Some(found) = conflict(&in_force, &claims, None) {
+        return Err(found);
     }
-    let id = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
-    in_flight.push((id, claims));
-    Ok(Registration { id })
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    put(&mut in_force, id, Holder::Call, Arc::clone(&claims));
+    Ok(Registration { id, claims })
+}
+
+impl Registration {
+    /// Swaps the claims in force for `claims`, held by `holder`, under the registry's one
+    /// lock, so that no other call registers in between. They are checked against every
+    /// other registration (not against the ones they replace); on a conflict nothing
+    /// changes.
+    pub fn replace(&mut self, claims: Arc<CallClaims>, holder: Holder) -> Result<(), Conflict> {
+        let mut in_force = in_force();
+        if let Some(found) = conflict(&in_force, &claims, Some(self.id)) {
+            return Err(found);
+        }
+        put(&mut in_force, self.id, holder, Arc::clone(&claims));
+        self.claims = claims;
+        Ok(())
+    }
+
+    /// Keeps only read claims of the items `keep` accepts, now held by `holder`. Reading
+    /// part of what was claimed meets nothing the claims did not, so nothing is checked.
+    pub fn narrow_to_reads(&mut self, keep: impl Fn(usize) -> bool, holder: Holder) {
+        let claims = Arc::new(self.claims.reads_of(keep));
+        put(&mut in_force(), self.id, holder, Arc::clone(&claims));
+        self.claims = claims;
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut in_flight = IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(at) = in_flight.iter().position(|(id, _)| *id == self.id) {
-            in_flight.swap_remove(at);
-        }
+        in_force().retain(|entry| entry.id != self.id);
     }
 }
 
@@ -494,7 +575,7 @@ mod tests {
                 vector(base + 64, 2, false, 1),
             ]))
         };
-        assert_eq!(register(reader()).unwrap_err(), 1);
+        assert_eq!(register(reader()).unwrap_err().item, 1);
         let elsewhere = register(Arc::new(CallClaims::new(vec![vector(
             base + 80,
             10,
@@ -506,5 +587,67 @@ mod tests {
         let after = register(reader());
         assert!(after.is_ok());
         drop((after, elsewhere));
+    }
+
+    /// One float64 vector of `len` elements at `data`, as one call's claims.
+    fn call_of(data: usize, len: usize, write: bool) -> Arc<CallClaims> {
+        Arc::new(CallClaims::new(vec![vector(data, len, write, 0)]))
+    }
+
+    #[test]
+    fn a_pending_step_lets_readers_in_and_refuses_writers_until_it_ends() {
+        // Addresses no other test uses: the registry is process-wide.
+        let base = 3 << 40;
+        let mut step = register(Arc::new(CallClaims::new(vec![
+            vector(base, 10, true, 0),
+            vector(base + 4096, 10, false, 1),
+        ])))
+        .unwrap();
+        step.narrow_to_reads(|item| item == 0, Holder::PendingStep);
+        let reader = register(call_of(base + 8, 2, false));
+        assert!(reader.is_ok());
+        let refused = Conflict {
+            item: 0,
+            holder: Holder::PendingStep,
+        };
+        assert_eq!(register(call_of(base + 8, 2, true)).unwrap_err(), refused);
+        // The second item was dropped: its memory is free for writing.
+        drop(register(call_of(base + 4096, 10, true)).unwrap());
+        // Widening while another call reads is refused and leaves the pending claims.
+        let widened = call_of(base, 10, true);
+        let busy = Conflict {
+            item: 0,
+            holder: Holder::Call,
+        };
+        assert_eq!(step.replace(Arc::clone(&widened), Holder::Call), Err(busy));
+        assert_eq!(register(call_of(base, 1, true)).unwrap_err(), refused);
+        drop(reader);
+        step.replace(widened, Holder::Call).unwrap();
+        assert_eq!(register(call_of(base, 1, false)).unwrap_err(), busy);
+        drop(step);
+        drop(register(call_of(base, 10, true)).unwrap());
+    }
+
+    #[test]
+    fn no_write_slips_in_while_claims_are_swapped() {
+        let base = 4 << 40;
+        let mut step = register(call_of(base, 100, true)).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| {
+                let mut admitted = 0;
+                while !done.load(Ordering::Relaxed) {
+                    admitted += usize::from(register(call_of(base + 80, 1, true)).is_ok());
+                }
+                admitted
+            });
+            let swapped = (0..20_000).all(|_| {
+                step.narrow_to_reads(|_| true, Holder::PendingStep);
+                step.replace(call_of(base, 100, true), Holder::Call).is_ok()
+            });
+            done.store(true, Ordering::Relaxed);
+            assert_eq!(writer.join().unwrap(), 0);
+            assert!(swapped);
+        });
     }
 }

@@ -124,7 +124,8 @@ fn base_step_of<const N: usize, S: Spec<N>>(
         .collect();
     let mut tables = vec![TableRef { table, cache }];
     let (mut order, mut restart, mut gsam, mut count) = (order, false, None, None);
-    let mut expected = None;
+    // The pending first_step to restart from: its entries and the claims it holds.
+    let mut restarting = None;
     if let Some(SamPart {
         sam,
         restart: restarts,
@@ -150,13 +151,18 @@ fn base_step_of<const N: usize, S: Spec<N>>(
             });
             order = sam_order;
             restart = true;
-            expected = state.pending.clone();
+            restarting = state
+                .pending
+                .clone()
+                .map(|entries| (entries, &mut state.pending_claims));
         }
         count = Some((&mut state.pending, &mut state.calls, counts));
     }
-    let pending = expected
-        .as_deref()
-        .map(|entries| Pending { table: 1, entries });
+    let pending = restarting.as_mut().map(|(entries, claims)| Pending {
+        table: 1,
+        entries,
+        claims,
+    });
     let assigned = Groups {
         assign: assign.as_ref().map(|assign| assign.bind(py)),
         count: groups.len(),
@@ -189,6 +195,9 @@ fn base_step_of<const N: usize, S: Spec<N>>(
     if let Err(error) = outcome {
         let error = prepared.norm_error(error);
         prepared.release(&mut tables);
+        if let Some((_, claims)) = restarting {
+            *claims = prepared.pending_claims();
+        }
         return Err(error);
     }
     prepared.commit(&mut tables);
@@ -302,6 +311,7 @@ fn perturb(
     };
     let entries = prepared.commit(&mut tables).swap_remove(0);
     state.pending = Some(entries);
+    state.pending_claims = prepared.pending_claims();
     if *keeps_grad0 {
         state.grad0_norm = norm;
     }
@@ -352,6 +362,7 @@ fn restore_pending(
     let pending = Some(Pending {
         table: 0,
         entries: &expected,
+        claims: &mut state.pending_claims,
     });
     let mut prepared = prepare(
         params,
@@ -468,6 +479,7 @@ fn before_foreign_step<'py>(
     let pending = Some(Pending {
         table: 0,
         entries: &expected,
+        claims: &mut state.pending_claims,
     });
     let mut prepared = prepare(
         params,
@@ -497,6 +509,7 @@ fn before_foreign_step<'py>(
         Ok(buffers) => buffers,
         Err(error) => {
             prepared.release(&mut tables);
+            state.pending_claims = prepared.pending_claims();
             return Err(error);
         }
     };
@@ -510,6 +523,7 @@ fn before_foreign_step<'py>(
         if let Err(error) = py.detach(move || phases::gsam_direction(items, gsam)) {
             let error = prepared.norm_error(error);
             prepared.release(&mut tables);
+            state.pending_claims = prepared.pending_claims();
             return Err(error);
         }
     }
@@ -583,6 +597,7 @@ fn foreign_second_step(
             );
             py.detach(move || phases::copy(items));
             prepared.write_back();
+            borrow(sam_object)?.state.pending_claims = prepared.pending_claims();
             Err(error)
         }
     }
@@ -739,8 +754,10 @@ fn gradient_norm(py: Python<'_>, grads: &Bound<'_, PyDict>) -> PyResult<f64> {
         arrays.push(array);
         names.push(key);
     }
-    let _registration = claims::register(Arc::new(CallClaims::new(claims)))
-        .map_err(|item| arrays::shared_memory_error("gradient", &names[item].text()))?;
+    let _registration =
+        claims::register(Arc::new(CallClaims::new(claims))).map_err(|conflict| {
+            arrays::shared_memory_error("gradient", &names[conflict.item].text())
+        })?;
     let sources = arrays
         .into_iter()
         .zip(&names)

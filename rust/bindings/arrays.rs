@@ -15,7 +15,7 @@ use std::os::raw::c_int;
 use std::sync::Arc;
 
 use super::{optimizer_error, out_of_memory, OptimizerError};
-use crate::claims::{self, CallClaims, Claim, Registration};
+use crate::claims::{self, CallClaims, Claim, Conflict, Holder, Registration};
 use crate::float::Real;
 use crate::state::{self, OutOfMemory, Stored};
 
@@ -687,22 +687,54 @@ pub fn checked_param<'py>(
 }
 
 /// Checks that the call's arrays do not alias each other and registers their claims
-/// against the other calls in flight. Items are numbered parameters first, then gradients,
-/// each in name order.
-pub fn claim_memory(names: &[Key<'_>], claims: Vec<Claim>) -> PyResult<Registration> {
-    let blame = |item: usize| {
-        let what = if item < names.len() {
-            "parameter"
-        } else {
-            "gradient"
-        };
-        shared_memory_error(what, &names[item % names.len()].text())
+/// against the other calls in flight and the pending steps: afresh, or, for the second
+/// phase of a pending first_step, in place of the claims that step holds (`pending`; they
+/// stay in force if the call is refused). Items are numbered parameters first, then
+/// gradients, each in name order.
+pub fn claim_memory(
+    names: &[Key<'_>],
+    claims: Vec<Claim>,
+    mut pending: Option<&mut Option<Registration>>,
+) -> PyResult<Registration> {
+    let blame = |conflict: Conflict| {
+        let key = names[conflict.item % names.len()].text();
+        match (conflict.item < names.len(), conflict.holder) {
+            (true, Holder::PendingStep) => pending_step_error(&key),
+            (true, Holder::Call) => shared_memory_error("parameter", &key),
+            (false, _) => shared_memory_error("gradient", &key),
+        }
     };
     let claims = Arc::new(CallClaims::new(claims));
     if let Some(item) = claims.first_conflict() {
-        return Err(blame(item));
+        return Err(blame(Conflict {
+            item,
+            holder: Holder::Call,
+        }));
     }
-    claims::register(claims).map_err(blame)
+    let Some(mut held) = pending.as_mut().and_then(|slot| slot.take()) else {
+        return claims::register(claims).map_err(blame);
+    };
+    match held.replace(claims, Holder::Call) {
+        Ok(()) => Ok(held),
+        Err(conflict) => {
+            if let Some(slot) = pending {
+                *slot = Some(held);
+            }
+            Err(blame(conflict))
+        }
+    }
+}
+
+/// A write to a parameter of a SAM first_step that awaits its second phase.
+fn pending_step_error(key: &str) -> PyErr {
+    optimizer_error(
+        key,
+        format!(
+            "parameter '{key}' belongs to a SAM first_step that awaits its second_step, \
+             whose restore would wipe this write: finish that step (second_step or \
+             restore) first"
+        ),
+    )
 }
 
 /// The typed parameter a call writes, laid out for the kernels (staged if it must be).

@@ -11,7 +11,7 @@ use super::arrays::{
     sorted_entries, Float, Key, NameOrder, Order, Source, Target,
 };
 use super::{non_finite_error, optimizer_error};
-use crate::claims::Registration;
+use crate::claims::{Holder, Registration};
 use crate::norm::NormError;
 use crate::parallel::ByDtype;
 use crate::state::{self, Buffer, Table};
@@ -404,11 +404,12 @@ impl Visit for ClaimParams {
 }
 
 /// The entries of a pending first_step in table `table` of the call, in name order: a
-/// second phase must get exactly its parameter names.
-#[derive(Clone, Copy)]
+/// second phase must get exactly its parameter names. It takes over the read claims the
+/// step holds on them (none for a step loaded from a state dict).
 pub struct Pending<'a> {
     pub table: usize,
     pub entries: &'a [usize],
+    pub claims: &'a mut Option<Registration>,
 }
 
 impl Pending<'_> {
@@ -476,10 +477,11 @@ pub fn prepare<'py>(
         Some(table) if groups.assign.is_some() => table.cache.groups(&names, groups)?,
         _ => vec![0; names.len()],
     };
-    if let Some(pending) = pending {
+    if let Some(pending) = &pending {
         let table = &*tables[pending.table].table;
         pending.check(params.py(), &names, &resolved[pending.table], table)?;
     }
+    let mut pending_claims = pending.map(|pending| pending.claims);
     let mut claims = Vec::with_capacity(2 * params.len());
     let mut param_arrays = Vec::with_capacity(params.len());
     for (item, (key, object)) in names.iter().zip(objects).enumerate() {
@@ -498,7 +500,7 @@ pub fn prepare<'py>(
         }
     }
     // Nothing of the caller's is read before its memory is claimed.
-    let registration = arrays::claim_memory(&names, claims)?;
+    let registration = arrays::claim_memory(&names, claims, pending_claims.as_deref_mut())?;
     let mut grad_arrays = grad_arrays.into_iter();
     let n_single = param_arrays
         .iter()
@@ -513,15 +515,24 @@ pub fn prepare<'py>(
         resolved: &resolved,
         groups: &group_of,
     };
-    for (item, (key, param)) in names.iter().zip(param_arrays).enumerate() {
-        let grad = grads.and_then(|_| grad_arrays.next());
-        let single = is_float_dtype::<f32>(&param);
-        if single {
-            build(&mut singles, item, key, param, grad, &states)?;
-        } else {
-            build(&mut doubles, item, key, param, grad, &states)?;
+    let built = names
+        .iter()
+        .zip(param_arrays)
+        .enumerate()
+        .try_for_each(|(item, (key, param))| {
+            let grad = grads.and_then(|_| grad_arrays.next());
+            let single = is_float_dtype::<f32>(&param);
+            is_single.push(single);
+            match single {
+                true => build(&mut singles, item, key, param, grad, &states),
+                false => build(&mut doubles, item, key, param, grad, &states),
+            }
+        });
+    if let Err(error) = built {
+        if let Some(slot) = pending_claims {
+            *slot = Some(pending_reads(registration, names.len()));
         }
-        is_single.push(single);
+        return Err(error);
     }
     let mut prepared = Prepared {
         names,
@@ -540,6 +551,13 @@ pub fn prepare<'py>(
     });
     prepared.entries = resolved;
     Ok(prepared)
+}
+
+/// A call's registration narrowed to read claims of its `params` parameters: what a
+/// first_step that is (still) pending holds on them.
+fn pending_reads(mut registration: Registration, params: usize) -> Registration {
+    registration.narrow_to_reads(|item| item < params, Holder::PendingStep);
+    registration
 }
 
 impl<'py> Prepared<'py> {
@@ -628,6 +646,13 @@ impl<'py> Prepared<'py> {
         lists
     }
 
+    /// Ends the call keeping read claims on its parameters, for the first_step it leaves
+    /// pending: another optimizer's write to them is refused until that step ends.
+    pub fn pending_claims(&mut self) -> Option<Registration> {
+        let registration = self.registration.take()?;
+        Some(pending_reads(registration, self.names.len()))
+    }
+
     /// Ends the call's claim on its arrays (before a base written in Python runs on them).
     pub fn unclaim(&mut self) {
         self.registration = None;
@@ -637,7 +662,7 @@ impl<'py> Prepared<'py> {
     pub fn reclaim(&mut self) -> PyResult<()> {
         let mut claims = ClaimParams(Vec::with_capacity(self.names.len()));
         self.visit(&mut claims);
-        self.registration = Some(arrays::claim_memory(&self.names, claims.0)?);
+        self.registration = Some(arrays::claim_memory(&self.names, claims.0, None)?);
         Ok(())
     }
 

@@ -13,6 +13,7 @@ use super::arrays::{
 };
 use super::driver::EntryCache;
 use super::{optimizer_error, OptimizerError};
+use crate::claims::Registration;
 use crate::phases::{AscentGroup, Clipping};
 use crate::specs::{Hyper, Kind};
 use crate::state::{Buffer, Data, Table};
@@ -267,6 +268,11 @@ pub struct SamState {
     pub table: Table,
     /// The table entries of the pending first_step's parameters, in name order.
     pub pending: Option<Vec<usize>>,
+    /// Read claims on the pending first_step's parameters, until its second phase takes
+    /// them over: another call's write to them is refused rather than wiped by the
+    /// restore. None when nothing is pending, or for a pending step loaded from a state
+    /// dict (it knows no arrays).
+    pub pending_claims: Option<Registration>,
     /// GSAM's `‖g0‖`, while pending.
     pub grad0_norm: f64,
     /// `sam_step` calls made (for `interval`).
@@ -280,6 +286,7 @@ impl SamState {
         SamState {
             table: Table::new(SAM_SLOTS.len()),
             pending: None,
+            pending_claims: None,
             grad0_norm: 0.0,
             calls: 0,
         }
@@ -407,13 +414,15 @@ impl SamEngine {
         }
         Ok(StagedSamState(Some(SamState {
             pending: (!entries.is_empty()).then_some(entries),
+            pending_claims: None,
             table,
             grad0_norm,
             calls,
         })))
     }
 
-    /// Puts a staged state in force (it cannot fail: everything was checked and copied).
+    /// Puts a staged state in force (it cannot fail: everything was checked and copied),
+    /// ending the claims of a pending first_step it replaces.
     fn install(&mut self, staged: &mut StagedSamState) -> PyResult<()> {
         let state = staged
             .0

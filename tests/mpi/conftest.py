@@ -4,14 +4,21 @@ Under a plain ``pytest`` (no ``mpirun``) these modules are not collected at all,
 normal test run neither needs mpi4py nor initializes MPI. With ``SAMOPT_MPI_REQUIRED=1``
 (set by run.sh) a missing mpi4py, a world of fewer than two ranks or a session in which no
 test passed is an error, never a silent skip.
+
+Each test runs under its own timeout (``SAMOPT_MPI_TEST_TIMEOUT`` seconds, default 120): a
+test whose ranks hang — waiting in collectives that never pair — makes its rank write the
+test's name and every thread's stack (to ``$SAMOPT_MPI_HANG_DIR/hang-rank<r>.log``, which
+run.sh prints, as pytest captures stderr) and exit with status 1, so mpirun ends every rank
+and the run fails.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 
@@ -27,6 +34,41 @@ UNDER_MPIRUN = any(
 
 if not (UNDER_MPIRUN or REQUIRED):
     collect_ignore_glob = ["test_*.py"]
+
+TEST_TIMEOUT = float(os.environ.get("SAMOPT_MPI_TEST_TIMEOUT", "120"))
+
+
+def _open_hang_log() -> TextIO | None:
+    hang_dir = os.environ.get("SAMOPT_MPI_HANG_DIR")
+    if not hang_dir:
+        return None
+    variables = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+    rank = next((os.environ[v] for v in variables if v in os.environ), "x")
+    return open(os.path.join(hang_dir, f"hang-rank{rank}.log"), "w", encoding="utf-8")
+
+
+HANG_LOG = _open_hang_log()
+
+
+def _clear_hang_log() -> None:
+    if HANG_LOG is not None:
+        HANG_LOG.seek(0)
+        HANG_LOG.truncate()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Set-up, call and tear-down of one test, under the per-test timeout."""
+    if HANG_LOG is not None:
+        _clear_hang_log()
+        HANG_LOG.write(f"{item.nodeid} did not finish within {TEST_TIMEOUT:g} s:\n")
+        HANG_LOG.flush()
+    faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True, file=HANG_LOG or sys.stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        _clear_hang_log()
 
 
 @pytest.fixture(scope="session")

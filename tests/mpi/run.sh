@@ -5,8 +5,12 @@
 #   bash tests/mpi/run.sh [extra pytest args]
 #
 # Environment: PYTHON (default: python3, or python), NP (ranks, default 2), MPIRUN
-# (default: mpirun), MPI_TIMEOUT (seconds before a hung run is killed, default 600).
+# (default: mpirun), MPI_TIMEOUT (seconds before a hung run is killed, default 600),
+# SAMOPT_MPI_TEST_TIMEOUT (seconds before a hung test fails the run, default 120).
 # Exits non-zero when any rank fails, when no test passed, or on a timeout.
+#
+# The ranks run under `python -m mpi4py`, which aborts the whole job when an exception
+# escapes on one rank (the others would otherwise wait in their next collective forever).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -42,20 +46,25 @@ export SAMOPT_MPI_REQUIRED=1 PYTHONUNBUFFERED=1
 
 logs="$(mktemp -d)"
 trap 'rm -rf "$logs"' EXIT
+export SAMOPT_MPI_HANG_DIR="$logs"  # where a test that hangs says so (tests/mpi/conftest.py)
 # Each rank writes its own log; they are printed below, rank 0 last.
 status=0
 timeout --kill-after=30 "$MPI_TIMEOUT" "${launcher[@]}" sh -c '
     rank="${OMPI_COMM_WORLD_RANK:-${PMI_RANK:-${PMIX_RANK:-x}}}"
-    exec "$0" -m pytest -q -p no:cacheprovider tests/mpi "$@" >"'"$logs"'/rank$rank.log" 2>&1
+    exec "$0" -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi "$@" >"'"$logs"'/rank$rank.log" 2>&1
 ' "$PYTHON" "$@" || status=$?
 
 shopt -s nullglob
-rank_logs=("$logs"/rank*.log)
+rank_logs=("$logs"/rank[0-9]*.log)
 for ((r = ${#rank_logs[@]} - 1; r >= 0; r--)); do
     f="$logs/rank$r.log"
     [[ -f "$f" ]] || continue
     echo "===== rank $r ====="
     cat "$f"
+    if [[ -s "$logs/hang-rank$r.log" ]]; then
+        echo "----- rank $r: a test timed out -----"
+        cat "$logs/hang-rank$r.log"
+    fi
 done
 
 if [[ $status -eq 124 || $status -eq 137 ]]; then
@@ -76,3 +85,14 @@ for f in "${rank_logs[@]}"; do
         exit 1
     fi
 done
+
+# An exception that escapes on one rank ends the whole job instead of leaving the others
+# waiting: a non-zero exit well before the timeout.
+abort_status=0
+timeout --kill-after=10 60 "${launcher[@]}" "$PYTHON" -m mpi4py tests/mpi/uncaught_on_one_rank.py \
+    >"$logs/uncaught.log" 2>&1 || abort_status=$?
+if [[ $abort_status -eq 0 || $abort_status -eq 124 || $abort_status -eq 137 ]]; then
+    cat "$logs/uncaught.log"
+    echo "run.sh: an uncaught exception on one rank did not abort the job (status $abort_status)" >&2
+    exit 1
+fi

@@ -42,8 +42,9 @@ def test_allreduce_mean_is_the_mean_and_leaves_inputs_alone(comm: Any) -> None:
 
     out = allreduce_mean(grads, comm)
 
-    # One Allreduce per bucket dtype: float64, and float32 (shared by float16).
-    assert collective_counts() == {"Allreduce": 2, "Bcast": 0}
+    # The layout agreement, then one Allreduce per bucket dtype: float64, and float32
+    # (shared by float16).
+    assert collective_counts() == {"Allreduce": 3, "Bcast": 0, "allgather": 0}
     assert list(out) == sorted(grads)
     for k, g in grads.items():
         np.testing.assert_array_equal(g, before[k][0])  # inputs untouched
@@ -59,7 +60,7 @@ def test_allreduce_mean_is_the_mean_and_leaves_inputs_alone(comm: Any) -> None:
 def test_allreduce_mean_single_dtype_is_a_single_collective(comm: Any) -> None:
     grads = {f"g{i}": np.full(i + 1, float(comm.Get_rank())) for i in range(20)}
     out = allreduce_mean(grads, comm)
-    assert collective_counts()["Allreduce"] == 1
+    assert collective_counts()["Allreduce"] == 2  # the agreement and the one buffer
     mean = sum(range(comm.Get_size())) / comm.Get_size()
     for v in out.values():
         np.testing.assert_array_equal(v, mean)
@@ -67,14 +68,17 @@ def test_allreduce_mean_single_dtype_is_a_single_collective(comm: Any) -> None:
 
 def test_allreduce_mean_of_nothing(comm: Any) -> None:
     assert allreduce_mean({}, comm) == {}
-    assert collective_counts()["Allreduce"] == 1  # every rank still takes part
+    assert collective_counts()["Allreduce"] == 1  # every rank still takes part: the agreement
 
 
 def test_allreduce_mean_mismatch_raises_on_every_rank(comm: Any) -> None:
     """Same sizes, different shapes: every rank raises instead of mixing values."""
     shape = (2, 3) if comm.Get_rank() == 0 else (3, 2)
-    with pytest.raises(ReplicaMismatchError):
+    with pytest.raises(ReplicaMismatchError) as info:
         allreduce_mean({"a": np.ones(shape)}, comm)
+    assert info.value.key == "a"
+    assert "'a': float64 of shape (2, 3) on rank 0, float64 of shape (3, 2) on " in str(info.value)
+    h.assert_same_on_all_ranks(comm, str(info.value), "error message")
 
 
 def test_allreduce_mean_invalid_entry_raises_on_every_rank(comm: Any) -> None:
@@ -100,7 +104,8 @@ def test_broadcast_parameters_in_place(comm: Any, root: int) -> None:
     ids = {k: id(v) for k, v in params.items()}
     root_values = comm.bcast(h.copy_params(params), root=root)
     broadcast_parameters(params, comm, root=root)
-    assert collective_counts() == {"Allreduce": 1, "Bcast": 2}  # check + one per dtype
+    # The agreement, then one Bcast per dtype.
+    assert collective_counts() == {"Allreduce": 1, "Bcast": 2, "allgather": 0}
     assert {k: id(v) for k, v in params.items()} == ids
     for k, v in params.items():
         np.testing.assert_array_equal(v, root_values[k])
@@ -132,7 +137,7 @@ def test_broadcast_parameters_read_only_raises_everywhere(comm: Any) -> None:
 def test_replicas_consistent_detects_one_flipped_bit(comm: Any) -> None:
     params: dict[str, Any] = {"a": np.linspace(0, 1, 10), "b": np.ones((2, 2), np.float32)}
     assert replicas_consistent(params, comm)
-    assert collective_counts() == {"Allreduce": 1, "Bcast": 0}
+    assert collective_counts() == {"Allreduce": 1, "Bcast": 0, "allgather": 0}
     if comm.Get_rank() == comm.Get_size() - 1:
         params["a"].view(np.uint64)[3] ^= np.uint64(1)
     assert not replicas_consistent(params, comm)
