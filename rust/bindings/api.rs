@@ -787,6 +787,16 @@ impl Names {
     }
 }
 
+/// A call that writes `arrays` (reading `sources`) and holds no optimizer state.
+fn prepare_stateless<'py>(
+    names: &mut Names,
+    arrays: &Bound<'py, PyDict>,
+    sources: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Prepared<'py>> {
+    let order = Some(&mut names.0);
+    prepare(arrays, order, sources, &mut [], &[], None, &UNGROUPED)
+}
+
 fn pair_lanes<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> CopyLanes<'a, T> {
     let (dst, src, _) = entry.lanes();
     (dst, src.expect("a call with a source"))
@@ -807,16 +817,7 @@ fn accumulate(
     grads: &Bound<'_, PyDict>,
     weight: f64,
 ) -> PyResult<()> {
-    let mut names = borrow(names)?;
-    let mut prepared = prepare(
-        sums,
-        Some(&mut names.0),
-        Some(grads),
-        &mut [],
-        &[],
-        None,
-        &UNGROUPED,
-    )?;
+    let mut prepared = prepare_stateless(&mut *borrow(names)?, sums, Some(grads))?;
     let items = prepared.lanes(pair_lanes::<f32>, pair_lanes::<f64>);
     if let Err(error) = py.detach(move || phases::accumulate(items, weight)) {
         return Err(prepared.norm_error(error));
@@ -834,16 +835,7 @@ fn scale(
     values: &Bound<'_, PyDict>,
     factor: f64,
 ) -> PyResult<()> {
-    let mut names = borrow(names)?;
-    let mut prepared = prepare(
-        out,
-        Some(&mut names.0),
-        Some(values),
-        &mut [],
-        &[],
-        None,
-        &UNGROUPED,
-    )?;
+    let mut prepared = prepare_stateless(&mut *borrow(names)?, out, Some(values))?;
     let items = prepared.lanes(pair_lanes::<f32>, pair_lanes::<f64>);
     py.detach(move || phases::scale(items, factor));
     prepared.commit(&mut []);
@@ -853,16 +845,7 @@ fn scale(
 /// Every array of `arrays` set to zero.
 #[pyfunction]
 fn zero(py: Python<'_>, names: &Bound<'_, Names>, arrays: &Bound<'_, PyDict>) -> PyResult<()> {
-    let mut names = borrow(names)?;
-    let mut prepared = prepare(
-        arrays,
-        Some(&mut names.0),
-        None,
-        &mut [],
-        &[],
-        None,
-        &UNGROUPED,
-    )?;
+    let mut prepared = prepare_stateless(&mut *borrow(names)?, arrays, None)?;
     let items = prepared.lanes(values_of::<f32>, values_of::<f64>);
     py.detach(move || phases::zero(items));
     prepared.commit(&mut []);
