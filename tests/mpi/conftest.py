@@ -58,17 +58,24 @@ def _clear_hang_log() -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    """Set-up, call and tear-down of one test, under the per-test timeout."""
-    if HANG_LOG is not None:
-        _clear_hang_log()
-        HANG_LOG.write(f"{item.nodeid} did not finish within {TEST_TIMEOUT:g} s:\n")
-        HANG_LOG.flush()
-    faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True, file=HANG_LOG or sys.stderr)
+    """Set-up, call and tear-down of one test, under the per-test timeout.
+
+    Only for this folder's tests under mpirun: pytest loads this conftest whenever it
+    collects the folder, also in the plain run of tests/, whose other tests must not be
+    cut off (a fuzz test there runs longer than the timeout on a busy machine)."""
+    armed = (UNDER_MPIRUN or REQUIRED) and os.path.dirname(str(item.path)) == _HERE
+    if armed:
+        if HANG_LOG is not None:
+            _clear_hang_log()
+            HANG_LOG.write(f"{item.nodeid} did not finish within {TEST_TIMEOUT:g} s:\n")
+            HANG_LOG.flush()
+        faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True, file=HANG_LOG or sys.stderr)
     try:
         yield
     finally:
-        faulthandler.cancel_dump_traceback_later()
-        _clear_hang_log()
+        if armed:
+            faulthandler.cancel_dump_traceback_later()
+            _clear_hang_log()
 
 
 @pytest.fixture(scope="session")
