@@ -8,6 +8,7 @@
 #[macro_use]
 mod simd;
 pub mod claims;
+pub mod family;
 pub mod float;
 pub mod kernels;
 pub mod norm;

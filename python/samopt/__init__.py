@@ -8,6 +8,7 @@ learning-rate schedulers and gradient accumulation; the element-wise work is in 
 from ._accumulate import GradAccumulator
 from ._config import GradClipMode, OptimizerConfig
 from ._errors import NonFiniteGradientError, OptimizerError, OutOfMemoryError, TrainError
+from ._family import EsamOptimizer, LookSamOptimizer, RandomizedSam
 from ._optimizers import AdamOptimizer, AdamWOptimizer, SgdOptimizer, compute_gradient_norm
 from ._protocol import Optimizer
 from ._sam import GradFn, GsamOptimizer, SamOptimizer
@@ -35,11 +36,13 @@ __all__ = [
     "CosineAnnealingLrScheduler",
     "CyclicLrMode",
     "CyclicLrScheduler",
+    "EsamOptimizer",
     "ExponentialLrScheduler",
     "GradAccumulator",
     "GradClipMode",
     "GradFn",
     "GsamOptimizer",
+    "LookSamOptimizer",
     "LrScheduler",
     "MultiStepLrScheduler",
     "NoamScheduler",
@@ -51,6 +54,7 @@ __all__ = [
     "OutOfMemoryError",
     "PlateauMode",
     "PolynomialDecayLrScheduler",
+    "RandomizedSam",
     "ReduceLROnPlateauScheduler",
     "SamOptimizer",
     "SgdOptimizer",

@@ -14,8 +14,11 @@ __all__ = [
     "SamEngine",
     "StagedSamState",
     "accumulate",
+    "centralize",
+    "cosine",
     "first_step",
     "gradient_norm",
+    "mask",
     "restore",
     "sam_step",
     "scale",
@@ -83,7 +86,12 @@ def first_step(
     sam: SamEngine, params: _Arrays, grads: _Arrays, rho: float, eps: float
 ) -> float: ...
 def second_step(
-    sam: SamEngine, base: Any, params: _Arrays, grads: _Arrays, alpha: float | None
+    sam: SamEngine,
+    base: Any,
+    params: _Arrays,
+    grads: _Arrays,
+    alpha: float | None,
+    count: bool = False,
 ) -> None: ...
 def restore(sam: SamEngine, params: _Arrays) -> None: ...
 def sam_step(
@@ -107,3 +115,8 @@ class Names:
 def accumulate(names: Names, sums: _Arrays, grads: _Arrays, weight: float) -> None: ...
 def scale(names: Names, out: _Arrays, values: _Arrays, factor: float) -> None: ...
 def zero(names: Names, arrays: _Arrays) -> None: ...
+def centralize(names: Names, out: _Arrays, grads: _Arrays) -> None: ...
+def mask(
+    names: Names, out: _Arrays, grads: _Arrays, seed: int, draw: int, keep: float
+) -> None: ...
+def cosine(a: _Arrays, b: _Arrays) -> tuple[float, float, float]: ...

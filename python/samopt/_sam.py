@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from . import _core
+from ._accumulate import GradAccumulator
 from ._config import check_bool, check_real
+from ._directions import Buffers
 from ._errors import OptimizerError
 from ._groups import Check, ParamGroups
 from ._optimizers import LoadedState, NativeOptimizer
@@ -71,6 +73,7 @@ class SamOptimizer:
         eta: float = 0.0,
         eps: float = 0.0,
         interval: int = 1,
+        gradient_centralization: bool = False,
         param_groups: object = None,
     ) -> None:
         _check_base(base_optimizer)
@@ -81,6 +84,8 @@ class SamOptimizer:
         self._eta = check_real("eta", eta, minimum=0.0)
         self._eps = check_real("eps", eps, minimum=0.0)
         self._interval = _check_interval(interval)
+        self._centralize = check_bool("gradient_centralization", gradient_centralization)
+        self._centred = Buffers()
         checks = {key: _GROUP_CHECKS[key] for key in self._group_keys}
         self.param_groups = ParamGroups.parse(param_groups, checks)
         # Kernels run without the GIL: the lock serialises concurrent calls (re-entrant so
@@ -155,6 +160,11 @@ class SamOptimizer:
         self._interval = _check_interval(value)
 
     @property
+    def gradient_centralization(self) -> bool:
+        """GCSAM (Hassan et al., 2025): the ascent follows the centralised gradient."""
+        return self._centralize
+
+    @property
     def pending(self) -> bool:
         """Whether a first_step has moved the parameters and awaits its second_step."""
         return bool(self._engine.pending)
@@ -172,11 +182,24 @@ class SamOptimizer:
             return base._engine, base._lock
         return base, contextlib.nullcontext()
 
+    def _ascent_gradients(self, params: dict[Any, Any], grads: dict[Any, Any]) -> dict[Any, Any]:
+        """What the ascent follows: ``grads``, or with gradient centralisation (GCSAM) each
+        array of two or more dimensions with the mean of every slice along its first axis
+        removed, ``g − mean(g[r, ...])`` (Yong et al., 2020's operator)."""
+        if not self._centralize:
+            return grads
+        centred = self._centred.like(params)
+        _core.centralize(self._centred.names, centred, grads)
+        return centred
+
     def first_step(self, params: Params, grads: Grads) -> None:
-        """Climbs to the worst point within radius rho; nothing moves when ‖g‖ = 0."""
+        """Climbs to the worst point within radius rho; nothing moves when ‖g‖ = 0. With
+        ``gradient_centralization`` the ascent is ``ρ·g_c/‖g_c‖``, g_c the centralised
+        gradient."""
         params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
         with self._lock:
-            _core.first_step(self._engine, params_dict, grads_dict, self.rho, self._eps)
+            ascent = self._ascent_gradients(params_dict, grads_dict)
+            _core.first_step(self._engine, params_dict, ascent, self.rho, self._eps)
 
     def second_step(self, params: Params, grads: Grads) -> None:
         """Restores the parameters exactly and steps the base optimizer with ``grads``,
@@ -199,12 +222,71 @@ class SamOptimizer:
         were and nothing is pending; when it returns, the step is complete."""
         params_dict = as_dict(params, "params")
         with self._lock:
+            if self._centralize and self._engine.calls % self._interval == 0:
+                grad_fn = self._centring_first(params_dict, grad_fn)
             base, base_lock = self._base()
             with base_lock:
                 return _core.sam_step(
                     self._engine, base, params_dict, grad_fn,
                     self.rho, self._eps, self._mix_alpha(), self._interval,
                 )
+
+    def _centring_first(self, params: dict[Any, Any], grad_fn: GradFn) -> GradFn:
+        """``grad_fn`` whose first call's gradients (those the ascent follows) come back
+        centralised."""
+        first = [True]
+
+        def centring(at: dict[str, NDArray[Any]]) -> tuple[Any, Grads]:
+            loss, grads = grad_fn(at)
+            if first[0]:
+                first[0] = False
+                return loss, self._ascent_gradients(params, as_dict(grads, "grads"))
+            return loss, grads
+
+        return centring
+
+    def sam_step_splits(self, params: Params, grad_fns: Iterable[GradFn]) -> list[Any]:
+        """m-sharpness on one machine (Foret et al., 2021, section 4.1): with one gradient
+        function per sub-batch, each sub-batch's ascent starts from w, its gradient is taken
+        at its own perturbed point ``w + ρ·g_i/‖g_i‖``, and one base step takes the mean of
+        those gradients. Two gradient evaluations per sub-batch; returns the sub-batches'
+        losses at w. One split is exactly ``sam_step``. Calls that ``interval`` makes plain
+        steps take the mean of the sub-batches' gradients at w. On any error the
+        parameters go back to where they were and nothing else changes."""
+        params_dict = as_dict(params, "params")
+        functions = list(grad_fns)
+        if not functions or not all(callable(f) for f in functions):
+            raise OptimizerError(
+                "grad_fns must be a non-empty sequence of gradient functions", "grad_fns"
+            )
+        with self._lock:
+            if self.pending:
+                raise OptimizerError(
+                    "sam_step_splits called while a first_step is pending (call second_step "
+                    "or restore first)",
+                    None,
+                )
+            sam_call = self._engine.calls % self._interval == 0
+            mean = GradAccumulator()
+            weight = 1.0 / len(functions)
+            losses = []
+            for grad_fn in functions:
+                loss, grads = _evaluate(grad_fn, params_dict)
+                losses.append(loss)
+                if sam_call:
+                    self.first_step(params_dict, grads)
+                    try:
+                        _, grads = _evaluate(grad_fn, params_dict)
+                    finally:
+                        # The native restore: a variant's own (ESAM's) also undoes its draw.
+                        _core.restore(self._engine, params_dict)
+                mean.add(grads, weight)
+            base, base_lock = self._base()
+            with base_lock:
+                _core.second_step(
+                    self._engine, base, params_dict, mean.grads, self._mix_alpha(), True
+                )
+            return losses
 
     def restore(self, params: Params) -> None:
         """Abandons a pending perturbation: puts the parameters back to their values before
@@ -317,8 +399,19 @@ class SamOptimizer:
         return (
             f"{type(self).__name__}({self.base_optimizer!r}, rho={self._rho!r}, "
             f"adaptive={self.adaptive!r}, eta={self.eta!r}, eps={self._eps!r}, "
-            f"interval={self._interval!r})"
+            f"interval={self._interval!r}, "
+            f"gradient_centralization={self._centralize!r})"
         )
+
+
+def _evaluate(grad_fn: GradFn, params: dict[Any, Any]) -> tuple[Any, dict[Any, Any]]:
+    """``grad_fn(params)`` checked to return ``(loss, grads)``."""
+    result = grad_fn(params)
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise OptimizerError(
+            f"grad_fn must return (loss, grads), got {type(result).__name__}", "grad_fn"
+        )
+    return result[0], as_dict(result[1], "grads")
 
 
 def _check_base(base_optimizer: object) -> None:
@@ -442,6 +535,10 @@ class GsamOptimizer(SamOptimizer):
 
     def _mix_alpha(self) -> float:
         return self._alpha
+
+    def sam_step_splits(self, params: Params, grad_fns: Iterable[GradFn]) -> list[Any]:
+        """Not defined for GSAM: its mix needs one g0 and one perturbed gradient."""
+        raise OptimizerError("GsamOptimizer has no sam_step_splits (use SamOptimizer)", None)
 
     def _load_pending_scalars(self, state: Mapping[str, Any]) -> float:
         return scalar_entry(state, "grad_norm0", positive=True)

@@ -25,7 +25,7 @@ use crate::phases::{self, AscentGroup, GsamInputs};
 use crate::specs::{Adam, Kind, Sgd, Spec};
 use crate::state;
 
-fn borrow<'py, T>(object: &Bound<'py, T>) -> PyResult<PyRefMut<'py, T>>
+pub(super) fn borrow<'py, T>(object: &Bound<'py, T>) -> PyResult<PyRefMut<'py, T>>
 where
     T: pyo3::PyClass<Frozen = pyo3::pyclass::boolean_struct::False>,
 {
@@ -629,9 +629,11 @@ fn second_step_over(
     base_step(py, &mut engine, Some(part), params, grads)
 }
 
-/// SAM's second phase: restores the parameters exactly and steps the base with `grads`.
+/// SAM's second phase: restores the parameters exactly and steps the base with `grads`;
+/// with `count`, as the last phase of a step made in Python (the SAM family's), it also
+/// counts one more `sam_step` call.
 #[pyfunction]
-#[pyo3(signature = (sam, base, params, grads, alpha))]
+#[pyo3(signature = (sam, base, params, grads, alpha, count = false))]
 fn second_step(
     py: Python<'_>,
     sam: &Bound<'_, SamEngine>,
@@ -639,8 +641,9 @@ fn second_step(
     params: &Bound<'_, PyDict>,
     grads: &Bound<'_, PyDict>,
     alpha: Option<f64>,
+    count: bool,
 ) -> PyResult<()> {
-    second_step_over(py, sam, base, params, grads, alpha, false)
+    second_step_over(py, sam, base, params, grads, alpha, count)
 }
 
 fn type_name(object: &Bound<'_, PyAny>) -> String {
@@ -788,7 +791,7 @@ impl Names {
 }
 
 /// A call that writes `arrays` (reading `sources`) and holds no optimizer state.
-fn prepare_stateless<'py>(
+pub(super) fn prepare_stateless<'py>(
     names: &mut Names,
     arrays: &Bound<'py, PyDict>,
     sources: Option<&Bound<'py, PyDict>>,

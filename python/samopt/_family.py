@@ -1,0 +1,503 @@
+"""The SAM family beyond SAM, ASAM, GSAM and GCSAM: variants that change SAM's ascent or
+its descent, built on SamOptimizer's native engine.
+
+Every variant keeps SamOptimizer's guarantees: exact restores, errors that change
+nothing, state dicts that resume bit-exactly (random draws included: a counter-based
+generator keyed by seed, draw number, parameter name and element index), parameter groups
+(``rho`` and ``perturb``) and ``sam_step``. The element-wise work is native
+(``samopt._core``: ``mask``, ``cosine``, ``scale``, ``accumulate``); the Python layer only
+chooses scalars and which call comes next.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Union
+
+import numpy as np
+
+from . import _core
+from ._config import check_real
+from ._directions import Buffers
+from ._errors import OptimizerError
+from ._protocol import Grads, Optimizer, Params, StateDict
+from ._sam import GradFn, SamOptimizer, _evaluate
+from ._state import as_dict, state_array, time_step_entry
+
+__all__ = ["EsamOptimizer", "LookSamOptimizer", "RandomizedSam"]
+
+_MASK = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser, as ``crate::family::mix64``."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def _uniform(seed: int, draw: int) -> float:
+    """Draw number ``draw`` of the generator seeded ``seed``, in [0, 1): the family's
+    counter-based generator (``crate::family::uniform``) at name key 0, element 0."""
+    key = _mix64(_mix64(seed ^ _mix64(draw)) ^ 0)
+    bits = _mix64((key + 0x9E3779B97F4A7C15) & _MASK)
+    return (bits >> 11) * 2.0**-53
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise OptimizerError(f"seed must be an int in [0, 2**63), got {seed!r}", "seed")
+    return int(seed)
+
+
+def _seed_entry(state: Mapping[str, Any], key: str) -> int:
+    if key not in state:
+        raise OptimizerError(f"state dict is missing key '{key}'", key)
+    value = np.asarray(state[key])
+    if value.shape != () or value.dtype.kind not in "iu" or not 0 <= int(value) < 2**63:
+        raise OptimizerError(f"state '{key}' must be an integer in [0, 2**63)", key)
+    return int(value)
+
+
+class _FamilyStep(SamOptimizer):
+    """sam_step made of the variant's own phases: the gradient at w, the variant's
+    first_step, the gradient at the perturbed point, its second step, which commits the
+    step and its call count in one native call. On any error — in grad_fn too — the
+    parameters go back to where they were and nothing is pending."""
+
+    _group_keys = ("rho", "perturb")
+
+    def _base_step(self, params: dict[Any, Any], grads: dict[Any, Any], count: bool) -> None:
+        """SAM's second phase (a plain base step when nothing is pending)."""
+        base, base_lock = self._base()
+        with base_lock:
+            _core.second_step(self._engine, base, params, grads, None, count)
+
+    def _between(self, params: dict[Any, Any], grads: dict[Any, Any], count: bool) -> None:
+        """The step of a call that is not a SAM step (``interval``): a plain base step."""
+        self._base_step(params, grads, count)
+
+    def _finish(self, params: dict[Any, Any], grads: dict[Any, Any], count: bool) -> None:
+        """The second phase of a SAM step."""
+        self._base_step(params, grads, count)
+
+    def second_step(self, params: Params, grads: Grads) -> None:
+        params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
+        with self._lock:
+            self._finish(params_dict, grads_dict, False)
+
+    step = second_step
+
+    def sam_step(self, params: Params, grad_fn: GradFn) -> Any:
+        params_dict = as_dict(params, "params")
+        with self._lock:
+            if self.pending:
+                raise OptimizerError(
+                    "sam_step called while a first_step is pending (call second_step or "
+                    "restore first)",
+                    None,
+                )
+            loss, grads = _evaluate(grad_fn, params_dict)
+            if self._engine.calls % self._interval != 0:
+                self._between(params_dict, grads, True)
+                return loss
+            self.first_step(params_dict, grads)
+            try:
+                _, grads = _evaluate(grad_fn, params_dict)
+                self._finish(params_dict, grads, True)
+            except BaseException:
+                self.restore(params_dict)
+                raise
+            return loss
+
+    def _perturbed(self, arrays: dict[Any, Any]) -> dict[Any, Any]:
+        """The entries of the parameters the ascent moves (groups with ``perturb=False``
+        left out), for the norms the ascent scales by."""
+        if not len(self.param_groups):
+            return arrays
+        overrides = self.param_groups.overrides
+        kept = {}
+        for name, value in arrays.items():
+            group = self.param_groups.assign(name)
+            if group == 0 or overrides[group - 1].get("perturb", True):
+                kept[name] = value
+        return kept
+
+
+class EsamOptimizer(_FamilyStep):
+    """ESAM's stochastic weight perturbation (Du et al., ICLR 2022, "Efficient
+    Sharpness-aware Minimization"): the ascent moves a random fraction ``beta`` of the
+    weights, rescaled so the perturbation stays unbiased,
+    ``ε = (ρ/β)·m⊙g/(‖g‖ + eps)`` with ``m_i ~ Bernoulli(β)`` drawn afresh at each
+    first_step. The draws come from a counter-based generator keyed by ``seed``, the draw
+    number (``esam_draws`` in the state dict), the parameter's name and the element's index,
+    so they do not depend on threads or dict order and resume exactly. Two gradient
+    evaluations per step (the paper's saving comes from skipping the backward pass of the
+    unperturbed weights, which a NumPy gradient function does not do).
+    """
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.05,
+        *,
+        beta: float = 0.6,
+        seed: int = 0,
+        eps: float = 0.0,
+        interval: int = 1,
+        param_groups: object = None,
+    ) -> None:
+        super().__init__(base_optimizer, rho, eps=eps, interval=interval, param_groups=param_groups)
+        self._beta = check_real("beta", beta, above=0.0)
+        if self._beta > 1.0:
+            raise OptimizerError(f"beta must be in (0, 1], got {beta!r}", "beta")
+        self._seed = _check_seed(seed)
+        self._draws = 0
+        self._masked = Buffers()
+
+    @property
+    def beta(self) -> float:
+        """The fraction of the weights each ascent perturbs."""
+        return self._beta
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    def first_step(self, params: Params, grads: Grads) -> None:
+        params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
+        with self._lock:
+            if self.pending:
+                _core.first_step(self._engine, params_dict, grads_dict, self.rho, self._eps)
+            masked = self._masked.like(params_dict)
+            _core.mask(self._masked.names, masked, grads_dict, self._seed, self._draws, self._beta)
+            _, masked_norm, norm = _core.cosine(self._perturbed(masked), grads_dict)
+            # SAM's ascent follows m⊙g with radius ρ_eff/‖m⊙g‖: ρ_eff makes it (ρ/β)/‖g‖.
+            rho = self.rho * masked_norm / (self._beta * (norm + self._eps)) if norm else self.rho
+            _core.first_step(self._engine, params_dict, masked, rho, 0.0)
+            self._draws += 1
+
+    def restore(self, params: Params) -> None:
+        """Abandons a pending perturbation, and the draw of its mask with it."""
+        with self._lock:
+            pending = self.pending
+            super().restore(params)
+            if pending:
+                self._draws -= 1
+
+    def sam_step_splits(self, params: Params, grad_fns: Iterable[GradFn]) -> list[Any]:
+        """m-sharpness: each sub-batch's ascent draws its own mask (none is kept if the
+        step fails)."""
+        with self._lock:
+            draws = self._draws
+            try:
+                return super().sam_step_splits(params, grad_fns)
+            except BaseException:
+                self._draws = draws
+                raise
+
+    def _is_own_key(self, key: object) -> bool:
+        return key in ("esam_seed", "esam_draws") or super()._is_own_key(key)
+
+    def state_dict(self) -> StateDict:
+        """SamOptimizer's state, the generator's ``esam_seed`` and ``esam_draws``."""
+        with self._lock:
+            state = super().state_dict()
+            state["esam_seed"] = np.array(self._seed, dtype=np.int64)
+            state["esam_draws"] = np.array(self._draws, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
+        seed = _seed_entry(state, "esam_seed")
+        draws = time_step_entry(state, "esam_draws")
+        with self._lock:
+            super().load_state_dict(state)
+            self._seed, self._draws = seed, draws
+
+    def __repr__(self) -> str:
+        return (
+            f"EsamOptimizer({self.base_optimizer!r}, rho={self._rho!r}, beta={self._beta!r}, "
+            f"seed={self._seed!r}, eps={self._eps!r}, interval={self._interval!r})"
+        )
+
+
+_GV = "looksam_gv_"
+_GRAD0 = "looksam_grad0_"
+
+
+class LookSamOptimizer(_FamilyStep):
+    """LookSAM (Liu et al., CVPR 2022, "Towards Efficient and Scalable Sharpness-Aware
+    Minimization"): SAM's gradient every ``k``-th step, and its part orthogonal to the
+    plain gradient reused in between, so a step costs ``1 + 1/k`` gradients.
+
+    On a SAM step (``first_step``/``second_step``, or every k-th ``sam_step`` from the
+    first): ``g_s = ∇L(w + ρ·g/‖g‖)``, ``g_v = g_s − (g·g_s/‖g‖²)·g`` is kept (``g_v = g_s``
+    when ``g = 0``) and the base steps with ``g_s``. In between (``step`` with nothing
+    pending, or the other sam_step calls): the base steps with
+    ``g + α·(‖g‖/‖g_v‖)·g_v`` (just ``g`` before the first SAM step, or when ``g_v = 0``).
+    Norms and dot products are over the whole model, as in the paper's Algorithm 1
+    (pytorch_optimizer takes them per array).
+    """
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.05,
+        *,
+        k: int = 5,
+        alpha: float = 0.7,
+        eps: float = 0.0,
+        param_groups: object = None,
+    ) -> None:
+        super().__init__(base_optimizer, rho, eps=eps, interval=k, param_groups=param_groups)
+        self._look_alpha = check_real("alpha", alpha, minimum=0.0)
+        self._grad0 = Buffers()
+        self._kept = Buffers()
+        self._spare = Buffers()
+        self._direction = Buffers()
+
+    @property
+    def k(self) -> int:
+        """sam_step takes SAM's gradient every k-th call."""
+        return self._interval
+
+    @property
+    def alpha(self) -> float:
+        """How much of the kept orthogonal part, relative to ‖g‖, a step in between adds."""
+        return self._look_alpha
+
+    def first_step(self, params: Params, grads: Grads) -> None:
+        """SAM's ascent, keeping g (converted to the parameters' dtypes) for g_v."""
+        params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
+        with self._lock:
+            if self.pending:
+                _core.first_step(self._engine, params_dict, grads_dict, self.rho, self._eps)
+            grad0 = self._grad0.like(params_dict)
+            _core.scale(self._grad0.names, grad0, grads_dict, 1.0)
+            _core.first_step(self._engine, params_dict, grad0, self.rho, self._eps)
+
+    def _finish(self, params: dict[Any, Any], grads: dict[Any, Any], count: bool) -> None:
+        if not self.pending:
+            self._between(params, grads, count)
+            return
+        grad0 = self._grad0.arrays
+        cos, norm0, norm = _core.cosine(grad0, grads)
+        kept = self._spare.like(params)
+        _core.scale(self._spare.names, kept, grads, 1.0)
+        if norm0 > 0.0:
+            _core.accumulate(self._spare.names, kept, grad0, -cos * norm / norm0)
+        self._base_step(params, grads, count)
+        self._kept, self._spare = self._spare, self._kept
+
+    def _between(self, params: dict[Any, Any], grads: dict[Any, Any], count: bool) -> None:
+        kept = self._kept.arrays
+        if not kept:
+            self._base_step(params, grads, count)
+            return
+        if kept.keys() != params.keys():
+            differing = sorted(kept.keys() ^ params.keys(), key=repr)[0]
+            raise OptimizerError(
+                "LookSAM's kept g_v is for other parameters than this step's (take a SAM "
+                f"step first): '{differing}' differs",
+                str(differing),
+            )
+        _, kept_norm, norm = _core.cosine(kept, grads)
+        direction = self._direction.like(params)
+        factor = self._look_alpha * norm / kept_norm if kept_norm > 0.0 else 0.0
+        _core.scale(self._direction.names, direction, kept, factor)
+        _core.accumulate(self._direction.names, direction, grads, 1.0)
+        self._base_step(params, direction, count)
+
+    def step(self, params: Params, grads: Grads) -> None:
+        """With a first_step pending its second step; otherwise the step in between, with
+        the gradient at w."""
+        self.second_step(params, grads)
+
+    def sam_step_splits(self, params: Params, grad_fns: Iterable[GradFn]) -> list[Any]:
+        """Not defined for LookSAM (which g_v would the splits keep?)."""
+        raise OptimizerError("LookSamOptimizer has no sam_step_splits", None)
+
+    def _is_own_key(self, key: object) -> bool:
+        return (isinstance(key, str) and key.startswith(("looksam_gv_", "looksam_grad0_"))) or (
+            super()._is_own_key(key)
+        )
+
+    def state_dict(self) -> StateDict:
+        """SamOptimizer's state, the kept orthogonal part ``looksam_gv_<name>`` and, while
+        a first_step is pending, the gradient it kept, ``looksam_grad0_<name>``."""
+        with self._lock:
+            state = super().state_dict()
+            for name in sorted(self._kept.arrays):
+                state[_GV + name] = self._kept.arrays[name].copy()
+            if self.pending:
+                for name in sorted(self._grad0.arrays):
+                    state[_GRAD0 + name] = self._grad0.arrays[name].copy()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
+        keys = [k for k in state if isinstance(k, str)]
+        kept = {k[len(_GV):]: state_array(state, k) for k in sorted(keys) if k.startswith(_GV)}
+        grad0 = {
+            k[len(_GRAD0):]: state_array(state, k) for k in sorted(keys) if k.startswith(_GRAD0)
+        }
+        saved = {k[len("saved_"):]: state[k] for k in keys if k.startswith("saved_")}
+        if grad0.keys() != saved.keys():
+            key = sorted(grad0.keys() ^ saved.keys())[0]
+            raise OptimizerError(
+                f"state dict's pending LookSAM gradient and saved values disagree for '{key}'",
+                _GRAD0 + key,
+            )
+        for name, array in grad0.items():
+            other = np.asarray(saved[name])
+            if (array.dtype, array.shape) != (other.dtype, other.shape):
+                raise OptimizerError(
+                    f"state '{_GRAD0}{name}' has dtype {array.dtype} and shape {array.shape} "
+                    f"but 'saved_{name}' has dtype {other.dtype} and shape {other.shape}",
+                    _GRAD0 + name,
+                )
+        with self._lock:
+            super().load_state_dict(state)
+            self._kept = Buffers()
+            self._kept.arrays = {name: np.array(a, order="C") for name, a in kept.items()}
+            self._grad0 = Buffers()
+            self._grad0.arrays = {name: np.array(a, order="C") for name, a in grad0.items()}
+
+    def __repr__(self) -> str:
+        return (
+            f"LookSamOptimizer({self.base_optimizer!r}, rho={self._rho!r}, k={self._interval!r}, "
+            f"alpha={self._look_alpha!r}, eps={self._eps!r})"
+        )
+
+
+Probability = Union[float, Callable[[int], float]]
+"""A probability, or a schedule: ``p(call) -> probability`` for call 0, 1, 2, ..."""
+
+
+class RandomizedSam:
+    """Randomized sharpness-aware training: each ``sam_step`` is a SAM step of ``sam``
+    with probability ``p`` (a float, or a schedule ``p(call)``), otherwise one base step
+    with the gradient at w, so a step costs ``1 + p`` gradients on average. The draws come
+    from the family's counter-based generator keyed by ``seed`` and the call number, both
+    in the state dict (``randomized_seed``, ``randomized_calls``).
+
+    ``first_step``, ``second_step``, ``step``, ``restore``, ``rho``, the learning rate and
+    the base state are ``sam``'s.
+    """
+
+    def __init__(self, sam: SamOptimizer, p: Probability = 0.5, *, seed: int = 0) -> None:
+        if not isinstance(sam, SamOptimizer):
+            raise OptimizerError(
+                f"sam must be a SamOptimizer (or a variant), got {type(sam).__name__}", "sam"
+            )
+        if not callable(p):
+            p = _check_probability("p", p)
+        self.sam = sam
+        self._p = p
+        self._seed = _check_seed(seed)
+        self._calls = 0
+        self._lock = threading.RLock()
+
+    @property
+    def p(self) -> Probability:
+        return self._p
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def rho(self) -> float:
+        return self.sam.rho
+
+    @rho.setter
+    def rho(self, value: float) -> None:
+        self.sam.rho = value
+
+    @property
+    def pending(self) -> bool:
+        return self.sam.pending
+
+    def _probability(self) -> float:
+        p = self._p
+        return _check_probability("p", p(self._calls) if callable(p) else p)
+
+    def sam_step(self, params: Params, grad_fn: GradFn) -> Any:
+        params_dict = as_dict(params, "params")
+        with self._lock:
+            if self.sam.pending:
+                raise OptimizerError(
+                    "sam_step called while a first_step is pending (call second_step or "
+                    "restore first)",
+                    None,
+                )
+            probability = self._probability()
+            if _uniform(self._seed, self._calls) < probability:
+                loss = self.sam.sam_step(params_dict, grad_fn)
+            else:
+                loss, grads = _evaluate(grad_fn, params_dict)
+                self.sam.second_step(params_dict, grads)
+            self._calls += 1
+            return loss
+
+    def first_step(self, params: Params, grads: Grads) -> None:
+        self.sam.first_step(params, grads)
+
+    def second_step(self, params: Params, grads: Grads) -> None:
+        self.sam.second_step(params, grads)
+
+    step = second_step
+
+    def restore(self, params: Params) -> None:
+        self.sam.restore(params)
+
+    def zero_grad(self) -> None:
+        self.sam.zero_grad()
+
+    def get_lr(self) -> float:
+        return self.sam.get_lr()
+
+    def set_lr(self, lr: float) -> None:
+        self.sam.set_lr(lr)
+
+    def state_dict(self) -> StateDict:
+        """``sam``'s state, ``randomized_seed`` and ``randomized_calls``."""
+        with self._lock:
+            state = self.sam.state_dict()
+            state["randomized_seed"] = np.array(self._seed, dtype=np.int64)
+            state["randomized_calls"] = np.array(self._calls, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
+        seed = _seed_entry(state, "randomized_seed")
+        calls = time_step_entry(state, "randomized_calls")
+        own = ("randomized_seed", "randomized_calls")
+        with self._lock:
+            self.sam.load_state_dict({k: v for k, v in state.items() if k not in own})
+            self._seed, self._calls = seed, calls
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"RandomizedSam({self.sam!r}, p={self._p!r}, seed={self._seed!r})"
+
+
+def _check_probability(key: str, value: object) -> float:
+    p = check_real(key, value, minimum=0.0)
+    if p > 1.0:
+        raise OptimizerError(f"{key} must be in [0, 1], got {value!r}", key)
+    return p
+
