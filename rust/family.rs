@@ -8,6 +8,8 @@
 //!   `m_i ~ Bernoulli(β)` drawn by a counter-based generator, so the draw of an element
 //!   depends on the seed, the draw number, the parameter's name and the element's index
 //!   only, never on threads, chunks or dict order.
+//! - `fisher` (Fisher SAM, Kim et al. ICML 2022): `f⁻¹ ⊙ g` with the diagonal Fisher
+//!   `f = 1 + η·g²` of the mini-batch gradient.
 
 use crate::float::Real;
 use crate::parallel::{for_each, ByDtype, Split};
@@ -193,6 +195,27 @@ pub fn mask(items: Vec<MaskItem<'_>>, keep: f64) {
     });
 }
 
+/// An output buffer and the gradient.
+pub type FisherSource<'a, T> = (&'a mut [T], &'a [T]);
+pub type FisherItem<'a> = ByDtype<FisherSource<'a, f32>, FisherSource<'a, f64>>;
+
+fn fisher_pass<T: Real>((out, g): FisherSource<'_, T>, eta: f64) {
+    let n = out.len();
+    let g = &g[..n];
+    for i in 0..n {
+        let x = g[i].to_f64();
+        out[i] = T::from_f64(x / (1.0 + eta * x * x));
+    }
+}
+
+/// `out ← g / (1 + η·g²)` for every item: the gradient in Fisher SAM's metric.
+pub fn fisher(items: Vec<FisherItem<'_>>, eta: f64) {
+    for_each(items, |piece| match piece {
+        ByDtype::Single(lanes) => fisher_pass(lanes, eta),
+        ByDtype::Double(lanes) => fisher_pass(lanes, eta),
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +233,14 @@ mod tests {
         ]);
         assert_eq!(out_c, [-1.0, 0.0, 1.0, -2.0, 0.0, 2.0]);
         assert_eq!(out_f, [-1.0, -2.0, 0.0, 0.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn fisher_divides_by_one_plus_eta_g_squared() {
+        let g = [2.0f64, -1.0, 0.0];
+        let mut out = [9.0f64; 3];
+        fisher(vec![ByDtype::Double((&mut out, &g))], 0.5);
+        assert_eq!(out, [2.0 / 3.0, -1.0 / 1.5, 0.0]);
     }
 
     #[test]

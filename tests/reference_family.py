@@ -232,3 +232,84 @@ class RefRandomizedSAM:
             self.sam.base.step(params, g)
         self.calls += 1
         return loss
+
+
+class RefWSAM:
+    """WSAM (Yue et al., KDD 2023): with alpha = gamma/(1 - gamma) and g~ the gradient at
+    w + e (SAM's ascent), decoupled: the base steps with g, then
+    w <- w - lr*alpha*(g~ - g) (lr each name's); coupled: the base steps with
+    (1 - alpha)*g + alpha*g~."""
+
+    def __init__(self, base: Any, rho: float, gamma: float, decouple: bool,
+                 lrs: Mapping[str, float] | float,
+                 groups: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self.base = base
+        self.ascent = Ascent(rho, groups)
+        self.alpha = gamma / (1.0 - gamma)
+        self.decouple = decouple
+        self.lrs = lrs
+
+    def lr(self, name: str) -> float:
+        return self.lrs if isinstance(self.lrs, float) else self.lrs[name]
+
+    def sam_step(self, params: Arrays, grad_fn: GradFn) -> Any:
+        loss, g = grad_fn(params)
+        g = {k: np.asarray(g[k], dtype=np.float64) for k in params}
+        self.ascent.perturb(params, g)
+        _, gt = grad_fn(params)
+        self.ascent.restore(params)
+        a = self.alpha
+        if self.decouple:
+            self.base.step(params, g)
+            for k in params:
+                params[k] = params[k] - self.lr(k) * a * (gt[k] - g[k])
+        else:
+            self.base.step(params, {k: (1 - a) * g[k] + a * gt[k] for k in params})
+        return loss
+
+
+class RefFisherSAM:
+    """Fisher SAM (Kim et al., ICML 2022): f = 1 + eta*g^2 (the mini-batch gradient's
+    squares), e = rho*g/f / sqrt(sum g^2/f) over the perturbed names."""
+
+    def __init__(self, base: Any, rho: float, eta: float,
+                 groups: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self.base = base
+        self.ascent = Ascent(rho, groups)
+        self.eta = eta
+
+    def sam_step(self, params: Arrays, grad_fn: GradFn) -> Any:
+        loss, g = grad_fn(params)
+        g = {k: np.asarray(g[k], dtype=np.float64) for k in params}
+        d = {k: g[k] / (1.0 + self.eta * g[k] ** 2) for k in params}
+        moved = self.ascent.moved(params)
+        self.ascent.perturb(params, d, norm=math.sqrt(global_dot(
+            {k: g[k] for k in moved}, {k: d[k] for k in moved})))
+        _, g2 = grad_fn(params)
+        self.ascent.restore(params)
+        self.base.step(params, g2)
+        return loss
+
+
+class RefFriendlySAM:
+    """F-SAM (Li et al., CVPR 2024), the paper's equations: m <- lmbda*m + (1-lmbda)*g
+    (m starting at 0), d = g - sigma*m, e = rho*d/||d||."""
+
+    def __init__(self, base: Any, rho: float, sigma: float, lmbda: float,
+                 groups: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self.base = base
+        self.ascent = Ascent(rho, groups)
+        self.sigma = sigma
+        self.lmbda = lmbda
+        self.m: Arrays = {}
+
+    def sam_step(self, params: Arrays, grad_fn: GradFn) -> Any:
+        loss, g = grad_fn(params)
+        g = {k: np.asarray(g[k], dtype=np.float64) for k in params}
+        self.m = {k: self.lmbda * self.m.get(k, np.zeros(g[k].shape)) + (1 - self.lmbda) * g[k]
+                  for k in params}
+        self.ascent.perturb(params, {k: g[k] - self.sigma * self.m[k] for k in params})
+        _, g2 = grad_fn(params)
+        self.ascent.restore(params)
+        self.base.step(params, g2)
+        return loss

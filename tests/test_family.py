@@ -94,6 +94,23 @@ def build(variant: str, groups: bool = False) -> tuple[Any, Any]:
     if variant == "esam":
         return (samopt.EsamOptimizer(sgd(), RHO, beta=0.5, seed=11, param_groups=pg),
                 F.RefESAM(base, RHO, 0.5, 11, groups=rg))
+    if variant in ("wsam", "wsam_coupled"):
+        decouple = variant == "wsam"
+        if groups:
+            base_opt = sgd([{"params": ["conv"], "lr": LR / 2}])
+            base = R.RefSGD(LR, MOMENTUM, groups={"conv": {"lr": LR / 2}})
+            lrs: Any = {k: LR / 2 if k == "conv" else LR for k in SHAPES}
+        else:
+            base_opt, lrs = sgd(), LR
+        return (samopt.WsamOptimizer(base_opt, RHO, gamma=0.75, decouple=decouple,
+                                     param_groups=pg),
+                F.RefWSAM(base, RHO, 0.75, decouple, lrs, groups=rg))
+    if variant == "fisher":
+        return (samopt.FisherSamOptimizer(sgd(), RHO, eta=0.5, param_groups=pg),
+                F.RefFisherSAM(base, RHO, 0.5, groups=rg))
+    if variant == "friendly":
+        return (samopt.FriendlySamOptimizer(sgd(), RHO, sigma=1.0, lmbda=0.6, param_groups=pg),
+                F.RefFriendlySAM(base, RHO, 1.0, 0.6, groups=rg))
     if variant == "randomized":
         sam = SamOptimizer(sgd(), RHO, gradient_centralization=True, param_groups=pg)
         return (samopt.RandomizedSam(sam, 0.4, seed=5),
@@ -106,7 +123,8 @@ def build(variant: str, groups: bool = False) -> tuple[Any, Any]:
     raise ValueError(variant)
 
 
-VARIANTS = ["gcsam", "gcsam_interval", "looksam", "esam", "randomized", "randomized_schedule"]
+VARIANTS = ["gcsam", "gcsam_interval", "looksam", "esam", "randomized", "randomized_schedule",
+            "wsam", "wsam_coupled", "fisher", "friendly"]
 
 
 def run(opt: Any, params: dict[str, np.ndarray], steps: range, gdtype: Any = None) -> None:
@@ -114,7 +132,9 @@ def run(opt: Any, params: dict[str, np.ndarray], steps: range, gdtype: Any = Non
         opt.sam_step(params, grad_fn_at(step, gdtype))
 
 
-GROUPED = ["gcsam", "looksam", "esam", "randomized"]
+GROUPED = ["gcsam", "looksam", "esam", "randomized", "wsam", "wsam_coupled", "fisher",
+           "friendly"]
+TWO_PHASE = ["gcsam", "looksam", "esam", "wsam", "wsam_coupled", "fisher", "friendly"]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -189,7 +209,7 @@ def test_esam_perturbs_about_a_fraction_beta() -> None:
 # --------------------------------------------------------------------------- restores
 
 
-@pytest.mark.parametrize("variant", ["gcsam", "looksam", "esam"])
+@pytest.mark.parametrize("variant", TWO_PHASE)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_first_step_then_restore_is_bitwise_exact(variant: str, dtype: Any) -> None:
     opt, _ = build(variant)
@@ -203,7 +223,7 @@ def test_first_step_then_restore_is_bitwise_exact(variant: str, dtype: Any) -> N
     R.assert_same_snapshot(before, R.snapshot(params), "restore")
 
 
-@pytest.mark.parametrize("variant", ["gcsam", "looksam", "esam"])
+@pytest.mark.parametrize("variant", TWO_PHASE)
 def test_two_phase_steps_equal_sam_step(variant: str) -> None:
     a, _ = build(variant)
     b, _ = build(variant)
@@ -244,7 +264,7 @@ def test_state_dict_resumes_bit_exactly(variant: str, tmp_path: Any) -> None:
     assert _bitwise_state(straight.state_dict()) == _bitwise_state(second.state_dict())
 
 
-@pytest.mark.parametrize("variant", ["gcsam", "looksam", "esam"])
+@pytest.mark.parametrize("variant", TWO_PHASE)
 def test_a_checkpoint_between_the_phases_resumes(variant: str) -> None:
     a, _ = build(variant)
     pa = make_params(np.float64)
@@ -280,6 +300,7 @@ BAD_STATES = {
     "esam": [("esam_seed", np.array(-1)), ("esam_draws", np.array(1.5))],
     "looksam": [("looksam_gv_w", np.array([np.nan])), ("looksam_gv_w", np.array([1, 2]))],
     "randomized": [("randomized_seed", np.array(2.0)), ("randomized_calls", np.array(-3))],
+    "friendly": [("friendly_ema_w", np.full((6, 4), np.inf)), ("friendly_ema_b", [1.0])],
 }
 
 
@@ -362,7 +383,7 @@ def test_errors_change_nothing(variant: str, kind: str, at_call: int) -> None:
     assert not opt.pending
 
 
-@pytest.mark.parametrize("variant", ["gcsam", "looksam", "esam"])
+@pytest.mark.parametrize("variant", TWO_PHASE)
 def test_a_failed_second_step_stays_pending_and_restores(variant: str) -> None:
     opt, _ = build(variant)
     params = make_params(np.float64)
@@ -390,6 +411,11 @@ def test_a_failed_second_step_stays_pending_and_restores(variant: str) -> None:
     (lambda: samopt.RandomizedSam(SamOptimizer(sgd()), 1.5), "p"),
     (lambda: samopt.RandomizedSam(sgd(), 0.5), "sam"),  # type: ignore[arg-type]
     (lambda: SamOptimizer(sgd(), gradient_centralization=1), "gradient_centralization"),
+    (lambda: samopt.WsamOptimizer(sgd(), gamma=1.0), "gamma"),
+    (lambda: samopt.WsamOptimizer(sgd(), decouple=0), "decouple"),
+    (lambda: samopt.FisherSamOptimizer(sgd(), eta=-1.0), "eta"),
+    (lambda: samopt.FriendlySamOptimizer(sgd(), lmbda=1.0), "lmbda"),
+    (lambda: samopt.FriendlySamOptimizer(sgd(), sigma=float("nan")), "sigma"),
 ])
 def test_bad_arguments_are_refused(make: Callable[[], Any], key: str) -> None:
     with pytest.raises(TrainError) as info:
@@ -515,6 +541,9 @@ makers = {
     "esam": lambda: samopt.EsamOptimizer(sgd(), 0.1, beta=0.5, seed=3),
     "randomized": lambda: samopt.RandomizedSam(SamOptimizer(sgd(), 0.1), 0.5, seed=3),
     "splits": lambda: SamOptimizer(sgd(), 0.1),
+    "wsam": lambda: samopt.WsamOptimizer(sgd(), 0.1),
+    "fisher": lambda: samopt.FisherSamOptimizer(sgd(), 0.1),
+    "friendly": lambda: samopt.FriendlySamOptimizer(sgd(), 0.1),
 }
 out = {}
 for name, make in makers.items():
@@ -547,7 +576,7 @@ def test_bitwise_identical_across_thread_counts() -> None:
     assert digests["1"] == digests["2"] == digests["3"]
 
 
-@pytest.mark.parametrize("variant", ["gcsam", "looksam", "esam"])
+@pytest.mark.parametrize("variant", TWO_PHASE)
 def test_dict_order_does_not_matter(variant: str) -> None:
     a, _ = build(variant)
     b, _ = build(variant)

@@ -8,7 +8,14 @@ learning-rate schedulers and gradient accumulation; the element-wise work is in 
 from ._accumulate import GradAccumulator
 from ._config import GradClipMode, OptimizerConfig
 from ._errors import NonFiniteGradientError, OptimizerError, OutOfMemoryError, TrainError
-from ._family import EsamOptimizer, LookSamOptimizer, RandomizedSam
+from ._family import (
+    EsamOptimizer,
+    FisherSamOptimizer,
+    FriendlySamOptimizer,
+    LookSamOptimizer,
+    RandomizedSam,
+    WsamOptimizer,
+)
 from ._optimizers import AdamOptimizer, AdamWOptimizer, SgdOptimizer, compute_gradient_norm
 from ._protocol import Optimizer
 from ._sam import GradFn, GsamOptimizer, SamOptimizer
@@ -38,6 +45,8 @@ __all__ = [
     "CyclicLrScheduler",
     "EsamOptimizer",
     "ExponentialLrScheduler",
+    "FisherSamOptimizer",
+    "FriendlySamOptimizer",
     "GradAccumulator",
     "GradClipMode",
     "GradFn",
@@ -63,6 +72,7 @@ __all__ = [
     "TrainError",
     "WarmupCosineLrScheduler",
     "WarmupScheduler",
+    "WsamOptimizer",
     "compute_gradient_norm",
 ]
 

@@ -17,6 +17,7 @@ __all__ = [
     "centralize",
     "cosine",
     "first_step",
+    "fisher",
     "gradient_norm",
     "mask",
     "restore",
@@ -120,3 +121,4 @@ def mask(
     names: Names, out: _Arrays, grads: _Arrays, seed: int, draw: int, keep: float
 ) -> None: ...
 def cosine(a: _Arrays, b: _Arrays) -> tuple[float, float, float]: ...
+def fisher(names: Names, out: _Arrays, grads: _Arrays, eta: float) -> None: ...

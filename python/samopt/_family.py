@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
 import numpy as np
+from numpy.typing import NDArray
 
 from . import _core
 from ._config import check_real
@@ -25,7 +26,14 @@ from ._protocol import Grads, Optimizer, Params, StateDict
 from ._sam import GradFn, SamOptimizer, _evaluate
 from ._state import as_dict, state_array, time_step_entry
 
-__all__ = ["EsamOptimizer", "LookSamOptimizer", "RandomizedSam"]
+__all__ = [
+    "EsamOptimizer",
+    "FisherSamOptimizer",
+    "FriendlySamOptimizer",
+    "LookSamOptimizer",
+    "RandomizedSam",
+    "WsamOptimizer",
+]
 
 _MASK = (1 << 64) - 1
 
@@ -501,3 +509,302 @@ def _check_probability(key: str, value: object) -> float:
         raise OptimizerError(f"{key} must be in [0, 1], got {value!r}", key)
     return p
 
+
+
+def _load_kept_gradient(state: Mapping[str, Any], prefix: str) -> dict[str, NDArray[Any]]:
+    """A pending step's kept gradient, ``prefix<name>``: one for each ``saved_<name>``, of
+    its dtype and shape."""
+    keys = [k for k in state if isinstance(k, str)]
+    kept = {k[len(prefix):]: state_array(state, k) for k in sorted(keys) if k.startswith(prefix)}
+    saved = {k[len("saved_"):]: state[k] for k in keys if k.startswith("saved_")}
+    if kept.keys() != saved.keys():
+        key = sorted(kept.keys() ^ saved.keys())[0]
+        raise OptimizerError(
+            f"state dict's pending gradient and saved values disagree for '{key}'", prefix + key
+        )
+    for name, array in kept.items():
+        other = np.asarray(saved[name])
+        if (array.dtype, array.shape) != (other.dtype, other.shape):
+            raise OptimizerError(
+                f"state '{prefix}{name}' has dtype {array.dtype} and shape {array.shape} "
+                f"but 'saved_{name}' has dtype {other.dtype} and shape {other.shape}",
+                prefix + name,
+            )
+    return {name: np.array(a, order="C") for name, a in kept.items()}
+
+
+def _buffers_of(arrays: Mapping[str, NDArray[Any]]) -> Buffers:
+    made = Buffers()
+    made.arrays = dict(arrays)
+    return made
+
+
+class WsamOptimizer(_FamilyStep):
+    """WSAM (Yue et al., KDD 2023, "Sharpness-Aware Minimization Revisited: Weighted
+    Sharpness as a Regularization Term"): minimises ``L(w) + α·(L(w + ε) − L(w))`` with
+    ``α = γ/(1 − γ)``, ε SAM's ascent. With ``decouple=True`` (the paper's Algorithm 1)
+    the base steps with the gradient g at w and the sharpness term is a separate step,
+    ``w ← w − lr·α·(g̃ − g)`` (lr each parameter group's, g̃ the gradient at w + ε);
+    with ``decouple=False`` the base steps with ``(1 − α)·g + α·g̃``. γ = 1/2 is SAM.
+    The first step keeps g (``wsam_grad0_<name>`` in a state dict taken between the
+    phases).
+    """
+
+    _grad0_prefix = "wsam_grad0_"
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.05,
+        *,
+        gamma: float = 0.9,
+        decouple: bool = True,
+        eps: float = 0.0,
+        interval: int = 1,
+        param_groups: object = None,
+    ) -> None:
+        super().__init__(base_optimizer, rho, eps=eps, interval=interval, param_groups=param_groups)
+        self._gamma = check_real("gamma", gamma, minimum=0.0)
+        if self._gamma >= 1.0:
+            raise OptimizerError(f"gamma must be in [0, 1), got {gamma!r}", "gamma")
+        if not isinstance(decouple, bool):
+            raise OptimizerError(f"decouple must be a bool, got {decouple!r}", "decouple")
+        self._decouple = decouple
+        self._grad0 = Buffers()
+        self._direction = Buffers()
+        self._by_lr = Buffers()  # only its names' order, for the decoupled steps' calls
+
+    @property
+    def gamma(self) -> float:
+        return self._gamma
+
+    @property
+    def decouple(self) -> bool:
+        return self._decouple
+
+    @property
+    def weight(self) -> float:
+        """α = γ/(1 − γ), the sharpness term's weight."""
+        return self._gamma / (1.0 - self._gamma)
+
+    def first_step(self, params: Params, grads: Grads) -> None:
+        params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
+        with self._lock:
+            if self.pending:
+                _core.first_step(self._engine, params_dict, grads_dict, self.rho, self._eps)
+            grad0 = self._grad0.like(params_dict)
+            _core.scale(self._grad0.names, grad0, grads_dict, 1.0)
+            _core.first_step(self._engine, params_dict, grad0, self.rho, self._eps)
+
+    def _lrs(self, params: dict[Any, Any]) -> dict[float, dict[Any, Any]]:
+        """The parameters by the learning rate of their base parameter group."""
+        base = self.base_optimizer
+        lrs = getattr(getattr(base, "_engine", None), "lrs", None)
+        groups = getattr(base, "param_groups", None)
+        if lrs is None or groups is None or not len(groups):
+            return {float(base.get_lr()): params}
+        by_lr: dict[float, dict[Any, Any]] = {}
+        for name, value in params.items():
+            by_lr.setdefault(float(lrs[groups.assign(name)]), {})[name] = value
+        return by_lr
+
+    def _finish(self, params: dict[Any, Any], grads: dict[Any, Any], count: bool) -> None:
+        if not self.pending:
+            self._base_step(params, grads, count)
+            return
+        grad0 = self._grad0.arrays
+        _core.cosine(grad0, grads)  # g̃ checked finite before anything is written
+        direction = self._direction.like(params)
+        names = self._direction.names
+        alpha = self.weight
+        if not self._decouple:
+            _core.scale(names, direction, grads, alpha)
+            _core.accumulate(names, direction, grad0, 1.0 - alpha)
+            self._base_step(params, direction, count)
+            return
+        _core.scale(names, direction, grads, 1.0)
+        _core.accumulate(names, direction, grad0, -1.0)
+        by_lr = self._lrs(params)
+        self._base_step(params, grad0, count)
+        for lr, group in by_lr.items():
+            if lr and alpha:
+                _core.accumulate(self._by_lr.names, group, direction, -lr * alpha)
+
+    def _is_own_key(self, key: object) -> bool:
+        return (isinstance(key, str) and key.startswith(self._grad0_prefix)) or (
+            super()._is_own_key(key)
+        )
+
+    def state_dict(self) -> StateDict:
+        with self._lock:
+            state = super().state_dict()
+            if self.pending:
+                for name in sorted(self._grad0.arrays):
+                    state[self._grad0_prefix + name] = self._grad0.arrays[name].copy()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
+        grad0 = _load_kept_gradient(state, self._grad0_prefix)
+        with self._lock:
+            super().load_state_dict(state)
+            self._grad0 = _buffers_of(grad0)
+
+    def __repr__(self) -> str:
+        return (
+            f"WsamOptimizer({self.base_optimizer!r}, rho={self._rho!r}, gamma={self._gamma!r}, "
+            f"decouple={self._decouple!r}, eps={self._eps!r}, interval={self._interval!r})"
+        )
+
+
+class FisherSamOptimizer(_FamilyStep):
+    """Fisher SAM (Kim et al., ICML 2022, "Fisher SAM: Information Geometry and Sharpness
+    Aware Minimisation"): the ascent within a Fisher ellipsoid instead of a Euclidean ball,
+    ``ε = ρ·f⁻¹g/√(gᵀf⁻¹g)`` with the diagonal Fisher ``f = 1 + η·g²`` estimated from the
+    mini-batch gradient's squares. η = 0 is SAM. Stateless beyond SAM's.
+    """
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.05,
+        *,
+        eta: float = 1.0,
+        eps: float = 0.0,
+        interval: int = 1,
+        param_groups: object = None,
+    ) -> None:
+        super().__init__(base_optimizer, rho, eps=eps, interval=interval, param_groups=param_groups)
+        self._fisher_eta = check_real("eta", eta, minimum=0.0)
+        self._direction = Buffers()
+
+    @property
+    def eta(self) -> float:
+        """The Fisher's weight: ``f = 1 + η·g²`` (not ASAM's eta)."""
+        return self._fisher_eta
+
+    @eta.setter
+    def eta(self, value: float) -> None:
+        with self._lock:
+            self._fisher_eta = check_real("eta", value, minimum=0.0)
+
+    def first_step(self, params: Params, grads: Grads) -> None:
+        params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
+        with self._lock:
+            if self.pending:
+                _core.first_step(self._engine, params_dict, grads_dict, self.rho, self._eps)
+            direction = self._direction.like(params_dict)
+            _core.fisher(self._direction.names, direction, grads_dict, self._fisher_eta)
+            cos, direction_norm, norm = _core.cosine(self._perturbed(direction), grads_dict)
+            # SAM's ascent follows f⁻¹g with radius ρ_eff/‖f⁻¹g‖; ρ_eff makes it 1/√(gᵀf⁻¹g).
+            metric_norm = float(np.sqrt(max(cos, 0.0) * direction_norm * norm))
+            rho = self.rho * direction_norm / (metric_norm + self._eps) if metric_norm else self.rho
+            _core.first_step(self._engine, params_dict, direction, rho, 0.0)
+
+    def __repr__(self) -> str:
+        return (
+            f"FisherSamOptimizer({self.base_optimizer!r}, rho={self._rho!r}, "
+            f"eta={self._fisher_eta!r}, eps={self._eps!r}, interval={self._interval!r})"
+        )
+
+
+_EMA = "friendly_ema_"
+
+
+class FriendlySamOptimizer(_FamilyStep):
+    """F-SAM (Li et al., CVPR 2024, "Friendly Sharpness-Aware Minimization"): the ascent
+    follows the batch-specific part of the gradient, the full-gradient part estimated by an
+    EMA and removed: ``m ← λ·m + (1 − λ)·g ; d = g − σ·m ; ε = ρ·d/‖d‖`` (m starts at 0;
+    the paper's equations, which update m before using it). The EMA is
+    ``friendly_ema_<name>`` in the state dict; it starts again from 0 when the parameters'
+    names change. ``restore`` after a ``first_step`` of this process also undoes its EMA
+    update.
+    """
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.05,
+        *,
+        sigma: float = 1.0,
+        lmbda: float = 0.6,
+        eps: float = 0.0,
+        interval: int = 1,
+        param_groups: object = None,
+    ) -> None:
+        super().__init__(base_optimizer, rho, eps=eps, interval=interval, param_groups=param_groups)
+        self._sigma = check_real("sigma", sigma, minimum=0.0)
+        self._lmbda = check_real("lmbda", lmbda, minimum=0.0)
+        if self._lmbda >= 1.0:
+            raise OptimizerError(f"lmbda must be in [0, 1), got {lmbda!r}", "lmbda")
+        self._ema = Buffers()
+        self._spare = Buffers()
+        self._direction = Buffers()
+        self._undoable = False
+
+    @property
+    def sigma(self) -> float:
+        return self._sigma
+
+    @property
+    def lmbda(self) -> float:
+        return self._lmbda
+
+    def first_step(self, params: Params, grads: Grads) -> None:
+        params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
+        with self._lock:
+            if self.pending:
+                _core.first_step(self._engine, params_dict, grads_dict, self.rho, self._eps)
+            ema = self._spare.like(params_dict)
+            names = self._spare.names
+            if self._ema.arrays.keys() == params_dict.keys():
+                _core.scale(names, ema, self._ema.arrays, self._lmbda)
+            else:
+                _core.zero(names, ema)
+            _core.accumulate(names, ema, grads_dict, 1.0 - self._lmbda)
+            direction = self._direction.like(params_dict)
+            _core.scale(self._direction.names, direction, grads_dict, 1.0)
+            _core.accumulate(self._direction.names, direction, ema, -self._sigma)
+            _core.first_step(self._engine, params_dict, direction, self.rho, self._eps)
+            self._ema, self._spare = self._spare, self._ema
+            self._undoable = self.pending
+
+    def _finish(self, params: dict[Any, Any], grads: dict[Any, Any], count: bool) -> None:
+        self._base_step(params, grads, count)
+        self._undoable = False
+
+    def restore(self, params: Params) -> None:
+        with self._lock:
+            undo = self._undoable and self.pending
+            super().restore(params)
+            if undo:
+                self._ema, self._spare = self._spare, self._ema
+            self._undoable = False
+
+    def _is_own_key(self, key: object) -> bool:
+        return (isinstance(key, str) and key.startswith(_EMA)) or super()._is_own_key(key)
+
+    def state_dict(self) -> StateDict:
+        with self._lock:
+            state = super().state_dict()
+            for name in sorted(self._ema.arrays):
+                state[_EMA + name] = self._ema.arrays[name].copy()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
+        keys = sorted(k for k in state if isinstance(k, str) and k.startswith(_EMA))
+        ema = {k[len(_EMA):]: np.array(state_array(state, k), order="C") for k in keys}
+        with self._lock:
+            super().load_state_dict(state)
+            self._ema = _buffers_of(ema)
+            self._undoable = False
+
+    def __repr__(self) -> str:
+        return (
+            f"FriendlySamOptimizer({self.base_optimizer!r}, rho={self._rho!r}, "
+            f"sigma={self._sigma!r}, lmbda={self._lmbda!r}, eps={self._eps!r}, "
+            f"interval={self._interval!r})"
+        )

@@ -10,7 +10,7 @@ use super::api::{borrow, prepare_stateless, Names};
 use super::arrays::{self, norm_gradient, norm_source, sorted_entries, Float, NormSource};
 use super::driver::Entry;
 use crate::claims::{self, CallClaims};
-use crate::family::{self, CentreSource, MaskSource, Rows};
+use crate::family::{self, CentreSource, FisherSource, MaskSource, Rows};
 use crate::norm::{self, DotItem, NormItem};
 use crate::parallel::ByDtype;
 
@@ -62,6 +62,27 @@ fn mask(
         .collect();
     let items = prepared.lanes(|e| mask_source(e, &keys), |e| mask_source(e, &keys));
     py.detach(move || family::mask(items, keep));
+    prepared.commit(&mut []);
+    Ok(())
+}
+
+fn fisher_source<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> FisherSource<'a, T> {
+    let (out, grad, _) = entry.lanes();
+    (out, grad.expect("a call with gradients"))
+}
+
+/// Fisher SAM's direction: `out[k] ← g[k] / (1 + eta·g[k]²)`.
+#[pyfunction]
+fn fisher(
+    py: Python<'_>,
+    names: &Bound<'_, Names>,
+    out: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+    eta: f64,
+) -> PyResult<()> {
+    let mut prepared = prepare_stateless(&mut *borrow(names)?, out, Some(grads))?;
+    let items = prepared.lanes(fisher_source::<f32>, fisher_source::<f64>);
+    py.detach(move || family::fisher(items, eta));
     prepared.commit(&mut []);
     Ok(())
 }
@@ -153,6 +174,7 @@ fn cosine(
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(centralize, module)?)?;
     module.add_function(wrap_pyfunction!(mask, module)?)?;
+    module.add_function(wrap_pyfunction!(fisher, module)?)?;
     module.add_function(wrap_pyfunction!(cosine, module)?)?;
     Ok(())
 }
