@@ -81,6 +81,24 @@ def variants() -> list[Variant]:
             "rho",
         ),
         Variant(
+            "WSAM γ=0.9",
+            lambda r: samopt.WsamOptimizer(_base(), r, gamma=0.9),
+            rhos,
+            "rho",
+        ),
+        Variant(
+            "Fisher SAM η=1",
+            lambda r: samopt.FisherSamOptimizer(_base(), r, eta=1.0),
+            rhos,
+            "rho",
+        ),
+        Variant(
+            "F-SAM σ=1 λ=0.6",
+            lambda r: samopt.FriendlySamOptimizer(_base(), r, sigma=1.0, lmbda=0.6),
+            rhos,
+            "rho",
+        ),
+        Variant(
             "SAM m=4 (m-sharpness)",
             lambda r: _Splits(samopt.SamOptimizer(_base(), r), 4),
             rhos,

@@ -198,3 +198,17 @@ def test_the_schedule_warms_up_then_anneals_to_zero() -> None:
     assert all(a <= b for a, b in zip(lrs[:20], lrs[1:20]))
     assert all(a >= b for a, b in zip(lrs[19:], lrs[20:]))
     assert lrs[-1] == 0.0
+
+
+def test_the_demo_runs_any_variant_of_the_sam_family(tmp_path: Path) -> None:
+    out_json = tmp_path / "family.json"
+    argv = ["--epochs", "1", "--seeds", "1", "--batch-size", "128", "--no-progress"]
+    argv += ["--optimizers", "base", *demo.VARIANTS, "--out", str(tmp_path / "f.png")]
+    assert demo.main([*argv, "--json", str(out_json)]) == 0
+    report = json.loads(out_json.read_text(encoding="utf-8"))
+    labels = [label for label, _ in demo.VARIANTS.values()]
+    expected = [n for base in ("SGD", "Adam") for n in [base] + [f"{x}({base})" for x in labels]]
+    assert [o["name"] for o in report["optimizers"]] == expected
+    assert all(0.0 <= o["runs"][0]["test_acc"][0] <= 1.0 for o in report["optimizers"])
+    with pytest.raises(SystemExit):
+        demo.main(["--optimizers", "nosuchsam"])

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+import samopt
 from samopt import (
     AdamOptimizer,
     Optimizer,
@@ -113,6 +114,22 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_NOISE = 0.4
 DEFAULT_SEEDS = 3
 DEFAULT_OUT = "samopt-demo.png"
+
+#: The SAM family's variants the demo can run (``--optimizers``), each over either base,
+#: with its papers' defaults and the demo's rho; "base" is the base optimizer alone.
+VARIANTS: dict[str, tuple[str, Callable[[Any, float], Any]]] = {
+    "sam": ("SAM", lambda base, rho: SamOptimizer(base, rho=rho)),
+    "asam": ("ASAM", lambda base, rho: SamOptimizer(base, rho=rho, adaptive=True, eta=0.01)),
+    "gsam": ("GSAM", lambda base, rho: samopt.GsamOptimizer(base, rho)),
+    "gcsam": ("GCSAM", lambda base, rho: SamOptimizer(base, rho, gradient_centralization=True)),
+    "looksam": ("LookSAM", lambda base, rho: samopt.LookSamOptimizer(base, rho)),
+    "esam": ("ESAM", lambda base, rho: samopt.EsamOptimizer(base, rho)),
+    "randomized": ("RandSAM", lambda base, rho: samopt.RandomizedSam(SamOptimizer(base, rho))),
+    "wsam": ("WSAM", lambda base, rho: samopt.WsamOptimizer(base, rho)),
+    "fisher": ("FisherSAM", lambda base, rho: samopt.FisherSamOptimizer(base, rho)),
+    "friendly": ("FSAM", lambda base, rho: samopt.FriendlySamOptimizer(base, rho)),
+}
+DEFAULT_OPTIMIZERS: tuple[str, ...] = ("base", "sam")
 
 # Independent random streams derived from one seed.
 _STREAM_SPLIT, _STREAM_NOISE, _STREAM_INIT, _STREAM_BATCHES = range(4)
@@ -330,11 +347,13 @@ class OptimizerSpec:
     weight_decay: float = DEFAULT_WEIGHT_DECAY
     """L2 weight decay of the weights; the biases have none."""
     warmup_epochs: int = DEFAULT_WARMUP_EPOCHS
+    variant: str = "sam"
+    """Which of ``VARIANTS`` wraps the base when there is a rho."""
 
     @property
     def name(self) -> str:
         base = {"sgd": "SGD", "adam": "Adam"}[self.family]
-        return base if self.rho is None else f"SAM({base})"
+        return base if self.rho is None else f"{VARIANTS[self.variant][0]}({base})"
 
 
 def default_specs(
@@ -342,14 +361,20 @@ def default_specs(
     rho: Mapping[str, float] | None = None,
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
     warmup_epochs: int = DEFAULT_WARMUP_EPOCHS,
+    optimizers: Sequence[str] = DEFAULT_OPTIMIZERS,
 ) -> list[OptimizerSpec]:
-    """SGD, SAM(SGD), Adam, SAM(Adam) with the given (or default) lr and rho per family."""
+    """For each family, each of ``optimizers`` ("base" or a key of ``VARIANTS``; by
+    default SGD, SAM(SGD), Adam, SAM(Adam)) with the given (or default) lr and rho."""
     lrs = {**DEFAULT_LR, **(lr or {})}
     rhos = {**DEFAULT_RHO, **(rho or {})}
     specs: list[OptimizerSpec] = []
     for family in FAMILIES:
-        for sam_rho in (None, rhos[family]):
-            specs.append(OptimizerSpec(family, lrs[family], sam_rho, weight_decay, warmup_epochs))
+        for name in optimizers:
+            sam_rho = None if name == "base" else rhos[family]
+            variant = "sam" if name == "base" else name
+            specs.append(
+                OptimizerSpec(family, lrs[family], sam_rho, weight_decay, warmup_epochs, variant)
+            )
     return specs
 
 
@@ -366,7 +391,8 @@ def make_optimizer(spec: OptimizerSpec) -> Optimizer:
         raise ValueError(f"unknown optimizer family {spec.family!r}")
     if spec.rho is None:
         return base
-    return SamOptimizer(base, rho=spec.rho)
+    optimizer: Optimizer = VARIANTS[spec.variant][1](base, spec.rho)
+    return optimizer
 
 
 def make_schedule(spec: OptimizerSpec, total_steps: int, steps_per_epoch: int) -> Any:
@@ -384,6 +410,11 @@ def train_step(opt: Optimizer, params: Params, X: FloatArray, y: IntArray) -> fl
     ``w`` back and applies the base optimizer with the perturbed-point gradient).
     Any other optimizer makes one ``step`` with the gradient at ``w``.
     """
+    if type(opt) is not SamOptimizer and hasattr(opt, "sam_step"):
+        # The SAM family's variants: their own sequence of gradients (LookSAM's and
+        # randomized SAM's steps take one or two).
+        loss: float = opt.sam_step(params, lambda p: loss_and_grads(p, X, y))
+        return loss
     loss, grads = loss_and_grads(params, X, y)
     if isinstance(opt, SamOptimizer):
         opt.first_step(params, grads)
@@ -619,7 +650,7 @@ def plot_curves(
         mean = curves.mean(axis=0)
         std = curves.std(axis=0, ddof=1) if curves.shape[0] > 1 else np.zeros_like(mean)
         color = _COLORS.get(name)
-        style = "-" if name.startswith("SAM(") else "--"
+        style = "--" if name in ("SGD", "Adam") else "-"
         ax.plot(epochs, mean, style, color=color, label=f"{name} (n={curves.shape[0]})")
         ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
     ax.set_xlabel("epoch")
@@ -744,6 +775,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"SAM radius, for both families or per family, e.g. sgd=0.5 (default {rhos})",
     )
     parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=["base", *VARIANTS],
+        default=list(DEFAULT_OPTIMIZERS),
+        metavar="NAME",
+        help="what to train over each family: base (the optimizer alone) and any of "
+        f"{', '.join(VARIANTS)} (default: base sam)",
+    )
+    parser.add_argument(
         "--seeds",
         nargs="+",
         metavar="N|S,S,...",
@@ -805,7 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs: int = args.epochs
     noise: float = args.noise
     batch_size: int = args.batch_size
-    specs = default_specs(lr, rho, args.weight_decay, args.warmup_epochs)
+    specs = default_specs(lr, rho, args.weight_decay, args.warmup_epochs, args.optimizers)
 
     start = time.perf_counter()
     runs, corrupted = run_experiment(
