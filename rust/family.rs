@@ -8,6 +8,9 @@
 //!   `m_i ~ Bernoulli(β)` drawn by a counter-based generator, so the draw of an element
 //!   depends on the seed, the draw number, the parameter's name and the element's index
 //!   only, never on threads, chunks or dict order.
+//! - `noise`, `divide`, `bsam_update` (bSAM, Möllenhoff & Khan ICLR 2023): the
+//!   posterior sample's noise `n/√(N·s)` (`n ~ N(0, 1)` by Box–Muller from the same
+//!   generator), the ascent's `g/s`, and the fused update of m, w and s.
 //! - `fisher` (Fisher SAM, Kim et al. ICML 2022): `f⁻¹ ⊙ g` with the diagonal Fisher
 //!   `f = 1 + η·g²` of the mini-batch gradient.
 
@@ -216,6 +219,103 @@ pub fn fisher(items: Vec<FisherItem<'_>>, eta: f64) {
     });
 }
 
+/// An output buffer, bSAM's precision `s` and the key of the array's draw.
+pub type NoiseSource<'a, T> = (&'a mut [T], &'a [T], u64);
+pub type NoiseItem<'a> = ByDtype<NoiseSource<'a, f32>, NoiseSource<'a, f64>>;
+
+type NoiseLanes<'a, T> = (&'a mut [T], &'a [T], Offset, Whole<u64>);
+
+/// Element `index`'s standard normal number under `key` (Box–Muller on its two uniform
+/// numbers, `2·index` and `2·index + 1`).
+#[inline(always)]
+pub fn normal(key: u64, index: u64) -> f64 {
+    let (u1, u2) = (uniform(key, 2 * index), uniform(key, 2 * index + 1));
+    (-2.0 * (1.0 - u1).ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+fn noise_pass<T: Real>((out, s, Offset(start), Whole(key)): NoiseLanes<'_, T>, data: f64) {
+    let n = out.len();
+    let s = &s[..n];
+    for i in 0..n {
+        let z = normal(key, (start + i) as u64);
+        out[i] = T::from_f64(z / (data * s[i].to_f64()).sqrt());
+    }
+}
+
+/// `out ← n/√(N·s)` for every item: bSAM's sample of the posterior around w.
+pub fn noise(items: Vec<NoiseItem<'_>>, data: f64) {
+    let lanes: Vec<_> = items
+        .into_iter()
+        .map(|item| match item {
+            ByDtype::Single((out, s, key)) => ByDtype::Single((out, s, Offset(0), Whole(key))),
+            ByDtype::Double((out, s, key)) => ByDtype::Double((out, s, Offset(0), Whole(key))),
+        })
+        .collect();
+    for_each(lanes, |piece| match piece {
+        ByDtype::Single(lanes) => noise_pass(lanes, data),
+        ByDtype::Double(lanes) => noise_pass(lanes, data),
+    });
+}
+
+/// An output buffer, the gradient and bSAM's precision `s`.
+pub type DivideLanes<'a, T> = (&'a mut [T], &'a [T], &'a mut [T]);
+pub type DivideItem<'a> = ByDtype<DivideLanes<'a, f32>, DivideLanes<'a, f64>>;
+
+fn divide_pass<T: Real>((out, g, s): DivideLanes<'_, T>) {
+    let n = out.len();
+    let (g, s) = (&g[..n], &s[..n]);
+    for i in 0..n {
+        out[i] = T::from_f64(g[i].to_f64() / s[i].to_f64());
+    }
+}
+
+/// `out ← g/s` for every item: bSAM's ascent direction.
+pub fn divide(items: Vec<DivideItem<'_>>) {
+    for_each(items, |piece| match piece {
+        ByDtype::Single(lanes) => divide_pass(lanes),
+        ByDtype::Double(lanes) => divide_pass(lanes),
+    });
+}
+
+/// bSAM's hyperparameters: learning rate α, β1, β2, the prior's precision per datum δ
+/// (weight decay) and the damping γ.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BsamHyper {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub delta: f64,
+    pub damping: f64,
+}
+
+/// The parameter w, the gradient at the ascent's point g_ε, the momentum m, the gradient
+/// at the noisy sample g, and the precision s.
+pub type UpdateStreams<'a, T> = (&'a mut [T], &'a [T], &'a mut [T], &'a [T], &'a mut [T]);
+pub type BsamItem<'a> = ByDtype<UpdateStreams<'a, f32>, UpdateStreams<'a, f64>>;
+
+fn bsam_pass<T: Real>((w, ge, m, g, s): UpdateStreams<'_, T>, h: BsamHyper) {
+    let n = w.len();
+    let (ge, m, g, s) = (&ge[..n], &mut m[..n], &g[..n], &mut s[..n]);
+    for i in 0..n {
+        let (wi, si) = (w[i].to_f64(), s[i].to_f64());
+        let mi = h.beta1 * m[i].to_f64() + (1.0 - h.beta1) * (ge[i].to_f64() + h.delta * wi);
+        m[i] = T::from_f64(mi);
+        w[i] = T::from_f64(wi - h.lr * mi / si);
+        let curvature = si.sqrt() * g[i].to_f64().abs() + h.damping + h.delta;
+        s[i] = T::from_f64(h.beta2 * si + (1.0 - h.beta2) * curvature);
+    }
+}
+
+/// One bSAM update for every item, each element's streams read and written once:
+/// `m ← β1·m + (1−β1)·(g_ε + δ·w) ; w ← w − α·m/s ; s ← β2·s + (1−β2)·(√s·|g| + γ + δ)`
+/// (w and s of the step's start on the right-hand sides).
+pub fn bsam_update(items: Vec<BsamItem<'_>>, hyper: BsamHyper) {
+    for_each(items, |piece| match piece {
+        ByDtype::Single(lanes) => bsam_pass(lanes, hyper),
+        ByDtype::Double(lanes) => bsam_pass(lanes, hyper),
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +341,38 @@ mod tests {
         let mut out = [9.0f64; 3];
         fisher(vec![ByDtype::Double((&mut out, &g))], 0.5);
         assert_eq!(out, [2.0 / 3.0, -1.0 / 1.5, 0.0]);
+    }
+
+    #[test]
+    fn normals_have_unit_variance() {
+        let key = draw_key(1, 2, 3);
+        let z: Vec<f64> = (0..200_000).map(|i| normal(key, i)).collect();
+        let mean = z.iter().sum::<f64>() / z.len() as f64;
+        let var = z.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / z.len() as f64;
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.01,
+            "{mean} {var}"
+        );
+    }
+
+    #[test]
+    fn bsam_update_uses_the_start_values() {
+        let h = BsamHyper {
+            lr: 0.5,
+            beta1: 0.9,
+            beta2: 0.99,
+            delta: 0.01,
+            damping: 0.1,
+        };
+        let (mut w, mut m, mut s) = ([2.0f64], [0.5f64], [4.0f64]);
+        bsam_update(
+            vec![ByDtype::Double((&mut w, &[1.0], &mut m, &[-3.0], &mut s))],
+            h,
+        );
+        let m1 = 0.9 * 0.5 + 0.1 * (1.0 + 0.01 * 2.0);
+        assert_eq!(m, [m1]);
+        assert_eq!(w, [2.0 - 0.5 * m1 / 4.0]);
+        assert_eq!(s, [0.99 * 4.0 + 0.01 * (2.0 * 3.0 + 0.1 + 0.01)]);
     }
 
     #[test]

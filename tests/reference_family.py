@@ -313,3 +313,46 @@ class RefFriendlySAM:
         self.ascent.restore(params)
         self.base.step(params, g2)
         return loss
+
+
+def normals(seed: int, draw: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal numbers by Box-Muller on the generator's uniform numbers 2i, 2i+1."""
+    size = math.prod(shape)
+    u = uniforms(seed, draw, name_key(name), 2 * size)
+    z = np.sqrt(-2.0 * np.log(1.0 - u[0::2])) * np.cos(2.0 * np.pi * u[1::2])
+    return z.reshape(shape)
+
+
+class RefBSAM:
+    """bSAM (Moellenhoff & Khan, ICLR 2023; the authors' code with one split):
+    e ~ N(0, 1/(N s)), g = grad at w + e; g_e = grad at w + rho*g/s;
+    m <- b1*m + (1-b1)*(g_e + d*w); w <- w - lr*m/s; s <- b2*s + (1-b2)*(sqrt(s)*|g| + damping + d)
+    with d = prior_precision/N, m starting at 0 and s at s_init."""
+
+    def __init__(self, num_data: int, lr: float, beta1: float, beta2: float,
+                 prior_precision: float, rho: float, damping: float, s_init: float,
+                 seed: int) -> None:
+        self.n, self.lr, self.b1, self.b2 = num_data, lr, beta1, beta2
+        self.delta = prior_precision / num_data
+        self.rho, self.damping, self.s_init, self.seed = rho, damping, s_init, seed
+        self.m: Arrays = {}
+        self.s: Arrays = {}
+        self.draws = 0
+
+    def sam_step(self, params: Arrays, grad_fn: GradFn) -> Any:
+        for k in params:
+            self.m.setdefault(k, np.zeros(params[k].shape))
+            self.s.setdefault(k, np.full(params[k].shape, self.s_init))
+        w = {k: params[k].copy() for k in params}
+        noisy = {k: w[k] + normals(self.seed, self.draws, k, w[k].shape)
+                 / np.sqrt(self.n * self.s[k]) for k in params}
+        loss, g = grad_fn(noisy)
+        g = {k: np.asarray(g[k], dtype=np.float64) for k in params}
+        _, ge = grad_fn({k: w[k] + self.rho * g[k] / self.s[k] for k in params})
+        for k in params:
+            self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * (ge[k] + self.delta * w[k])
+            params[k] = w[k] - self.lr * self.m[k] / self.s[k]
+            self.s[k] = self.b2 * self.s[k] + (1 - self.b2) * (
+                np.sqrt(self.s[k]) * np.abs(g[k]) + self.damping + self.delta)
+        self.draws += 1
+        return loss

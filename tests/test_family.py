@@ -544,6 +544,7 @@ makers = {
     "wsam": lambda: samopt.WsamOptimizer(sgd(), 0.1),
     "fisher": lambda: samopt.FisherSamOptimizer(sgd(), 0.1),
     "friendly": lambda: samopt.FriendlySamOptimizer(sgd(), 0.1),
+    "bsam": lambda: samopt.BsamOptimizer(1000, 0.05, seed=2),
 }
 out = {}
 for name, make in makers.items():
@@ -618,3 +619,115 @@ def test_the_generator_is_the_documented_one() -> None:
     opt.first_step(params, grads)
     mask = F.bernoulli_mask(123, 0, "layer.λ", (7, 9), 0.3)
     assert np.array_equal(params["layer.λ"] != 0, mask)
+
+
+# --------------------------------------------------------------------------- bSAM
+
+BSAM_ARGS = dict(num_data=500, lr=0.02, beta1=0.9, beta2=0.99, prior_precision=5.0, rho=0.05,
+                 damping=0.1, s_init=2.0, seed=8)
+
+
+def build_bsam() -> tuple[Any, Any]:
+    args = dict(BSAM_ARGS)
+    n = args.pop("num_data")
+    lr = args.pop("lr")
+    return samopt.BsamOptimizer(n, lr, **args), F.RefBSAM(n, lr, **args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_bsam_matches_its_reference_over_100_steps(dtype: Any) -> None:
+    opt, ref = build_bsam()
+    params = make_params(dtype)
+    ref_params = {k: v.astype(np.float64) for k, v in params.items()}
+    dtypes = {k: v.dtype for k, v in params.items()}
+    for step in range(STEPS):
+        fn = grad_fn_at(step)
+        opt.sam_step(params, fn)
+        ref.sam_step(ref_params, ref_fn(fn, dtypes))
+    R.assert_params_close(params, ref_params, "bsam", f64_tol=R.coupled_f64_tol(params, True))
+    state = opt.state_dict()
+    for k in params:
+        for prefix, ref_state in (("m_", ref.m), ("s_", ref.s)):
+            e = R.rel_err(state[prefix + k], ref_state[k])
+            assert e <= R.tol_for(dtype), (prefix + k, e)
+    assert int(state["bsam_draws"]) == STEPS
+
+
+def test_bsam_state_dict_resumes_bit_exactly_and_pickles(tmp_path: Any) -> None:
+    straight, _ = build_bsam()
+    params = make_params(np.float32)
+    run(straight, params, range(20))
+    first, _ = build_bsam()
+    resumed = make_params(np.float32)
+    run(first, resumed, range(10))
+    np.savez(tmp_path / "b.npz", **first.state_dict())
+    second, _ = build_bsam()
+    second.load_state_dict(dict(np.load(tmp_path / "b.npz")))
+    third = pickle.loads(pickle.dumps(first))
+    again = {k: v.copy() for k, v in resumed.items()}
+    run(second, resumed, range(10, 20))
+    run(third, again, range(10, 20))
+    for k in params:
+        assert params[k].tobytes() == resumed[k].tobytes() == again[k].tobytes(), k
+    assert _bitwise_state(straight.state_dict()) == _bitwise_state(second.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["nan", "missing", "shape", "raise"])
+@pytest.mark.parametrize("at_call", [1, 2])
+def test_bsam_errors_change_nothing(kind: str, at_call: int) -> None:
+    opt, _ = build_bsam()
+    params = make_params(np.float32)
+    run(opt, params, range(3))
+    before, state = R.snapshot(params), _bitwise_state(opt.state_dict())
+    expected = KeyboardInterrupt if kind == "raise" else TrainError
+    with pytest.raises(expected):
+        opt.sam_step(params, _faulty(kind, at_call))
+    R.assert_same_snapshot(before, R.snapshot(params), f"bsam {kind}")
+    assert _bitwise_state(opt.state_dict()) == state
+
+
+def test_bsam_first_step_errors_leave_a_fresh_optimizer_fresh() -> None:
+    opt, _ = build_bsam()
+    params = make_params(np.float64)
+    with pytest.raises(samopt.NonFiniteGradientError):
+        opt.sam_step(params, _faulty("nan", 2))
+    assert opt.state_dict().keys() == {"lr", "bsam_seed", "bsam_draws"}
+
+
+@pytest.mark.parametrize("key,value", [("s_w", -np.ones((6, 4))), ("m_w", np.ones(3)),
+                                       ("bsam_seed", np.array(-2)), ("lr", np.array(-1.0)),
+                                       ("junk", np.array(1.0))])
+def test_bsam_refuses_a_bad_state_dict(key: str, value: Any) -> None:
+    opt, _ = build_bsam()
+    params = make_params(np.float64)
+    run(opt, params, range(2))
+    before = _bitwise_state(opt.state_dict())
+    state = opt.state_dict()
+    state[key] = value
+    with pytest.raises(TrainError) as info:
+        opt.load_state_dict(state)
+    assert info.value.key in (key, "s_w")
+    assert _bitwise_state(opt.state_dict()) == before
+
+
+def test_bsam_bad_arguments_are_refused() -> None:
+    for kwargs, key in [({"num_data": 0}, "num_data"), ({"beta1": 1.0}, "beta1"),
+                        ({"s_init": 0.0}, "s_init"), ({"seed": -1}, "seed")]:
+        args = {"num_data": 10, **kwargs}
+        with pytest.raises(TrainError) as info:
+            samopt.BsamOptimizer(**args)  # type: ignore[arg-type]
+        assert info.value.key == key
+
+
+def test_bsam_noise_has_the_posterior_variance() -> None:
+    opt = samopt.BsamOptimizer(100, 0.0, rho=0.0, s_init=4.0, seed=1)
+    params = {"w": np.zeros(200_000)}
+    seen = {}
+
+    def fn(p: dict[str, np.ndarray]) -> Any:
+        seen.setdefault("w", p["w"].copy())
+        return 0.0, {"w": np.zeros_like(p["w"])}
+
+    opt.sam_step(params, fn)
+    assert abs(np.var(seen["w"]) * 100 * 4.0 - 1.0) < 0.01
+    assert not params["w"].any()

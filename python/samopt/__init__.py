@@ -9,6 +9,7 @@ from ._accumulate import GradAccumulator
 from ._config import GradClipMode, OptimizerConfig
 from ._errors import NonFiniteGradientError, OptimizerError, OutOfMemoryError, TrainError
 from ._family import (
+    BsamOptimizer,
     EsamOptimizer,
     FisherSamOptimizer,
     FriendlySamOptimizer,
@@ -40,6 +41,7 @@ from ._schedulers import (
 __all__ = [
     "AdamOptimizer",
     "AdamWOptimizer",
+    "BsamOptimizer",
     "CosineAnnealingLrScheduler",
     "CyclicLrMode",
     "CyclicLrScheduler",

@@ -14,12 +14,15 @@ __all__ = [
     "SamEngine",
     "StagedSamState",
     "accumulate",
+    "bsam_update",
     "centralize",
     "cosine",
+    "divide",
     "first_step",
     "fisher",
     "gradient_norm",
     "mask",
+    "noise",
     "restore",
     "sam_step",
     "scale",
@@ -122,3 +125,18 @@ def mask(
 ) -> None: ...
 def cosine(a: _Arrays, b: _Arrays) -> tuple[float, float, float]: ...
 def fisher(names: Names, out: _Arrays, grads: _Arrays, eta: float) -> None: ...
+def noise(
+    names: Names, out: _Arrays, precision: _Arrays, seed: int, draw: int, num_data: float
+) -> None: ...
+def divide(
+    names: tuple[Names, Names], out: _Arrays, grads: _Arrays, precision: _Arrays
+) -> None: ...
+def bsam_update(
+    names: tuple[Names, Names, Names],
+    params: _Arrays,
+    ascended: _Arrays,
+    momentum: _Arrays,
+    sampled: _Arrays,
+    precision: _Arrays,
+    hyper: tuple[float, float, float, float, float],
+) -> None: ...

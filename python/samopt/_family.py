@@ -24,9 +24,10 @@ from ._directions import Buffers
 from ._errors import OptimizerError
 from ._protocol import Grads, Optimizer, Params, StateDict
 from ._sam import GradFn, SamOptimizer, _evaluate
-from ._state import as_dict, state_array, time_step_entry
+from ._state import as_dict, scalar_entry, state_array, time_step_entry
 
 __all__ = [
+    "BsamOptimizer",
     "EsamOptimizer",
     "FisherSamOptimizer",
     "FriendlySamOptimizer",
@@ -807,4 +808,216 @@ class FriendlySamOptimizer(_FamilyStep):
             f"FriendlySamOptimizer({self.base_optimizer!r}, rho={self._rho!r}, "
             f"sigma={self._sigma!r}, lmbda={self._lmbda!r}, eps={self._eps!r}, "
             f"interval={self._interval!r})"
+        )
+
+
+class BsamOptimizer:
+    """bSAM (Möllenhoff & Khan, ICLR 2023, "SAM as an Optimal Relaxation of Bayes"): SAM
+    as a variational Bayes method, a full optimizer with a Gaussian posterior
+    ``N(w, 1/(N·s))`` over the weights. Each ``sam_step``, as the authors' code does
+    (m-sharpness with one split)::
+
+        ε ~ N(0, 1/(N·s))             g   = ∇L(w + ε)      (a posterior sample)
+        e = ρ·g/s                      g_e = ∇L(w + e)      (the ascent, from w)
+        m ← β1·m + (1 − β1)·(g_e + δ·w)
+        w ← w − α·m/s
+        s ← β2·s + (1 − β2)·(√s·|g| + γ + δ)
+
+    with ``δ = prior_precision/num_data`` (the weight decay), ``γ = damping``, m starting
+    at 0 and s at ``s_init``. The noise comes from the family's counter-based generator
+    (Box–Muller), keyed by ``seed`` and the step count (``bsam_seed``, ``bsam_draws`` in
+    the state dict). Two gradient evaluations per step; returns the loss at the sample.
+    ``step(params, grads)`` is the update with ``grads`` as both gradients (no sample, no
+    ascent). No parameter groups.
+    """
+
+    def __init__(
+        self,
+        num_data: int,
+        lr: float = 0.5,
+        *,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        prior_precision: float = 40.0,
+        rho: float = 0.01,
+        damping: float = 0.1,
+        s_init: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+            raise OptimizerError(f"num_data must be an int >= 1, got {num_data!r}", "num_data")
+        self.num_data = num_data
+        self._lr = check_real("lr", lr, minimum=0.0)
+        for key, value in (("beta1", beta1), ("beta2", beta2)):
+            if not 0.0 <= check_real(key, value, minimum=0.0) < 1.0:
+                raise OptimizerError(f"{key} must be in [0, 1), got {value!r}", key)
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.prior_precision = check_real("prior_precision", prior_precision, minimum=0.0)
+        self._rho = check_real("rho", rho, minimum=0.0)
+        self.damping = check_real("damping", damping, minimum=0.0)
+        self.s_init = check_real("s_init", s_init, above=0.0)
+        self._seed = _check_seed(seed)
+        self._draws = 0
+        self._momentum = Buffers()
+        self._precision = Buffers()
+        self._direction = Buffers()
+        self._engine = _core.SamEngine(False, [(1.0, False, 0.0, True)], None)
+        self._lock = threading.RLock()
+
+    @property
+    def rho(self) -> float:
+        return self._rho
+
+    @rho.setter
+    def rho(self, value: float) -> None:
+        self._rho = check_real("rho", value, minimum=0.0)
+
+    @property
+    def pending(self) -> bool:
+        return False
+
+    def get_lr(self) -> float:
+        return self._lr
+
+    def set_lr(self, lr: float) -> None:
+        self._lr = check_real("lr", lr, minimum=0.0)
+
+    def zero_grad(self) -> None:
+        """Nothing: the gradients are the caller's arrays."""
+
+    def _state_for(self, params: dict[Any, Any]) -> tuple[Buffers, Buffers]:
+        """m and s for ``params``: the optimizer's own, or new ones (m = 0, s = s_init)
+        that become its own only when the step succeeds."""
+        momentum, precision = self._momentum, self._precision
+        fits = momentum.arrays.keys() == params.keys() and all(
+            momentum.arrays[k].shape == np.shape(v) for k, v in params.items()
+        )
+        if fits:
+            return momentum, precision
+        momentum, precision = Buffers(), Buffers()
+        momentum.like(params)
+        for array in precision.like(params).values():
+            array[...] = self.s_init
+        return momentum, precision
+
+    def _update(
+        self,
+        params: dict[Any, Any],
+        ascended: dict[Any, Any],
+        sampled: dict[Any, Any],
+        state: tuple[Buffers, Buffers],
+    ) -> None:
+        momentum, precision = state
+        weights = self._direction  # only its names' order
+        delta = self.prior_precision / self.num_data
+        hyper = (self._lr, self.beta1, self.beta2, delta, self.damping)
+        _core.bsam_update(
+            (weights.names, momentum.names, precision.names),
+            params, ascended, momentum.arrays, sampled, precision.arrays, hyper,
+        )
+        self._momentum, self._precision = momentum, precision
+
+    def _moved(self, params: dict[Any, Any], direction: dict[Any, Any], radius: float,
+               grad_fn: GradFn) -> tuple[Any, dict[Any, Any]]:
+        """The loss and gradients at ``w + radius·d/‖d‖`` (at w when d = 0); w is put back
+        exactly whatever happens."""
+        if not radius:
+            return _evaluate(grad_fn, params)
+        norm = _core.gradient_norm(direction)
+        _core.first_step(self._engine, params, direction, radius * norm, 0.0)
+        try:
+            return _evaluate(grad_fn, params)
+        finally:
+            _core.restore(self._engine, params)
+
+    def sam_step(self, params: Params, grad_fn: GradFn) -> Any:
+        params_dict = as_dict(params, "params")
+        with self._lock:
+            state = self._state_for(params_dict)
+            precision = state[1]
+            direction = self._direction.like(params_dict)
+            names = self._direction.names
+            _core.noise(names, direction, precision.arrays, self._seed, self._draws,
+                        float(self.num_data))
+            loss, sampled = self._moved(params_dict, direction, 1.0, grad_fn)
+            _core.divide((names, precision.names), direction, sampled, precision.arrays)
+            _, ascended = self._moved(params_dict, direction, self._rho, grad_fn)
+            self._update(params_dict, ascended, sampled, state)
+            self._draws += 1
+            return loss
+
+    def step(self, params: Params, grads: Grads) -> None:
+        params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
+        with self._lock:
+            self._update(params_dict, grads_dict, grads_dict, self._state_for(params_dict))
+
+    def state_dict(self) -> StateDict:
+        """``lr``, ``bsam_seed``, ``bsam_draws``, and per parameter ``m_<name>`` and
+        ``s_<name>``."""
+        with self._lock:
+            state: StateDict = {
+                "lr": np.array(self._lr),
+                "bsam_seed": np.array(self._seed, dtype=np.int64),
+                "bsam_draws": np.array(self._draws, dtype=np.int64),
+            }
+            for name in sorted(self._momentum.arrays):
+                state["m_" + name] = self._momentum.arrays[name].copy()
+                state["s_" + name] = self._precision.arrays[name].copy()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
+        for key in state:
+            known = key in ("lr", "bsam_seed", "bsam_draws") or (
+                isinstance(key, str) and key.startswith(("m_", "s_"))
+            )
+            if not known:
+                raise OptimizerError(f"unknown state dict key {key!r}", str(key))
+        lr = scalar_entry(state, "lr")
+        seed = _seed_entry(state, "bsam_seed")
+        draws = time_step_entry(state, "bsam_draws")
+        keys = sorted(k for k in state if isinstance(k, str))
+        momentum = {k[2:]: state_array(state, k) for k in keys if k.startswith("m_")}
+        precision = {
+            k[2:]: state_array(state, k, non_negative=True) for k in keys if k.startswith("s_")
+        }
+        if momentum.keys() != precision.keys():
+            name = sorted(momentum.keys() ^ precision.keys())[0]
+            prefix = "s_" if name in momentum else "m_"
+            raise OptimizerError(f"state dict is missing key '{prefix}{name}'", prefix + name)
+        for name in momentum:
+            m, s = momentum[name], precision[name]
+            if (m.dtype, m.shape) != (s.dtype, s.shape):
+                raise OptimizerError(
+                    f"state 's_{name}' has dtype {s.dtype} and shape {s.shape} but 'm_{name}' "
+                    f"has dtype {m.dtype} and shape {m.shape}",
+                    "s_" + name,
+                )
+            if not (s > 0).all():
+                raise OptimizerError(f"state 's_{name}' must be positive", "s_" + name)
+        with self._lock:
+            self._lr, self._seed, self._draws = lr, seed, draws
+            self._momentum = _buffers_of({k: np.array(v, order="C") for k, v in momentum.items()})
+            self._precision = _buffers_of(
+                {k: np.array(v, order="C") for k, v in precision.items()}
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        with self._lock:
+            state = self.__dict__.copy()
+        del state["_lock"], state["_engine"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        self._engine = _core.SamEngine(False, [(1.0, False, 0.0, True)], None)
+
+    def __repr__(self) -> str:
+        return (
+            f"BsamOptimizer({self.num_data!r}, lr={self._lr!r}, beta1={self.beta1!r}, "
+            f"beta2={self.beta2!r}, prior_precision={self.prior_precision!r}, "
+            f"rho={self._rho!r}, damping={self.damping!r}, s_init={self.s_init!r}, "
+            f"seed={self._seed!r})"
         )

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use super::api::{borrow, prepare_stateless, Names};
 use super::arrays::{self, norm_gradient, norm_source, sorted_entries, Float, NormSource};
-use super::driver::Entry;
+use super::driver::{Entry, Prepared};
 use crate::claims::{self, CallClaims};
-use crate::family::{self, CentreSource, FisherSource, MaskSource, Rows};
+use crate::family::{self, BsamHyper, CentreSource, FisherSource, MaskSource, NoiseSource, Rows};
 use crate::norm::{self, DotItem, NormItem};
 use crate::parallel::ByDtype;
 
@@ -84,6 +84,162 @@ fn fisher(
     let items = prepared.lanes(fisher_source::<f32>, fisher_source::<f64>);
     py.detach(move || family::fisher(items, eta));
     prepared.commit(&mut []);
+    Ok(())
+}
+
+fn noise_source<'a, T: Float>(entry: &'a mut Entry<'_, T>, keys: &[u64]) -> NoiseSource<'a, T> {
+    let key = keys[entry.item];
+    let (out, s, _) = entry.lanes();
+    (out, s.expect("a call with the precision"), key)
+}
+
+/// bSAM's noise: `out[k] ← n/√(num_data·s[k])`, `n ~ N(0, 1)` by draw number `draw` of
+/// the generator seeded `seed`.
+#[pyfunction]
+fn noise(
+    py: Python<'_>,
+    names: &Bound<'_, Names>,
+    out: &Bound<'_, PyDict>,
+    precision: &Bound<'_, PyDict>,
+    seed: u64,
+    draw: u64,
+    num_data: f64,
+) -> PyResult<()> {
+    let mut prepared = prepare_stateless(&mut *borrow(names)?, out, Some(precision))?;
+    let keys: Vec<u64> = prepared
+        .names
+        .iter()
+        .map(|key| family::draw_key(seed, draw, family::name_key(&key.text())))
+        .collect();
+    let items = prepared.lanes(|e| noise_source(e, &keys), |e| noise_source(e, &keys));
+    py.detach(move || family::noise(items, num_data));
+    prepared.commit(&mut []);
+    Ok(())
+}
+
+/// Calls over dicts of the same names: each prepared alone (its memory claimed, its
+/// gradients converted), then checked to agree name by name in dtype.
+fn same_layout(calls: &[&Prepared<'_>]) -> PyResult<()> {
+    let first = calls[0];
+    for other in &calls[1..] {
+        let same_names = other.names.len() == first.names.len()
+            && other
+                .names
+                .iter()
+                .zip(&first.names)
+                .all(|(a, b)| a.text() == b.text());
+        if !same_names || other.is_single != first.is_single {
+            let index = (0..first.names.len().min(other.names.len()))
+                .find(|&i| other.is_single.get(i) != first.is_single.get(i))
+                .unwrap_or(0);
+            let name = first.names.get(index).map(|k| k.text()).unwrap_or_default();
+            return Err(super::optimizer_error(
+                &name,
+                format!("the state of '{name}' does not have its parameter's names or dtypes"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn pair<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> (&'a mut [T], &'a [T]) {
+    let (out, g, _) = entry.lanes();
+    (out, g.expect("a call with a source"))
+}
+
+fn alone<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> &'a mut [T] {
+    entry.lanes().0
+}
+
+/// bSAM's ascent direction: `out[k] ← g[k]/s[k]`.
+#[pyfunction]
+fn divide(
+    py: Python<'_>,
+    names: (Bound<'_, Names>, Bound<'_, Names>),
+    out: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+    precision: &Bound<'_, PyDict>,
+) -> PyResult<()> {
+    let mut outs = prepare_stateless(&mut *borrow(&names.0)?, out, Some(grads))?;
+    let mut precisions = prepare_stateless(&mut *borrow(&names.1)?, precision, None)?;
+    same_layout(&[&outs, &precisions])?;
+    let firsts = outs.lanes(pair::<f32>, pair::<f64>);
+    let seconds = precisions.lanes(alone::<f32>, alone::<f64>);
+    let mut items = Vec::with_capacity(firsts.len());
+    for (first, second) in firsts.into_iter().zip(seconds) {
+        items.push(match (first, second) {
+            (ByDtype::Single((o, g)), ByDtype::Single(s)) => ByDtype::Single((o, g, s)),
+            (ByDtype::Double((o, g)), ByDtype::Double(s)) => ByDtype::Double((o, g, s)),
+            _ => unreachable!("dtypes checked by same_layout"),
+        });
+    }
+    py.detach(move || family::divide(items));
+    outs.commit(&mut []);
+    precisions.commit(&mut []);
+    Ok(())
+}
+
+/// One bSAM update of the parameters, the momentum and the precision
+/// (`family::bsam_update`): `ascended` is the gradient at the ascent's point, `sampled`
+/// the gradient at the noisy sample.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn bsam_update(
+    py: Python<'_>,
+    names: (Bound<'_, Names>, Bound<'_, Names>, Bound<'_, Names>),
+    params: &Bound<'_, PyDict>,
+    ascended: &Bound<'_, PyDict>,
+    momentum: &Bound<'_, PyDict>,
+    sampled: &Bound<'_, PyDict>,
+    precision: &Bound<'_, PyDict>,
+    hyper: (f64, f64, f64, f64, f64),
+) -> PyResult<()> {
+    let (lr, beta1, beta2, delta, damping) = hyper;
+    let hyper = BsamHyper {
+        lr,
+        beta1,
+        beta2,
+        delta,
+        damping,
+    };
+    let mut weights = prepare_stateless(&mut *borrow(&names.0)?, params, Some(ascended))?;
+    let mut moments = prepare_stateless(&mut *borrow(&names.1)?, momentum, Some(sampled))?;
+    let mut precisions = prepare_stateless(&mut *borrow(&names.2)?, precision, None)?;
+    same_layout(&[&weights, &moments, &precisions])?;
+    let finite = |prepared: &mut Prepared<'_>| -> PyResult<()> {
+        let items: Vec<NormItem<'_>> = prepared
+            .lanes(pair::<f32>, pair::<f64>)
+            .into_iter()
+            .map(|item| match item {
+                ByDtype::Single((_, g)) => ByDtype::Single((g, None)),
+                ByDtype::Double((_, g)) => ByDtype::Double((g, None)),
+            })
+            .collect();
+        let checked = py.detach(|| norm::check_finite(&items));
+        drop(items);
+        checked.map_err(|error| prepared.norm_error(error))
+    };
+    finite(&mut weights)?;
+    finite(&mut moments)?;
+    let ws = weights.lanes(pair::<f32>, pair::<f64>);
+    let ms = moments.lanes(pair::<f32>, pair::<f64>);
+    let ss = precisions.lanes(alone::<f32>, alone::<f64>);
+    let mut items = Vec::with_capacity(ws.len());
+    for ((w, m), s) in ws.into_iter().zip(ms).zip(ss) {
+        items.push(match (w, m, s) {
+            (ByDtype::Single((w, ge)), ByDtype::Single((m, g)), ByDtype::Single(s)) => {
+                ByDtype::Single((w, ge, m, g, s))
+            }
+            (ByDtype::Double((w, ge)), ByDtype::Double((m, g)), ByDtype::Double(s)) => {
+                ByDtype::Double((w, ge, m, g, s))
+            }
+            _ => unreachable!("dtypes checked by same_layout"),
+        });
+    }
+    py.detach(move || family::bsam_update(items, hyper));
+    weights.commit(&mut []);
+    moments.commit(&mut []);
+    precisions.commit(&mut []);
     Ok(())
 }
 
@@ -175,6 +331,9 @@ pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(centralize, module)?)?;
     module.add_function(wrap_pyfunction!(mask, module)?)?;
     module.add_function(wrap_pyfunction!(fisher, module)?)?;
+    module.add_function(wrap_pyfunction!(noise, module)?)?;
+    module.add_function(wrap_pyfunction!(divide, module)?)?;
+    module.add_function(wrap_pyfunction!(bsam_update, module)?)?;
     module.add_function(wrap_pyfunction!(cosine, module)?)?;
     Ok(())
 }
