@@ -731,3 +731,22 @@ def test_bsam_noise_has_the_posterior_variance() -> None:
     opt.sam_step(params, fn)
     assert abs(np.var(seen["w"]) * 100 * 4.0 - 1.0) < 0.01
     assert not params["w"].any()
+
+
+@pytest.mark.parametrize("variant", ["esam", "friendly"])
+def test_restore_also_undoes_the_draw_or_the_ema_update(variant: str) -> None:
+    """An abandoned first_step leaves the state as if it had not been taken, so the next
+    step is the one an uninterrupted run takes."""
+    a, _ = build(variant)
+    b, _ = build(variant)
+    pa, pb = make_params(np.float64), make_params(np.float64)
+    run(a, pa, range(3))
+    run(b, pb, range(3))
+    before = _bitwise_state(b.state_dict())
+    b.first_step(pb, grad_fn_at(9)(pb)[1])
+    b.restore(pb)
+    assert _bitwise_state(b.state_dict()) == before
+    run(a, pa, range(3, 6))
+    run(b, pb, range(3, 6))
+    for k in pa:
+        assert pa[k].tobytes() == pb[k].tobytes(), k
