@@ -125,6 +125,7 @@ pub trait Stored: Real {
     fn wrap(values: Box<[Self]>) -> Data;
     fn unwrap(data: Data) -> Result<Box<[Self]>, Data>;
     fn view(data: &Data) -> Option<&[Self]>;
+    fn view_mut(data: &mut Data) -> Option<&mut [Self]>;
 }
 
 impl Stored for f32 {
@@ -144,6 +145,12 @@ impl Stored for f32 {
             Data::Double(_) => None,
         }
     }
+    fn view_mut(data: &mut Data) -> Option<&mut [f32]> {
+        match data {
+            Data::Single(values) => Some(values),
+            Data::Double(_) => None,
+        }
+    }
 }
 
 impl Stored for f64 {
@@ -158,6 +165,12 @@ impl Stored for f64 {
         }
     }
     fn view(data: &Data) -> Option<&[f64]> {
+        match data {
+            Data::Double(values) => Some(values),
+            Data::Single(_) => None,
+        }
+    }
+    fn view_mut(data: &mut Data) -> Option<&mut [f64]> {
         match data {
             Data::Double(values) => Some(values),
             Data::Single(_) => None,
@@ -286,9 +299,19 @@ mod tests {
     #[test]
     fn names_sort_as_str_compares_them() {
         let names = [
-            "layer10.weight", "layer1.weight", "layer1.weigh", "", "a\0", "a", "b",
-            "layer1.weight.extra.long.name", "layer1.weight.extra.long.nam", "é", "z\u{10000}",
-            "layer1.weight\0", "layer1.weigh\u{7f}",
+            "layer10.weight",
+            "layer1.weight",
+            "layer1.weigh",
+            "",
+            "a\0",
+            "a",
+            "b",
+            "layer1.weight.extra.long.name",
+            "layer1.weight.extra.long.nam",
+            "é",
+            "z\u{10000}",
+            "layer1.weight\0",
+            "layer1.weigh\u{7f}",
         ];
         let order = name_order(names.iter().copied());
         let sorted: Vec<&str> = order.iter().map(|&i| names[i]).collect();
@@ -320,7 +343,11 @@ mod tests {
         let a = table.entry_for("a");
         assert_eq!((table.entry_for("b"), table.find("a")), (b, Some(a)));
         assert_eq!(table.find("c"), None);
-        let names: Vec<&str> = table.sorted().iter().map(|&e| &*table.entry(e).name).collect();
+        let names: Vec<&str> = table
+            .sorted()
+            .iter()
+            .map(|&e| &*table.entry(e).name)
+            .collect();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(table.entry(a).buffers.len(), 2);
         assert_ne!(Table::new(1).generation(), table.generation());

@@ -265,7 +265,10 @@ fn incomplete(table: &Table, index: usize, prefixes: &[String], layouts: bool) -
             .map(|slot| prefixes[slot].as_str())
             .collect();
         let key = key(present);
-        let message = format!("state '{key}' has no matching {} partner", missing.join("/"));
+        let message = format!(
+            "state '{key}' has no matching {} partner",
+            missing.join("/")
+        );
         return Some(optimizer_error(&key, message));
     }
     if !layouts {
