@@ -1,6 +1,7 @@
 //! The phase driver: one validated, claimed call over every array of a dict, with the
-//! state buffers each phase uses taken from the optimizers' native tables (or allocated,
-//! fallibly) before anything is written, and put back — updated — when the phase commits.
+//! state buffers each phase uses found in the optimizers' native tables (used in place) or
+//! allocated, fallibly, before anything is written; the buffers it made go into the tables
+//! when the phase commits.
 
 use numpy::Element;
 use pyo3::prelude::*;
