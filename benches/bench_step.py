@@ -43,6 +43,14 @@ Also measured, in the parent process or fresh subprocesses:
   one alone) at the start and end, and per row the process CPU time / wall time: a run during
   which another process held a core is flagged, its multi-thread figures mean little.
 
+Many arrays (``--sweep``, issue 16): the cost per array of a whole SAM(Adam) step (first_step
++ second_step, float64) against the number of arrays — 1 to 100,000 arrays holding 200,000
+elements in all, and 20-element arrays from 100 to 100,000 — and 1,000,000 tiny arrays in a
+fresh process: step time, peak RSS beyond the arrays and their state, state_dict and
+load_state_dict times. ``--compare PYTHON`` runs the same workers under another interpreter
+(another build of samopt) alternately with this one, so both see the same minutes of the
+machine; ``--plot PATH`` draws µs per array against the array count (needs matplotlib).
+
 Nothing here asserts on the figures (the CI smoke only prints them).
 """
 
@@ -1373,6 +1381,321 @@ def orchestrate(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# --------------------------------------------------------------------------------------------
+# Many arrays (issue 16): cost per array against the array count
+# --------------------------------------------------------------------------------------------
+SWEEP_TOTAL = 200_000
+"""Elements in all for the fixed-total sweep."""
+SWEEP_FIXED_COUNTS = (1, 10, 100, 1_000, 10_000, 100_000)
+SWEEP_SMALL_ELEMS = 20
+SWEEP_SMALL_COUNTS = (100, 1_000, 10_000, 100_000)
+MILLION = 1_000_000
+MILLION_ELEMS = 10
+"""Elements per array of the 1,000,000-array row."""
+
+
+def many_arrays(count: int, elems: int, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``count`` float64 arrays of ``elems`` elements, named like a model's layers."""
+    rng = np.random.default_rng(seed)
+    flat_p = rng.standard_normal(count * elems)
+    flat_g = rng.standard_normal(count * elems) * 0.01
+    # Separate arrays (copies), as a model's parameters are; not views of one buffer.
+    params = {f"layer{i}.weight": flat_p[i * elems : (i + 1) * elems].copy() for i in range(count)}
+    grads = {name: flat_g[i * elems : (i + 1) * elems].copy() for i, name in enumerate(params)}
+    return params, grads
+
+
+def torch_sam_adam(
+    torch: Any, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]
+) -> Callable[[], None]:
+    """SAM(Adam) in torch as a careful user writes it for many arrays: foreach ops for the
+    norm, the perturbation and the restore, fused (else foreach) Adam."""
+    tps = [torch.from_numpy(a.copy()) for a in params.values()]
+    tgs = [torch.from_numpy(grads[name]) for name in params]
+    for tp, tg in zip(tps, tgs):
+        tp.grad = tg
+    kw = {"lr": LR, "betas": (BETA1, BETA2), "eps": EPS}
+    try:
+        opt = torch.optim.Adam(tps, fused=True, **kw)
+        opt.step()
+    except (RuntimeError, ValueError, TypeError):
+        opt = torch.optim.Adam(tps, foreach=True, **kw)
+        opt.step()
+    saved = [tp.detach().clone() for tp in tps]
+
+    def step() -> None:
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tgs)))
+            torch._foreach_copy_(saved, tps)
+            torch._foreach_add_(tps, tgs, alpha=float(RHO / norm))
+            torch._foreach_copy_(tps, saved)
+            opt.step()
+
+    step.keep = (tps, tgs, saved, opt)  # type: ignore[attr-defined]
+    return step
+
+
+def time_steps(step: Callable[[], None], budget_s: float) -> dict[str, Any]:
+    """Median time of ``step`` over repetitions filling about ``budget_s`` (at least 5),
+    after one warm-up call; GC off while timing."""
+    step()
+    t0 = time.perf_counter()
+    step()
+    one = max(time.perf_counter() - t0, 1e-9)
+    inner = max(1, int(0.02 / one))
+    reps = max(5, min(41, int(budget_s / (one * inner))))
+    times = []
+    cpu = []
+    gc.disable()
+    try:
+        for _ in range(reps):
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                step()
+            times.append((time.perf_counter() - t0) / inner)
+            cpu.append((time.process_time() - c0) / inner)
+    finally:
+        gc.enable()
+    # CPU time says what the process itself spent, when other processes hold the cores.
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "cpu_median_s": statistics.median(cpu),
+        "reps": reps,
+    }
+
+
+def worker_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """The array-count sweep of SAM(Adam), float64, in one process: samopt, and torch where
+    it is importable."""
+    samopt = importlib.import_module("samopt")
+    torch = None
+    res: dict[str, Any] = {"samopt_file": samopt.__file__, "rows": []}
+    if not args.no_torch:
+        try:
+            torch = importlib.import_module("torch")
+            res["torch_version"] = torch.__version__
+        except Exception as exc:
+            res["torch_skipped"] = f"{type(exc).__name__}: {exc}"
+    budget = 0.3 if args.quick else 1.5
+    configs = [("fixed_total", n, SWEEP_TOTAL // n) for n in SWEEP_FIXED_COUNTS]
+    configs += [("small", n, SWEEP_SMALL_ELEMS) for n in SWEEP_SMALL_COUNTS]
+    if args.quick:
+        configs = [c for c in configs if c[1] <= 10_000]
+    for series, count, elems in configs:
+        params, grads = many_arrays(count, elems)
+        opt = samopt.SamOptimizer(samopt.AdamOptimizer(), rho=RHO)
+
+        def step(opt: Any = opt, params: Any = params, grads: Any = grads) -> None:
+            opt.first_step(params, grads)
+            opt.second_step(params, grads)
+
+        impls: dict[str, Callable[[], None]] = {"samopt": step}
+        if torch is not None:
+            try:
+                impls["torch"] = torch_sam_adam(torch, params, grads)
+            except Exception as exc:
+                res["torch_skipped"] = f"{type(exc).__name__}: {exc}"
+        for impl, fn in impls.items():
+            timed = time_steps(fn, budget)
+            timed.update(
+                impl=impl,
+                series=series,
+                arrays=count,
+                elems=elems,
+                us_per_array=timed["median_s"] / count * 1e6,
+            )
+            res["rows"].append(timed)
+        del params, grads, opt, impls
+        gc.collect()
+    return res
+
+
+def worker_million(args: argparse.Namespace) -> dict[str, Any]:
+    """1,000,000 tiny arrays (100,000 with --quick) in a fresh process: SAM(Adam) step time,
+    peak RSS of the steps beyond params, grads, state and saved values, and the times of
+    state_dict and of load_state_dict into a new optimizer."""
+    samopt = importlib.import_module("samopt")
+    count = 100_000 if args.quick else MILLION
+    params, grads = many_arrays(count, MILLION_ELEMS)
+    gc.collect()
+    rss_data = _status_kb("VmRSS")
+    opt = samopt.SamOptimizer(samopt.AdamOptimizer(), rho=RHO)
+    can_reset = _reset_hwm()
+    times = []
+    cpu = []
+    for _ in range(4):  # the first builds the state
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        opt.first_step(params, grads)
+        opt.second_step(params, grads)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    peak_kib = _status_kb("VmHWM") if can_reset else -1
+    t0 = time.perf_counter()
+    opt.first_step(params, grads)  # the state dict holds the pending saved values too
+    first_s = time.perf_counter() - t0
+    c0, t0 = time.process_time(), time.perf_counter()
+    state = opt.state_dict()
+    state_dict_s, state_dict_cpu = time.perf_counter() - t0, time.process_time() - c0
+    fresh = samopt.SamOptimizer(samopt.AdamOptimizer(), rho=RHO)
+    c0, t0 = time.process_time(), time.perf_counter()
+    fresh.load_state_dict(state)
+    load_s, load_cpu = time.perf_counter() - t0, time.process_time() - c0
+    # m, v and the saved values: float64, one element each per parameter element.
+    state_bytes = 3 * count * MILLION_ELEMS * 8
+    beyond = (peak_kib - rss_data) * 1024 - state_bytes if can_reset else None
+    return {
+        "arrays": count,
+        "elems": MILLION_ELEMS,
+        "first_call_s": times[0],
+        "step_s": statistics.median(times[1:]),
+        "step_cpu_s": statistics.median(cpu[1:]),
+        "first_step_s": first_s,
+        "peak_rss_above_params_grads_mb": (peak_kib - rss_data) / 1024 if can_reset else None,
+        "state_and_saved_mb": state_bytes / 2**20,
+        "peak_beyond_state_mb": beyond / 2**20 if beyond is not None else None,
+        "state_dict_s": state_dict_s,
+        "state_dict_cpu_s": state_dict_cpu,
+        "state_dict_keys": len(state),
+        "load_state_dict_s": load_s,
+        "load_state_dict_cpu_s": load_cpu,
+        "loadavg": os.getloadavg(),
+    }
+
+
+def spawn_with(python: str, extra: list[str], quick: bool) -> dict[str, Any]:
+    """A worker under interpreter ``python`` (another build of samopt)."""
+    env = dict(os.environ)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+        out = tmp.name
+    cmd = [python, os.path.abspath(__file__), *extra, "--out", out, *(["--quick"] if quick else [])]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            return {"error": f"{python} {' '.join(extra)} exited {proc.returncode}",
+                    "stderr_tail": proc.stderr[-3000:]}
+        with open(out) as f:
+            loaded: dict[str, Any] = json.load(f)
+            return loaded
+    finally:
+        os.unlink(out)
+
+
+def sweep_report(runs: dict[str, dict[str, Any]]) -> str:
+    """Tables of µs per array for each build, and the 1,000,000-array rows."""
+    labels = list(runs)
+    lines = []
+    for series, title in (
+        ("fixed_total", f"{SWEEP_TOTAL:,} elements in all"),
+        ("small", f"{SWEEP_SMALL_ELEMS}-element arrays"),
+    ):
+        lines.append(
+            f"\nSAM(Adam) step, float64, {title}: us per array (step time; CPU us per array)"
+        )
+        rows: dict[tuple[int, int], dict[str, str]] = {}
+        for label in labels:
+            for r in runs[label]["sweep"].get("rows", []):
+                if r["series"] == series:
+                    key = (r["arrays"], r["elems"])
+                    name = label if r["impl"] == "samopt" else f"{label} torch"
+                    cpu_us = r["cpu_median_s"] / r["arrays"] * 1e6
+                    rows.setdefault(key, {})[name] = (
+                        f"{r['us_per_array']:.3f} ({fmt_t(r['median_s'])}; cpu {cpu_us:.3f})"
+                    )
+        names = sorted({n for cells in rows.values() for n in cells})
+        lines.append("| arrays x elements | " + " | ".join(names) + " |")
+        lines.append("| --- |" + " --- |" * len(names))
+        for (count, elems), cells in sorted(rows.items()):
+            cols = " | ".join(cells.get(n, "-") for n in names)
+            lines.append(f"| {count:,} x {elems:,} | {cols} |")
+    lines.append("\n1,000,000 tiny arrays")
+    keys = ("arrays", "step_s", "step_cpu_s", "peak_beyond_state_mb",
+            "peak_rss_above_params_grads_mb", "state_dict_s", "state_dict_cpu_s",
+            "load_state_dict_s", "load_state_dict_cpu_s")
+    lines.append("| build | " + " | ".join(keys) + " |")
+    lines.append("| --- |" + " --- |" * len(keys))
+    for label in labels:
+        m = runs[label]["million"]
+        cells = [
+            "-" if m.get(k) is None else (f"{m[k]:.3g}" if isinstance(m[k], float) else str(m[k]))
+            for k in keys
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_plot(runs: dict[str, dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = {"fixed_total": "o-", "small": "s--"}
+    for label, run in runs.items():
+        for series, what in (
+            ("fixed_total", f"{SWEEP_TOTAL:,} elements in all"),
+            ("small", f"{SWEEP_SMALL_ELEMS} elements each"),
+        ):
+            rows = sorted(
+                (r for r in run["sweep"].get("rows", [])
+                 if r["series"] == series and r["impl"] == "samopt"),
+                key=lambda r: r["arrays"],
+            )
+            if rows:
+                ax.plot([r["arrays"] for r in rows], [r["us_per_array"] for r in rows],
+                        styles[series], label=f"{label}, {what}")
+        million = run.get("million", {})
+        if million.get("step_s"):
+            ax.plot([million["arrays"]], [million["step_s"] / million["arrays"] * 1e6], "k*",
+                    markersize=9)
+            ax.annotate(f"{label} 1M x {million['elems']}",
+                        (million["arrays"], million["step_s"] / million["arrays"] * 1e6),
+                        textcoords="offset points", xytext=(-70, 6), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arrays in the call")
+    ax.set_ylabel("µs per array (whole SAM(Adam) step)")
+    ax.set_title("SAM(Adam), float64: cost per array against array count")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def orchestrate_sweep(args: argparse.Namespace) -> int:
+    """The sweep and the 1,000,000-array row, for this build and ``--compare``'s, each
+    worker of one build followed by the same worker of the other."""
+    compared, this = (args.labels or "compared,this build").split(",", 1)
+    builds = {this: sys.executable}
+    if args.compare:
+        builds = {compared: args.compare, this: sys.executable}
+    runs: dict[str, dict[str, Any]] = {label: {} for label in builds}
+    extra_torch = ["--no-torch"] if args.no_torch else []
+    for worker in ("sweep", "million"):
+        for label, python in builds.items():
+            if not args.silent:
+                print(f"{worker}: {label} ({python}) ...", file=sys.stderr, flush=True)
+            out = spawn_with(python, ["--worker", worker, *extra_torch], args.quick)
+            if "error" in out:
+                print(out["error"], out.get("stderr_tail", ""), file=sys.stderr)
+            runs[label][worker] = out
+    print(sweep_report(runs))
+    result = {"meta": machine_info(), "builds": builds, "runs": runs}
+    path = args.json or os.path.join(HERE, "results_sweep.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"\nfigures written to {path}")
+    if args.plot:
+        sweep_plot(runs, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
 def check_mode(args: argparse.Namespace) -> int:
     bad = 0
     for spec in size_specs(args.quick):
@@ -1414,19 +1737,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--no-check", action="store_true", help="skip the baseline-vs-samopt check")
     ap.add_argument("--silent", action="store_true", help="no progress messages on stderr")
-    ap.add_argument("--worker", choices=("rows", "rss"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--sweep", action="store_true", help="cost per array against the array count (issue 16)"
+    )
+    ap.add_argument("--compare", metavar="PYTHON", help="--sweep: also run under this interpreter")
+    ap.add_argument("--plot", metavar="PNG", help="--sweep: plot us per array against count")
+    ap.add_argument(
+        "--labels", metavar="COMPARED,THIS", help="--sweep: names of the two builds in the report"
+    )
+    ap.add_argument(
+        "--worker", choices=("rows", "rss", "sweep", "million"), help=argparse.SUPPRESS
+    )
     ap.add_argument("--numpy-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--layout", default="20", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        out = worker_rows(args) if args.worker == "rows" else worker_rss(args)
+        workers = {
+            "rows": worker_rows,
+            "rss": worker_rss,
+            "sweep": worker_sweep,
+            "million": worker_million,
+        }
+        out = workers[args.worker](args)
         with open(args.out, "w") as f:
             json.dump(out, f, default=str)
         return 0
     if args.check:
         return check_mode(args)
+    if args.sweep:
+        return orchestrate_sweep(args)
     return orchestrate(args)
 
 

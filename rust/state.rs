@@ -3,6 +3,7 @@
 //! Buffers are allocated fallibly: running out of memory is an error, never an abort.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::float::Real;
 
@@ -45,6 +46,63 @@ pub fn collect<T>(values: impl ExactSizeIterator<Item = T>) -> Result<Box<[T]>, 
     Ok(buffer.into_boxed_slice())
 }
 
+/// The order that sorts `names` (byte-wise, as `str` compares), as indices. Names are
+/// sorted by their first 16 bytes held in one contiguous array, and only names that tie
+/// on those by their whole text: with a million names a comparison that follows a pointer
+/// into the heap per name misses the cache each time.
+pub fn name_order<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> Vec<usize> {
+    let texts: Vec<&str> = names.collect();
+    let head = |text: &str| {
+        let mut bytes = [0u8; 16];
+        let n = text.len().min(16);
+        bytes[..n].copy_from_slice(&text.as_bytes()[..n]);
+        u128::from_be_bytes(bytes)
+    };
+    let mut keyed: Vec<(u128, usize)> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| (head(text), i))
+        .collect();
+    keyed.sort_unstable();
+    // Equal heads: names of 16 bytes or more with a common start, or shorter ones that
+    // differ only by trailing NULs. Those runs are put in text order.
+    let mut start = 0;
+    while start < keyed.len() {
+        let mut end = start + 1;
+        while end < keyed.len() && keyed[end].0 == keyed[start].0 {
+            end += 1;
+        }
+        if end - start > 1 {
+            keyed[start..end].sort_unstable_by(|a, b| texts[a.1].cmp(texts[b.1]));
+        }
+        start = end;
+    }
+    keyed.into_iter().map(|(_, i)| i).collect()
+}
+
+/// FxHash (rustc's): a multiply and a rotate per word. A table's index hashes parameter
+/// names, which are the caller's own (no flooding to fear), a million times per load.
+#[derive(Default, Clone, Copy)]
+pub struct NameHasher(u64);
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(SEED);
+        }
+        for &byte in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(byte)).wrapping_mul(SEED);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// One state stream of one parameter, laid out as the parameter was when it was made: its
 /// shape, and C or Fortran order of the flat values.
 #[derive(Debug)]
@@ -67,6 +125,7 @@ pub trait Stored: Real {
     fn wrap(values: Box<[Self]>) -> Data;
     fn unwrap(data: Data) -> Result<Box<[Self]>, Data>;
     fn view(data: &Data) -> Option<&[Self]>;
+    fn view_mut(data: &mut Data) -> Option<&mut [Self]>;
 }
 
 impl Stored for f32 {
@@ -86,6 +145,12 @@ impl Stored for f32 {
             Data::Double(_) => None,
         }
     }
+    fn view_mut(data: &mut Data) -> Option<&mut [f32]> {
+        match data {
+            Data::Single(values) => Some(values),
+            Data::Double(_) => None,
+        }
+    }
 }
 
 impl Stored for f64 {
@@ -100,6 +165,12 @@ impl Stored for f64 {
         }
     }
     fn view(data: &Data) -> Option<&[f64]> {
+        match data {
+            Data::Double(values) => Some(values),
+            Data::Single(_) => None,
+        }
+    }
+    fn view_mut(data: &mut Data) -> Option<&mut [f64]> {
         match data {
             Data::Double(values) => Some(values),
             Data::Single(_) => None,
@@ -141,7 +212,7 @@ pub struct Entry {
 pub struct Table {
     slots: usize,
     entries: Vec<Entry>,
-    index: HashMap<Box<str>, usize>,
+    index: HashMap<Box<str>, usize, BuildHasherDefault<NameHasher>>,
     generation: u64,
 }
 
@@ -157,7 +228,7 @@ impl Table {
         Table {
             slots,
             entries: Vec::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             generation: next_generation(),
         }
     }
@@ -190,11 +261,20 @@ impl Table {
         &mut self.entries[index]
     }
 
-    /// The entries sorted by name, as a state dict lists them.
-    pub fn sorted(&self) -> Vec<&Entry> {
-        let mut entries: Vec<&Entry> = self.entries.iter().collect();
-        entries.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        entries
+    /// The entries' indices in name order, as a state dict lists them.
+    pub fn sorted(&self) -> Vec<usize> {
+        name_order(self.entries.iter().map(|e| &*e.name))
+    }
+
+    /// The same entries with `slots` slots each, the ones added empty.
+    pub fn widened(mut self, slots: usize) -> Table {
+        for entry in &mut self.entries {
+            let mut buffers = std::mem::take(&mut entry.buffers).into_vec();
+            buffers.resize_with(slots.max(buffers.len()), || None);
+            entry.buffers = buffers.into_boxed_slice();
+        }
+        self.slots = self.slots.max(slots);
+        self
     }
 
     /// The index of `name`'s entry, made empty if there is none.
@@ -217,6 +297,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn names_sort_as_str_compares_them() {
+        let names = [
+            "layer10.weight",
+            "layer1.weight",
+            "layer1.weigh",
+            "",
+            "a\0",
+            "a",
+            "b",
+            "layer1.weight.extra.long.name",
+            "layer1.weight.extra.long.nam",
+            "é",
+            "z\u{10000}",
+            "layer1.weight\0",
+            "layer1.weigh\u{7f}",
+        ];
+        let order = name_order(names.iter().copied());
+        let sorted: Vec<&str> = order.iter().map(|&i| names[i]).collect();
+        let mut expected = names.to_vec();
+        expected.sort();
+        assert_eq!(sorted, expected);
+        let mut hasher = NameHasher::default();
+        hasher.write(b"layer1.weight");
+        let mut other = NameHasher::default();
+        other.write(b"layer2.weight");
+        assert_ne!(hasher.finish(), other.finish());
+    }
+
+    #[test]
     fn zeroed_buffers_are_zero_and_oversized_requests_fail_cleanly() {
         let zeros = zeroed::<f64>(1000).unwrap();
         assert!(zeros.iter().all(|&x| x.to_bits() == 0));
@@ -234,7 +343,11 @@ mod tests {
         let a = table.entry_for("a");
         assert_eq!((table.entry_for("b"), table.find("a")), (b, Some(a)));
         assert_eq!(table.find("c"), None);
-        let names: Vec<&str> = table.sorted().iter().map(|e| &*e.name).collect();
+        let names: Vec<&str> = table
+            .sorted()
+            .iter()
+            .map(|&e| &*table.entry(e).name)
+            .collect();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(table.entry(a).buffers.len(), 2);
         assert_ne!(Table::new(1).generation(), table.generation());

@@ -13,6 +13,7 @@ __all__ = [
     "Names",
     "SamEngine",
     "StagedSamState",
+    "StagedTable",
     "accumulate",
     "bsam_update",
     "centralize",
@@ -23,6 +24,9 @@ __all__ = [
     "gradient_norm",
     "mask",
     "noise",
+    "owned_keys",
+    "parse_table",
+    "partition_state",
     "restore",
     "sam_step",
     "scale",
@@ -53,8 +57,8 @@ class Engine:
         clip_norm: float | None = None,
         assign: Callable[[str], int] | None = None,
     ) -> Engine: ...
-    def state_dict(self) -> _State: ...
-    def load(self, steps: int, entries: dict[str, tuple[NDArray[Any], ...]]) -> None: ...
+    def state_dict(self, into: _State | None = None) -> _State: ...
+    def load(self, steps: int, entries: StagedTable) -> None: ...
 
 @final
 class SamEngine:
@@ -72,15 +76,37 @@ class SamEngine:
     @property
     def calls(self) -> int: ...
     def pending_names(self) -> list[str]: ...
-    def state_dict(self) -> _State: ...
+    def state_dict(self, into: _State | None = None) -> _State: ...
     def stage(
         self,
         calls: int,
-        pending: dict[str, tuple[NDArray[Any], NDArray[Any] | None]],
+        pending: StagedTable,
         grad0_norm: float,
     ) -> StagedSamState: ...
     def install(self, staged: StagedSamState) -> None: ...
 
+@final
+class StagedTable:
+    """A state dict's per-parameter arrays by name, one per slot, checked and copied, not
+    yet in force."""
+
+    def __len__(self) -> int: ...
+    def check_layouts(self, prefixes: list[str]) -> None: ...
+    def check_fits(self, base: StagedTable, prefix: str, base_prefix: str) -> None: ...
+
+def partition_state(
+    state: dict[Any, Any], exact: list[str], prefixes: list[str]
+) -> tuple[dict[str, Any], dict[Any, Any]]: ...
+def owned_keys(state: dict[Any, Any], exact: list[str], prefixes: list[str]) -> list[str]: ...
+def parse_table(
+    state: dict[Any, Any],
+    prefixes: list[str],
+    non_negative: list[str],
+    scalars: list[str],
+    skip_prefixes: list[str] = ...,
+    strict: bool = True,
+    same_layouts: bool = True,
+) -> StagedTable: ...
 @final
 class StagedSamState:
     """A SAM state read from a state dict, checked and copied, not yet in force."""

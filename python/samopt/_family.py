@@ -206,8 +206,9 @@ class EsamOptimizer(_FamilyStep):
                 self._draws = draws
                 raise
 
-    def _is_own_key(self, key: object) -> bool:
-        return key in ("esam_seed", "esam_draws") or super()._is_own_key(key)
+    def _own_keys(self) -> tuple[list[str], list[str]]:
+        exact, prefixes = super()._own_keys()
+        return [*exact, "esam_seed", "esam_draws"], prefixes
 
     def state_dict(self) -> StateDict:
         """SamOptimizer's state, the generator's ``esam_seed`` and ``esam_draws``."""
@@ -329,10 +330,9 @@ class LookSamOptimizer(_FamilyStep):
         """Not defined for LookSAM (which g_v would the splits keep?)."""
         raise OptimizerError("LookSamOptimizer has no sam_step_splits", None)
 
-    def _is_own_key(self, key: object) -> bool:
-        return (isinstance(key, str) and key.startswith(("looksam_gv_", "looksam_grad0_"))) or (
-            super()._is_own_key(key)
-        )
+    def _own_keys(self) -> tuple[list[str], list[str]]:
+        exact, prefixes = super()._own_keys()
+        return exact, [*prefixes, "looksam_gv_", "looksam_grad0_"]
 
     def state_dict(self) -> StateDict:
         """SamOptimizer's state, the kept orthogonal part ``looksam_gv_<name>`` and, while
@@ -631,10 +631,9 @@ class WsamOptimizer(_FamilyStep):
             if lr and alpha:
                 _core.accumulate(self._by_lr.names, group, direction, -lr * alpha)
 
-    def _is_own_key(self, key: object) -> bool:
-        return (isinstance(key, str) and key.startswith(self._grad0_prefix)) or (
-            super()._is_own_key(key)
-        )
+    def _own_keys(self) -> tuple[list[str], list[str]]:
+        exact, prefixes = super()._own_keys()
+        return exact, [*prefixes, self._grad0_prefix]
 
     def state_dict(self) -> StateDict:
         with self._lock:
@@ -783,8 +782,9 @@ class FriendlySamOptimizer(_FamilyStep):
                 self._ema, self._spare = self._spare, self._ema
             self._undoable = False
 
-    def _is_own_key(self, key: object) -> bool:
-        return (isinstance(key, str) and key.startswith(_EMA)) or super()._is_own_key(key)
+    def _own_keys(self) -> tuple[list[str], list[str]]:
+        exact, prefixes = super()._own_keys()
+        return exact, [*prefixes, _EMA]
 
     def state_dict(self) -> StateDict:
         with self._lock:

@@ -13,14 +13,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
 
 from . import _core
 from ._config import OptimizerConfig, check_bool, check_learning_rate, check_real
 from ._errors import OptimizerError
 from ._groups import Check, ParamGroups
 from ._protocol import Grads, Params, StateDict
-from ._state import as_dict, scalar_entry, split_by_prefix, state_array, time_step_entry
+from ._state import as_dict, scalar_entry, state_mapping, time_step_entry
 
 __all__ = [
     "AdamOptimizer",
@@ -40,11 +39,12 @@ def compute_gradient_norm(grads: Grads) -> float:
 @dataclasses.dataclass(frozen=True)
 class LoadedState:
     """A base optimizer's state dict, checked: the learning rates (the optimizer's own, then
-    each parameter group's), the step count and, by parameter name, one array per slot."""
+    each parameter group's), the step count and, by parameter name, one array per slot
+    (copied, in a native table)."""
 
     lrs: list[float]
     t: int
-    entries: dict[str, tuple[NDArray[Any], ...]]
+    entries: _core.StagedTable
 
 
 def _check_unit(key: str, value: object) -> float:
@@ -171,7 +171,7 @@ class NativeOptimizer:
             state: StateDict = {"lr": np.array(lrs[0])}
             for index, lr in enumerate(lrs[1:]):
                 state[_group_lr_key(index)] = np.array(lr)
-            state.update(self._engine.state_dict())
+            self._engine.state_dict(state)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -179,32 +179,23 @@ class NativeOptimizer:
         before changing anything."""
         self._install(self._parse_state(state))
 
-    def _parse_state(self, state: Mapping[str, Any]) -> LoadedState:
-        """A state dict checked and copied, not yet in force."""
+    def _parse_state(
+        self, state: Mapping[str, Any], ignore: tuple[list[str], list[str]] = ([], [])
+    ) -> LoadedState:
+        """A state dict checked and copied, not yet in force. ``ignore`` holds the keys and
+        key prefixes of another part of the state (a SamOptimizer's own)."""
         slots = tuple(self._engine.slots)
         counts_steps = self._kind != "sgd"
         group_lrs = tuple(_group_lr_key(i) for i in range(len(self.param_groups)))
         scalars = ("lr", *group_lrs, "t") if counts_steps else ("lr", *group_lrs)
-        groups = split_by_prefix(state, slots, scalars)
+        state = state_mapping(state)
         lrs = [scalar_entry(state, key) for key in ("lr", *group_lrs)]
         t = time_step_entry(state, "t") if counts_steps else 0
-        names = sorted(set().union(*(groups[prefix].keys() for prefix in slots)))
-        entries: dict[str, tuple[NDArray[Any], ...]] = {}
-        for name in names:
-            missing = [prefix for prefix in slots if name not in groups[prefix]]
-            if missing:
-                key = next(groups[p][name] for p in slots if name in groups[p])
-                raise OptimizerError(
-                    f"state '{key}' has no matching {'/'.join(missing)} partner", key
-                )
-            arrays = tuple(
-                state_array(state, prefix + name, non_negative=prefix in self._non_negative)
-                for prefix in slots
-            )
-            if any(a.shape != arrays[0].shape or a.dtype != arrays[0].dtype for a in arrays):
-                keys = " and ".join(f"'{prefix}{name}'" for prefix in slots)
-                raise OptimizerError(f"state {keys} differ in shape or dtype", slots[0] + name)
-            entries[name] = arrays
+        # One native pass over the keys: grouped by name, checked and copied.
+        skip_keys, skip_prefixes = ignore
+        entries = _core.parse_table(
+            state, list(slots), list(self._non_negative), [*scalars, *skip_keys], skip_prefixes
+        )
         return LoadedState(lrs, t, entries)
 
     def _install(self, loaded: LoadedState) -> None:

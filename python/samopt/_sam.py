@@ -18,7 +18,7 @@ from ._errors import OptimizerError
 from ._groups import Check, ParamGroups
 from ._optimizers import LoadedState, NativeOptimizer
 from ._protocol import Grads, Optimizer, Params, StateDict
-from ._state import as_dict, scalar_entry, state_array, time_step_entry
+from ._state import as_dict, scalar_entry, state_mapping, time_step_entry
 
 __all__ = ["GradFn", "GsamOptimizer", "SamOptimizer"]
 
@@ -304,19 +304,16 @@ class SamOptimizer:
     def set_lr(self, lr: float) -> None:
         self.base_optimizer.set_lr(lr)
 
-    def _is_own_key(self, key: object) -> bool:
-        return isinstance(key, str) and (
-            key in ("rho", _CALLS)
-            or key in self._pending_scalars_names
-            or any(key.startswith(prefix) for prefix in self._pending_prefixes)
-        )
+    def _own_keys(self) -> tuple[list[str], list[str]]:
+        """The state-dict keys this optimizer owns: exact keys, and key prefixes."""
+        return ["rho", _CALLS, *self._pending_scalars_names], list(self._pending_prefixes)
 
     def state_dict(self) -> StateDict:
         """The base optimizer's state, ``rho``, ``sam_calls`` (for ``interval``), and for
         each parameter of a pending first_step its saved value ``saved_<name>``."""
         with self._lock:
             state = self.base_optimizer.state_dict()
-            clash = sorted(k for k in state if self._is_own_key(k))
+            clash = _core.owned_keys(state, *self._own_keys())
             if clash:
                 raise OptimizerError(
                     f"the base optimizer's state key '{clash[0]}' clashes with "
@@ -324,58 +321,52 @@ class SamOptimizer:
                     clash[0],
                 )
             state["rho"] = np.array(self._rho)
-            state.update(self._engine.state_dict())
+            if type(state) is dict:
+                self._engine.state_dict(state)
+            else:
+                state.update(self._engine.state_dict())
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Loads a state_dict (also into a freshly built optimizer); checks everything
         before changing anything: a pending first_step loads only when it fits the base's
         state, so a loaded state is always usable."""
-        if not isinstance(state, Mapping):
-            raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
+        state = state_mapping(state)
         rho = scalar_entry(state, "rho", positive=True)
-        base_state = {k: v for k, v in state.items() if not self._is_own_key(k)}
         base = self.base_optimizer
         if isinstance(base, NativeOptimizer):
-            loaded = base._parse_state(base_state)
+            loaded = base._parse_state(state, ignore=self._own_keys())
             staged = self._stage(state, loaded)
             with self._lock:
                 base._install(loaded)
                 self._rho = rho
                 self._engine.install(staged)
             return
+        _, base_state = _core.partition_state(state, *self._own_keys())
         staged = self._stage(state, None)
         with self._lock:
             base.load_state_dict(base_state)
             self._rho = rho
             self._engine.install(staged)
 
-    def _stage(self, state: Mapping[str, Any], base: LoadedState | None) -> _core.StagedSamState:
-        """The SAM part of ``state`` checked and copied, not yet in force. With the base's
-        loaded state, a pending first_step must fit its per-parameter state."""
+    def _stage(self, state: dict[str, Any], base: LoadedState | None) -> _core.StagedSamState:
+        """The SAM part of ``state`` checked and copied, not yet in force.
+        With the base's loaded state, a pending first_step must fit its per-parameter
+        state: each name one the base has state for (when it has any), of that state's
+        dtype and shape. A corrupt or mismatched checkpoint is so refused whole instead of
+        loading into an optimizer whose second_step and restore then fail on every call. (A
+        parameter whose very first step is the pending one is refused too: checkpoint after
+        its second_step.)"""
         calls = time_step_entry(state, _CALLS) if _CALLS in state else 0
-        buffers: list[dict[str, NDArray[Any]]] = []
-        for prefix in self._pending_prefixes:
-            keys = sorted(k for k in state if isinstance(k, str) and k.startswith(prefix))
-            buffers.append({k[len(prefix):]: state_array(state, k) for k in keys})
-        pending_names = set(buffers[0])
-        for found in buffers[1:]:
-            if set(found) != pending_names:
-                key = sorted(set(found) ^ pending_names)[0]
-                raise OptimizerError(
-                    f"state dict's pending buffers disagree for parameter '{key}'", key
-                )
+        exact, _ = self._own_keys()
+        prefixes = list(self._pending_prefixes)
+        pending = _core.parse_table(state, prefixes, [], exact, strict=False, same_layouts=False)
         if base is not None:
             assert isinstance(self.base_optimizer, NativeOptimizer)
-            _check_pending_fits_base(buffers[0], base, self.base_optimizer)
-        for found, prefix in zip(buffers[1:], self._pending_prefixes[1:]):
-            for name, array in found.items():
-                _check_same_layout(prefix + name, array, _SAVED + name, buffers[0][name])
-        scalars = self._load_pending_scalars(state) if pending_names else 0.0
-        pending = {
-            name: (buffers[0][name], buffers[1][name] if len(buffers) > 1 else None)
-            for name in pending_names
-        }
+            base_prefix = self.base_optimizer._engine.slots[0]
+            pending.check_fits(base.entries, _SAVED, base_prefix)
+        pending.check_layouts(prefixes)
+        scalars = self._load_pending_scalars(state) if len(pending) else 0.0
         return self._engine.stage(calls, pending, scalars)
 
     def _load_pending_scalars(self, state: Mapping[str, Any]) -> float:
@@ -427,35 +418,6 @@ def _check_base(base_optimizer: object) -> None:
             f"get_lr, set_lr, state_dict, load_state_dict), got "
             f"{type(base_optimizer).__name__}",
             "base_optimizer",
-        )
-
-
-def _check_pending_fits_base(
-    saved: Mapping[str, NDArray[Any]], base: LoadedState, base_optimizer: NativeOptimizer
-) -> None:
-    """A pending first_step must fit the base's loaded state, when it has any: each name
-    one the base has state for, of that state's dtype and shape. A corrupt or mismatched
-    checkpoint is so refused whole instead of loading into an optimizer whose second_step
-    and restore then fail on every call. (A parameter whose very first step is the pending
-    one is refused too: checkpoint after its second_step.)"""
-    if not base.entries:
-        return  # a fresh base: its state is made at its first step
-    prefix = base_optimizer._engine.slots[0]
-    for name in sorted(saved):
-        if name not in base.entries:
-            raise OptimizerError(
-                f"state '{_SAVED}{name}' names a parameter the base optimizer has no state for",
-                _SAVED + name,
-            )
-        _check_same_layout(_SAVED + name, saved[name], prefix + name, base.entries[name][0])
-
-
-def _check_same_layout(key: str, array: NDArray[Any], other_key: str, other: NDArray[Any]) -> None:
-    if array.dtype != other.dtype or array.shape != other.shape:
-        raise OptimizerError(
-            f"state '{key}' has dtype {array.dtype} and shape {array.shape} but "
-            f"'{other_key}' has dtype {other.dtype} and shape {other.shape}",
-            key,
         )
 
 

@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 from ._config import check_real
 from ._errors import OptimizerError
 
-__all__ = ["as_dict", "scalar_entry", "state_array", "time_step_entry"]
+__all__ = ["as_dict", "scalar_entry", "state_array", "state_mapping", "time_step_entry"]
 
 
 def as_dict(mapping: object, what: str) -> dict[Any, Any]:
@@ -64,7 +64,8 @@ def time_step_entry(state: Mapping[str, Any], key: str) -> int:
 
 
 def state_array(state: Mapping[str, Any], key: str, *, non_negative: bool = False) -> NDArray[Any]:
-    """A private float32/float64 copy of a per-parameter state entry, checked finite."""
+    """A private float32/float64 copy of a per-parameter state entry, checked finite (the
+    SAM family's own state, held in Python)."""
     value = state[key]
     if not isinstance(value, np.ndarray) or value.dtype not in (np.float32, np.float64):
         kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
@@ -76,20 +77,11 @@ def state_array(state: Mapping[str, Any], key: str, *, non_negative: bool = Fals
     return np.array(value, copy=True, order="K")
 
 
-def split_by_prefix(
-    state: Mapping[str, Any], prefixes: tuple[str, ...], scalars: tuple[str, ...]
-) -> dict[str, dict[str, Any]]:
-    """Groups a state dict's per-parameter keys by prefix; unknown keys are an error."""
+def state_mapping(state: object) -> dict[Any, Any]:
+    """A state dict as a dict (the mapping itself when it is one, else a shallow copy: an
+    ``np.load`` archive reads its arrays once here)."""
+    if type(state) is dict:
+        return state
     if not isinstance(state, Mapping):
         raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
-    groups: dict[str, dict[str, Any]] = {prefix: {} for prefix in prefixes}
-    for key in state:
-        if not isinstance(key, str):
-            raise OptimizerError(f"state dict keys must be str, got {key!r}", repr(key))
-        if key in scalars:
-            continue
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        if prefix is None:
-            raise OptimizerError(f"unknown state dict key '{key}'", key)
-        groups[prefix][key[len(prefix):]] = key
-    return groups
+    return dict(state)

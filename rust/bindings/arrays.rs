@@ -161,13 +161,22 @@ pub fn claim_of(array: &Bound<'_, PyUntypedArray>, write: bool, item: usize) -> 
     )
 }
 
+/// A typed array as an untyped one, without asking NumPy again whether it is an array
+/// (a call into NumPy's API, several times per array and call).
+fn untyped<'a, 'py, T: Element>(
+    array: &'a Bound<'py, PyArrayDyn<T>>,
+) -> &'a Bound<'py, PyUntypedArray> {
+    // SAFETY: a `PyArrayDyn<T>` is a NumPy array.
+    unsafe { array.cast_unchecked::<PyUntypedArray>() }
+}
+
 /// An array a call writes. No per-array borrow is taken: the call's claims rule out the
 /// same memory under two names and another call in flight writing or reading it.
 pub struct Access<'py, T: Element>(Bound<'py, PyArrayDyn<T>>);
 
 impl<'py, T: Element> Access<'py, T> {
     pub fn untyped(&self) -> &Bound<'py, PyUntypedArray> {
-        self.0.cast::<PyUntypedArray>().expect("a numpy array")
+        untyped(&self.0)
     }
 
     fn view(&self) -> ArrayViewD<'_, T> {
@@ -255,8 +264,7 @@ fn read_view<'a, T: Element>(array: &'a Bound<'_, PyArrayDyn<T>>) -> ArrayViewD<
 
 impl<'py, T: Element + Copy> Source<'py, T> {
     fn new(array: Bound<'py, PyArrayDyn<T>>, order: Order) -> Result<Self, OutOfMemory> {
-        let untyped = array.cast::<PyUntypedArray>().expect("a numpy array");
-        if order.holds(untyped) {
+        if order.holds(untyped(&array)) {
             Ok(Source::Array(array))
         } else {
             Ok(Source::Staged(order.gather(read_view(&array), |x| x)?))
@@ -403,8 +411,7 @@ pub fn sorted_entries<'py>(
             let key = key.cast::<PyString>().map_err(|_| non_str_key(key))?;
             texts.push(key_text(key)?);
         }
-        sorted = (0..keys.len()).collect();
-        sorted.sort_unstable_by(|&a, &b| texts[a].cmp(&texts[b]));
+        sorted = state::name_order(texts.iter().map(|text| &**text));
         if let Some(cache) = cache.as_deref_mut() {
             cache.keys = keys
                 .iter()

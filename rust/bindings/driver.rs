@@ -1,6 +1,7 @@
 //! The phase driver: one validated, claimed call over every array of a dict, with the
-//! state buffers each phase uses taken from the optimizers' native tables (or allocated,
-//! fallibly) before anything is written, and put back — updated — when the phase commits.
+//! state buffers each phase uses found in the optimizers' native tables (used in place) or
+//! allocated, fallibly, before anything is written; the buffers it made go into the tables
+//! when the phase commits.
 
 use numpy::Element;
 use pyo3::prelude::*;
@@ -158,14 +159,26 @@ impl<X> IntoIterator for Slots<X> {
     }
 }
 
-/// A state buffer in a call's hands: taken out of its table (with the layout it had
-/// there, to put it back as it was), or made by the call.
-pub struct Held<T> {
-    values: Box<[T]>,
-    taken: Option<(Box<[usize]>, bool)>,
-    /// Taken from the table only when every entry of the call has been built, so that an
-    /// error while building leaves the tables untouched.
-    to_take: bool,
+/// A state buffer in a call's hands: the table's own, used in place, or one the call made
+/// (zeros, or the old values in the call's layout), put into the table on commit.
+pub enum Held<T> {
+    /// A table buffer's values. Nothing moves or frees a table's buffers while a call
+    /// holds them: the call has the optimizer to itself from `prepare` to its commit or
+    /// release, and a table only replaces a buffer when a call puts in one it made.
+    InPlace(std::ptr::NonNull<T>, usize),
+    Made(Box<[T]>),
+}
+
+impl<T> Held<T> {
+    fn values(&mut self) -> &mut [T] {
+        match self {
+            // SAFETY: see `InPlace`; each table buffer is held by one entry of one call.
+            Held::InPlace(data, len) => unsafe {
+                std::slice::from_raw_parts_mut(data.as_ptr(), *len)
+            },
+            Held::Made(values) => values,
+        }
+    }
 }
 
 /// Everything one parameter brings to a call, laid out for the kernels.
@@ -187,8 +200,7 @@ impl<T: Element + Copy> Entry<'_, T> {
             param, grad, held, ..
         } = self;
         let mut states = Slots::new();
-        held.iter_mut()
-            .for_each(|held| states.push(&mut *held.values));
+        held.iter_mut().for_each(|held| states.push(held.values()));
         (param.slice(), grad.as_ref().map(Source::slice), states)
     }
 }
@@ -219,16 +231,11 @@ fn state_key(use_: &Use, key: &Key<'_>) -> String {
 /// layout), or the error that it does not fit.
 fn hold<T: Float>(
     use_: &Use,
-    existing: Option<&Buffer>,
+    existing: Option<&mut Buffer>,
     key: &Key<'_>,
     shape: &[usize],
     order: Order,
 ) -> PyResult<Held<T>> {
-    let made = |values| Held {
-        values,
-        taken: None,
-        to_take: false,
-    };
     let zeros = || {
         let len = shape.iter().product();
         state::zeroed::<T>(len).map_err(|error| {
@@ -241,20 +248,16 @@ fn hold<T: Float>(
             let key = state_key(use_, key);
             return Err(optimizer_error(&key, format!("state '{key}' is missing")));
         }
-        return Ok(made(zeros()?));
+        return Ok(Held::Made(zeros()?));
     };
     let fits = T::view(&buffer.data).is_some() && arrays::same_shape(&buffer.shape, shape);
+    let same_order = buffer.fortran == order.fortran();
     match (fits, use_.policy) {
-        (true, Policy::Scratch) => Ok(Held {
-            values: Box::default(),
-            taken: None,
-            to_take: true,
-        }),
-        (true, _) if buffer.fortran == order.fortran() => Ok(Held {
-            values: Box::default(),
-            taken: None,
-            to_take: true,
-        }),
+        (true, _) if same_order || use_.policy == Policy::Scratch => {
+            let values = T::view_mut(&mut buffer.data).expect("dtype checked");
+            let data = std::ptr::NonNull::new(values.as_mut_ptr()).expect("a slice's pointer");
+            Ok(Held::InPlace(data, values.len()))
+        }
         (true, _) => {
             // The parameter changed layout since: the state follows it.
             let own = if buffer.fortran { Order::F } else { Order::C };
@@ -265,9 +268,9 @@ fn hold<T: Float>(
                     let key_text = state_key(use_, key);
                     super::out_of_memory(&key_text, &format!("state '{key_text}'"), error.bytes)
                 })?;
-            Ok(made(relaid))
+            Ok(Held::Made(relaid))
         }
-        (false, Policy::Scratch) => Ok(made(zeros()?)),
+        (false, Policy::Scratch) => Ok(Held::Made(zeros()?)),
         (false, _) => {
             let name = key.text();
             let state = state_key(use_, key);
@@ -290,7 +293,7 @@ fn hold<T: Float>(
 /// in each table.
 struct States<'a, 't> {
     uses: &'a [Use],
-    tables: &'a [TableRef<'t>],
+    tables: &'a mut [TableRef<'t>],
     resolved: &'a [Vec<Option<usize>>],
     groups: &'a [u32],
 }
@@ -303,7 +306,7 @@ fn build<'py, T: Float>(
     key: &Key<'py>,
     param: Bound<'py, numpy::PyUntypedArray>,
     grad: Option<Bound<'py, numpy::PyUntypedArray>>,
-    states: &States<'_, '_>,
+    states: &mut States<'_, '_>,
 ) -> PyResult<()> {
     let States {
         uses,
@@ -318,8 +321,9 @@ fn build<'py, T: Float>(
     let param = arrays::target::<T>(key, param, order)?;
     let mut held = Slots::new();
     for use_ in uses.iter() {
+        let table = &mut tables[use_.table].table;
         let existing = resolved[use_.table][item]
-            .and_then(|entry| tables[use_.table].table.entry(entry).buffers[use_.slot].as_ref());
+            .and_then(|entry| table.entry_mut(entry).buffers[use_.slot].as_mut());
         held.push(hold::<T>(use_, existing, key, param.shape(), order)?);
     }
     entries.push(Entry {
@@ -337,31 +341,8 @@ trait Visit {
     fn visit<T: Float>(&mut self, entry: &mut Entry<'_, T>, item: usize);
 }
 
-/// Moves the buffers the call uses in place out of their tables.
-struct Take<'a, 'b, 't> {
-    uses: &'a [Use],
-    tables: &'a mut [TableRef<'t>],
-    resolved: &'b [Vec<Option<usize>>],
-}
-
-impl Visit for Take<'_, '_, '_> {
-    fn visit<T: Float>(&mut self, entry: &mut Entry<'_, T>, item: usize) {
-        for (held, use_) in entry.held.iter_mut().zip(self.uses) {
-            if !held.to_take {
-                continue;
-            }
-            let index = self.resolved[use_.table][item].expect("a held buffer has an entry");
-            let slot = &mut self.tables[use_.table].table.entry_mut(index).buffers[use_.slot];
-            let buffer = slot.take().expect("checked when held");
-            held.values = T::unwrap(buffer.data).expect("dtype checked when held");
-            held.taken = Some((buffer.shape, buffer.fortran));
-            held.to_take = false;
-        }
-    }
-}
-
-/// Puts every held buffer into its table: as the kernels left it, in the call's layout
-/// (`committed`), or as it was taken.
+/// On commit, puts the buffers the call made into their tables, and gives scratch space
+/// used in place the call's layout; on release, drops what the call made.
 struct GiveBack<'a, 't> {
     uses: &'a [Use],
     tables: &'a mut [TableRef<'t>],
@@ -378,18 +359,23 @@ impl Visit for GiveBack<'_, '_> {
             let Some(index) = self.entries[use_.table][item] else {
                 continue;
             };
-            let (shape, fortran) = match (self.committed, held.taken) {
-                // A buffer keeps its shape (no allocation) unless scratch space was resized.
-                (true, Some((old, _))) if arrays::same_shape(&old, shape) => (old, fortran),
-                (true, _) => (shape.into(), fortran),
-                (false, Some(layout)) => layout,
-                (false, None) => continue,
-            };
-            self.tables[use_.table].table.entry_mut(index).buffers[use_.slot] = Some(Buffer {
-                data: T::wrap(held.values),
-                shape,
-                fortran,
-            });
+            if !self.committed {
+                continue;
+            }
+            let slot = &mut self.tables[use_.table].table.entry_mut(index).buffers[use_.slot];
+            match held {
+                Held::InPlace(..) if use_.policy == Policy::Scratch => {
+                    slot.as_mut().expect("a buffer held in place").fortran = fortran;
+                }
+                Held::InPlace(..) => {}
+                Held::Made(values) => {
+                    *slot = Some(Buffer {
+                        data: T::wrap(values),
+                        shape: shape.into(),
+                        fortran,
+                    })
+                }
+            }
         }
     }
 }
@@ -509,7 +495,7 @@ pub fn prepare<'py>(
     let mut singles = Vec::with_capacity(n_single);
     let mut doubles = Vec::with_capacity(n - n_single);
     let mut is_single = Vec::with_capacity(n);
-    let states = States {
+    let mut states = States {
         uses,
         tables,
         resolved: &resolved,
@@ -524,8 +510,8 @@ pub fn prepare<'py>(
             let single = is_float_dtype::<f32>(&param);
             is_single.push(single);
             match single {
-                true => build(&mut singles, item, key, param, grad, &states),
-                false => build(&mut doubles, item, key, param, grad, &states),
+                true => build(&mut singles, item, key, param, grad, &mut states),
+                false => build(&mut doubles, item, key, param, grad, &mut states),
             }
         });
     if let Err(error) = built {
@@ -534,7 +520,7 @@ pub fn prepare<'py>(
         }
         return Err(error);
     }
-    let mut prepared = Prepared {
+    Ok(Prepared {
         names,
         singles,
         doubles,
@@ -542,15 +528,7 @@ pub fn prepare<'py>(
         uses: uses.to_vec(),
         entries: resolved,
         registration: Some(registration),
-    };
-    let resolved = std::mem::take(&mut prepared.entries);
-    prepared.visit(&mut Take {
-        uses,
-        tables,
-        resolved: &resolved,
-    });
-    prepared.entries = resolved;
-    Ok(prepared)
+    })
 }
 
 /// A call's registration narrowed to read claims of its `params` parameters: what a
@@ -589,7 +567,7 @@ impl<'py> Prepared<'py> {
             .collect()
     }
 
-    /// Ends the call as if it had not happened: the buffers taken go back as they were.
+    /// Ends the call as if it had not happened: the tables are as they were.
     pub fn release(&mut self, tables: &mut [TableRef<'_>]) {
         self.give_back(tables, false);
     }
@@ -609,8 +587,10 @@ impl<'py> Prepared<'py> {
     }
 
     fn give_back(&mut self, tables: &mut [TableRef<'_>], committed: bool) -> Vec<Vec<usize>> {
-        // On commit, names seen for the first time get their entries.
+        // On commit, names seen for the first time get their entries (and the tables'
+        // caches learn them).
         let mut entries = std::mem::take(&mut self.entries);
+        let mut created = vec![false; tables.len()];
         if committed {
             for (t, table) in tables.iter_mut().enumerate() {
                 if !self.uses.iter().any(|u| u.table == t) {
@@ -619,6 +599,7 @@ impl<'py> Prepared<'py> {
                 for (key, entry) in self.names.iter().zip(entries[t].iter_mut()) {
                     if entry.is_none() {
                         *entry = Some(table.table.entry_for(&key.text()));
+                        created[t] = true;
                     }
                 }
             }
@@ -633,10 +614,10 @@ impl<'py> Prepared<'py> {
         let lists = entries
             .into_iter()
             .zip(tables.iter_mut())
-            .enumerate()
-            .map(|(t, (list, table))| {
+            .zip(created)
+            .map(|((list, table), created)| {
                 let list: Vec<usize> = list.into_iter().map(|e| e.unwrap_or(usize::MAX)).collect();
-                if committed && uses.iter().any(|u| u.table == t) {
+                if created {
                     table.cache.learn(&list, table.table);
                 }
                 list

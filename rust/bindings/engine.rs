@@ -4,14 +4,12 @@
 //! saved values, what is pending and its call count. The Python classes hold these and
 //! the configuration; state dicts are copies made and read here.
 
-use numpy::{PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyDict, PyList};
 
-use super::arrays::{
-    self, buffer_of, describe_shape, is_float_dtype, state_array, Float, NameOrder,
-};
+use super::arrays::{self, NameOrder};
 use super::driver::EntryCache;
+use super::statedict::StagedTable;
 use super::{optimizer_error, OptimizerError};
 use crate::claims::Registration;
 use crate::phases::{AscentGroup, Clipping};
@@ -55,7 +53,8 @@ fn export<'py>(py: Python<'py>, buffer: &Buffer, key: &str) -> PyResult<Bound<'p
     })
 }
 
-/// Puts every buffer of `table`'s slots into `out`, by name, each under its slot's prefix.
+/// Puts every buffer of `table`'s slots into `out`, by name (in name order: `only` is),
+/// each under its slot's prefix.
 fn export_table(
     py: Python<'_>,
     table: &Table,
@@ -63,11 +62,11 @@ fn export_table(
     only: Option<&[usize]>,
     out: &Bound<'_, PyDict>,
 ) -> PyResult<()> {
-    let mut chosen: Vec<usize> = match only {
+    // A pending step's entries are in name order already.
+    let chosen: Vec<usize> = match only {
         Some(entries) => entries.to_vec(),
-        None => (0..table.len()).collect(),
+        None => table.sorted(),
     };
-    chosen.sort_unstable_by(|&a, &b| table.entry(a).name.cmp(&table.entry(b).name));
     for index in chosen {
         let entry = table.entry(index);
         for (buffer, prefix) in entry.buffers.iter().zip(prefixes) {
@@ -78,81 +77,6 @@ fn export_table(
         }
     }
     Ok(())
-}
-
-/// A copy of a state dict's arrays for one name, one per slot, checked to share a dtype
-/// and a shape.
-fn import_buffers(
-    name: &str,
-    arrays: &Bound<'_, PyTuple>,
-    prefixes: &[&str],
-) -> PyResult<Box<[Option<Buffer>]>> {
-    if arrays.len() != prefixes.len() {
-        return Err(optimizer_error(
-            name,
-            format!("state of '{name}' needs {} arrays", prefixes.len()),
-        ));
-    }
-    let mut buffers = Vec::with_capacity(prefixes.len());
-    let mut first: Option<(bool, Vec<usize>)> = None;
-    for (object, prefix) in arrays.iter().zip(prefixes) {
-        if object.is_none() {
-            buffers.push(None);
-            continue;
-        }
-        let key = format!("{prefix}{name}");
-        let array = state_array(object, &key)?;
-        let single = is_float_dtype::<f32>(&array);
-        match &first {
-            Some((dtype, shape)) if (*dtype, shape.as_slice()) != (single, array.shape()) => {
-                return Err(optimizer_error(
-                    &key,
-                    format!(
-                        "state '{key}' has dtype {} and shape {}, unlike the other state of \
-                         '{name}' ({} and shape {})",
-                        arrays::dtype_name(&array),
-                        describe_shape(array.shape()),
-                        if *dtype { "float32" } else { "float64" },
-                        describe_shape(shape)
-                    ),
-                ));
-            }
-            Some(_) => {}
-            None => first = Some((single, array.shape().to_vec())),
-        }
-        buffers.push(Some(import(&array, &key)?));
-    }
-    Ok(buffers.into_boxed_slice())
-}
-
-fn import(array: &Bound<'_, PyUntypedArray>, key: &str) -> PyResult<Buffer> {
-    fn typed<T: Float>(array: &Bound<'_, PyUntypedArray>, key: &str) -> PyResult<Buffer> {
-        let (values, order) = buffer_of::<T>(array, key)?;
-        Ok(Buffer {
-            data: T::wrap(values),
-            shape: array.shape().into(),
-            fortran: order.fortran(),
-        })
-    }
-    match is_float_dtype::<f32>(array) {
-        true => typed::<f32>(array, key),
-        false => typed::<f64>(array, key),
-    }
-}
-
-/// A table made of a state dict's arrays: `entries` maps each name to a tuple with one
-/// array (or None) per slot.
-fn import_table(entries: &Bound<'_, PyDict>, prefixes: &[&str]) -> PyResult<Table> {
-    let mut table = Table::new(prefixes.len());
-    for (name, arrays) in entries.iter() {
-        let name = name.cast_into::<PyString>()?;
-        let text = arrays::key_text(&name)?;
-        let arrays = arrays.cast_into::<PyTuple>()?;
-        let buffers = import_buffers(&text, &arrays, prefixes)?;
-        let index = table.entry_for(&text);
-        table.entry_mut(index).buffers = buffers;
-    }
-    Ok(table)
 }
 
 /// One parameter group's hyperparameters from the Python side's dict.
@@ -241,9 +165,15 @@ impl Engine {
         self.kind.slots().to_vec()
     }
 
-    /// Copies of the per-parameter state by key, and `t` for optimizers that count steps.
-    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let out = PyDict::new(py);
+    /// Copies of the per-parameter state by key, and `t` for optimizers that count steps,
+    /// put into `into` when given (a million keys are not inserted twice).
+    #[pyo3(signature = (into = None))]
+    fn state_dict<'py>(
+        &self,
+        py: Python<'py>,
+        into: Option<Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let out = into.unwrap_or_else(|| PyDict::new(py));
         if self.kind.counts_steps() {
             let t = arrays::array_from::<i64>(py, &[self.steps as i64], &[], false, "t")?;
             out.set_item("t", t)?;
@@ -252,10 +182,14 @@ impl Engine {
         Ok(out)
     }
 
-    /// Replaces the whole state: the step count and, by name, one array per slot (each
-    /// copied). Checked and copied before anything is replaced.
-    fn load(&mut self, steps: u64, entries: &Bound<'_, PyDict>) -> PyResult<()> {
-        let table = import_table(entries, self.kind.slots())?;
+    /// Replaces the whole state: the step count and, by name, one array per slot (a
+    /// table `parse_table` checked and copied).
+    fn load(&mut self, steps: u64, entries: &mut StagedTable) -> PyResult<()> {
+        let table = entries.take()?;
+        if table.slots() != self.kind.slots().len() {
+            let message = format!("a state table needs {} slots", self.kind.slots().len());
+            return Err(optimizer_error("state", message));
+        }
         self.table = table;
         self.steps = steps;
         Ok(())
@@ -372,9 +306,15 @@ impl SamEngine {
         PyList::new(py, names)
     }
 
-    /// `sam_calls` and, while pending, `saved_<name>` (and `grad0_<name>`, `grad_norm0`).
-    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let out = PyDict::new(py);
+    /// `sam_calls` and, while pending, `saved_<name>` (and `grad0_<name>`, `grad_norm0`),
+    /// put into `into` when given.
+    #[pyo3(signature = (into = None))]
+    fn state_dict<'py>(
+        &self,
+        py: Python<'py>,
+        into: Option<Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let out = into.unwrap_or_else(|| PyDict::new(py));
         let calls = self.state.calls as i64;
         let calls = arrays::array_from::<i64>(py, &[calls], &[], false, "sam_calls")?;
         out.set_item("sam_calls", calls)?;
@@ -391,17 +331,16 @@ impl SamEngine {
         Ok(out)
     }
 
-    /// A state made of a state dict's values, checked and copied: `pending` maps each
-    /// pending name to `(saved, grad0 or None)`.
+    /// A state made of a state dict's values: `pending` holds each pending name's saved
+    /// values (and GSAM's g0), checked and copied by `parse_table`.
     fn stage(
         &self,
         calls: u64,
-        pending: &Bound<'_, PyDict>,
+        pending: &mut StagedTable,
         grad0_norm: f64,
     ) -> PyResult<StagedSamState> {
-        let table = import_table(pending, &SAM_SLOTS)?;
-        let mut entries: Vec<usize> = (0..table.len()).collect();
-        entries.sort_unstable_by(|&a, &b| table.entry(a).name.cmp(&table.entry(b).name));
+        let table = pending.take()?.widened(SAM_SLOTS.len());
+        let entries = table.sorted();
         for &entry in &entries {
             let buffers = &table.entry(entry).buffers;
             if buffers[0].is_none() || (self.keeps_grad0 != buffers[1].is_some()) {

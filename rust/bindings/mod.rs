@@ -20,6 +20,7 @@ mod arrays;
 mod driver;
 mod engine;
 mod family;
+mod statedict;
 
 use pyo3::prelude::*;
 
@@ -46,5 +47,6 @@ fn out_of_memory(key: &str, what: &str, bytes: usize) -> PyErr {
 #[pymodule]
 fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     api::register(module)?;
-    family::register(module)
+    family::register(module)?;
+    statedict::register(module)
 }
