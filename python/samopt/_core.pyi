@@ -10,12 +10,15 @@ from numpy.typing import NDArray
 
 __all__ = [
     "Engine",
+    "LookaheadEngine",
     "Names",
     "SamEngine",
+    "StagedLookahead",
     "StagedSamState",
     "accumulate",
     "first_step",
     "gradient_norm",
+    "lookahead_step",
     "restore",
     "sam_step",
     "scale",
@@ -107,3 +110,28 @@ class Names:
 def accumulate(names: Names, sums: _Arrays, grads: _Arrays, weight: float) -> None: ...
 def scale(names: Names, out: _Arrays, values: _Arrays, factor: float) -> None: ...
 def zero(names: Names, arrays: _Arrays) -> None: ...
+
+@final
+class LookaheadEngine:
+    """Lookahead's native state: the slow weights and the step counter."""
+
+    def __new__(cls) -> LookaheadEngine: ...
+    @property
+    def steps(self) -> int: ...
+    def state_dict(self) -> _State: ...
+    def stage(self, steps: int, entries: dict[str, tuple[NDArray[Any]]]) -> StagedLookahead: ...
+    def install(self, staged: StagedLookahead) -> None: ...
+
+@final
+class StagedLookahead:
+    """A Lookahead state read from a state dict, checked and copied, not yet in force."""
+
+def lookahead_step(
+    engine: LookaheadEngine,
+    params: _Arrays,
+    inner: Callable[[], Any],
+    alpha: float,
+    k: int,
+    advance: bool,
+    pending: bool,
+) -> Any: ...

@@ -56,7 +56,7 @@ fn export<'py>(py: Python<'py>, buffer: &Buffer, key: &str) -> PyResult<Bound<'p
 }
 
 /// Puts every buffer of `table`'s slots into `out`, by name, each under its slot's prefix.
-fn export_table(
+pub fn export_table(
     py: Python<'_>,
     table: &Table,
     prefixes: &[&str],
@@ -142,7 +142,7 @@ fn import(array: &Bound<'_, PyUntypedArray>, key: &str) -> PyResult<Buffer> {
 
 /// A table made of a state dict's arrays: `entries` maps each name to a tuple with one
 /// array (or None) per slot.
-fn import_table(entries: &Bound<'_, PyDict>, prefixes: &[&str]) -> PyResult<Table> {
+pub fn import_table(entries: &Bound<'_, PyDict>, prefixes: &[&str]) -> PyResult<Table> {
     let mut table = Table::new(prefixes.len());
     for (name, arrays) in entries.iter() {
         let name = name.cast_into::<PyString>()?;

@@ -1,0 +1,410 @@
+"""LookaheadOptimizer and the layer-wise optimizers (LAMB, LARS) against the float64
+reference of tests/reference_layerwise.py over 100-step trajectories (float32 and float64,
+0-d to 4-d, every layout, bare and with SAM), state-dict resume, atomic errors naming the
+key, thread-count determinism, parameter groups and clipping."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+import reference as R
+import reference_layerwise as RL
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from samopt import (
+    AdamOptimizer,
+    GradClipMode,
+    LookaheadOptimizer,
+    NonFiniteGradientError,
+    OptimizerConfig,
+    OptimizerError,
+    SamOptimizer,
+    SgdOptimizer,
+    TrainError,
+)
+from test_trajectories import (
+    CHECK_AT,
+    STEPS,
+    array_specs,
+    assert_grads_untouched,
+    assert_in_place,
+    base_configs,
+    build_grads,
+    build_params,
+    dtypes_of,
+    make_pair,
+    sam_configs,
+)
+
+
+def track(scales: R.ScaleTracker, ref_params: Any, ref: Any) -> None:
+    scales.update(ref_params, "param:")
+    scales.update(ref.state_dict(), "state:")
+
+
+def check(params: dict[str, np.ndarray], opt: Any, ref_params: Any, ref: Any, what: str,
+          scales: R.ScaleTracker, coupled: bool = False) -> None:
+    tol = R.coupled_f64_tol(params, coupled)
+    R.assert_params_close(params, ref_params, what, tol, scales)
+    RL.assert_state_matches(opt.state_dict(), ref.state_dict(), params, what, tol, scales)
+
+
+def snapshot_all(params: dict[str, np.ndarray], grads: dict[str, np.ndarray],
+                 opt: Any) -> tuple[Any, Any, Any]:
+    return R.snapshot(params), R.snapshot(grads), R.state_snapshot(opt.state_dict())
+
+
+def assert_unchanged(before: tuple[Any, Any, Any], params: dict[str, np.ndarray],
+                     grads: dict[str, np.ndarray], opt: Any) -> None:
+    R.assert_same_snapshot(before[0], R.snapshot(params), "params")
+    R.assert_same_snapshot(before[1], R.snapshot(grads), "grads")
+    assert R.state_snapshot(opt.state_dict()) == before[2], "optimizer state changed"
+
+
+# ============================================================================ Lookahead
+
+
+@st.composite
+def lookahead_configs(draw: Any) -> dict[str, Any]:
+    return dict(alpha=draw(st.one_of(st.just(0.5), st.floats(0.0, 1.0))),
+                k=draw(st.sampled_from([1, 2, 3, 5, 7])))
+
+
+def run_lookahead(specs: list[dict[str, Any]], c: dict[str, Any], la: dict[str, Any],
+                  sam: dict[str, Any] | None, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    holders, ref_params = build_params(specs, rng)
+    params = {k: h.array for k, h in holders.items()}
+    inner, ref_inner = make_pair(c, sam)
+    opt = LookaheadOptimizer(inner, la["alpha"], la["k"])
+    ref = RL.RefLookahead(ref_inner, la["alpha"], la["k"])
+    seq1 = [build_grads(specs, rng) for _ in range(STEPS)]
+    seq2 = [build_grads(specs, rng) for _ in range(STEPS)]
+    copies = [{k: v.copy() for k, v in g.items()} for g in seq1 + seq2]
+    dts = dtypes_of(params)
+    coupled = bool(sam and sam["adaptive"])
+    scales = R.ScaleTracker()
+    track(scales, ref_params, ref)
+    for t in range(STEPS):
+        if sam is None:
+            ref.step(ref_params, R.to_ref_grads(seq1[t], dts))
+            opt.step(params, seq1[t])
+        else:
+            ref.first_step(ref_params, R.to_ref_grads(seq1[t], dts))
+            opt.first_step(params, seq1[t])
+            track(scales, ref_params, ref)
+            if t in CHECK_AT:
+                check(params, opt, ref_params, ref, f"first_step {t}", scales, coupled)
+            ref.second_step(ref_params, R.to_ref_grads(seq2[t], dts))
+            (opt.second_step if t % 2 else opt.step)(params, seq2[t])
+        track(scales, ref_params, ref)
+        if t in CHECK_AT or (t % la["k"] == la["k"] - 1 and t < 12):
+            check(params, opt, ref_params, ref, f"step {t}", scales, coupled)
+    assert opt.step_counter == STEPS
+    assert_in_place(params, holders)
+    assert_grads_untouched(seq1 + seq2, copies)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_lookahead_trajectory_matches_reference(kind: str, data: Any) -> None:
+    specs = data.draw(array_specs(), label="arrays")
+    c = data.draw(base_configs(kind), label="config")
+    la = data.draw(lookahead_configs(), label="lookahead")
+    run_lookahead(specs, c, la, None, data.draw(st.integers(0, 2**32 - 1), label="seed"))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_lookahead_over_sam_matches_reference(kind: str, data: Any) -> None:
+    specs = data.draw(array_specs(), label="arrays")
+    c = data.draw(base_configs(kind), label="config")
+    la = data.draw(lookahead_configs(), label="lookahead")
+    s = data.draw(sam_configs(), label="sam")
+    run_lookahead(specs, c, la, s, data.draw(st.integers(0, 2**32 - 1), label="seed"))
+
+
+def quadratic(target: dict[str, np.ndarray]) -> Any:
+    def loss_and_grads(p: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+        diff = {k: p[k].astype(np.float64) - target[k] for k in p}
+        return sum(float(np.sum(d * d)) for d in diff.values()), {k: 2 * d for k, d in diff.items()}
+    return loss_and_grads
+
+
+def small_params(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3).astype(np.float32),
+            "s": np.array(0.75)}
+
+
+def test_lookahead_sam_step_is_first_and_second_step() -> None:
+    target = {k: v * 0 + 1.0 for k, v in small_params(1).items()}
+    fn = quadratic(target)
+    cfg = OptimizerConfig(learning_rate=0.05)
+    one = LookaheadOptimizer(SamOptimizer(AdamOptimizer(cfg), 0.1), 0.5, 3)
+    two = LookaheadOptimizer(SamOptimizer(AdamOptimizer(cfg), 0.1), 0.5, 3)
+    p1, p2 = small_params(), small_params()
+    for _ in range(10):
+        loss = one.sam_step(p1, fn)
+        _, g = fn(p2)
+        two.first_step(p2, g)
+        assert two.pending
+        _, g = fn(p2)
+        two.second_step(p2, g)
+        assert isinstance(loss, float)
+    assert R.state_snapshot(p1) == R.state_snapshot(p2)
+    counted = one.state_dict()
+    assert int(counted.pop("sam_calls")) == 10  # sam_step counts its calls (for interval)
+    assert R.state_snapshot(counted) == R.state_snapshot(R.without_extra_keys(two.state_dict()))
+    assert one.step_counter == 10
+
+
+class PythonSgd:
+    """A base optimizer written in Python: plain SGD."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def step(self, params: Any, grads: Any) -> None:
+        for k in params:
+            params[k][...] = params[k] - self.lr * np.asarray(grads[k], dtype=params[k].dtype)
+
+    def zero_grad(self) -> None:
+        pass
+
+    def get_lr(self) -> float:
+        return self.lr
+
+    def set_lr(self, lr: float) -> None:
+        self.lr = lr
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"lr": np.array(self.lr)}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.lr = float(state["lr"])
+
+
+def test_lookahead_over_a_python_optimizer_and_sam_over_lookahead() -> None:
+    fn = quadratic({k: v * 0 - 0.5 for k, v in small_params().items()})
+    params = small_params()
+    ref_params = {k: v.astype(np.float64) for k, v in params.items()}
+    opt = LookaheadOptimizer(PythonSgd(0.1), 0.5, 2)
+    ref = RL.RefLookahead(R.RefSGD(0.1, 0.0), 0.5, 2)
+    for _ in range(9):
+        _, g = fn(params)
+        opt.step(params, g)
+        ref.step(ref_params, R.to_ref_grads(g, dtypes_of(params)))
+    R.assert_params_close(params, ref_params, "python inner")
+    # SAM over Lookahead: SAM restores, then Lookahead steps (the Python-base path).
+    sam = SamOptimizer(LookaheadOptimizer(SgdOptimizer(OptimizerConfig(0.1, 0.0)), 0.5, 2), 0.05)
+    ref_sam = R.RefSAM(RL.RefLookahead(R.RefSGD(0.1, 0.0), 0.5, 2), 0.05)
+    params = small_params()
+    ref_params = {k: v.astype(np.float64) for k, v in params.items()}
+    for _ in range(9):
+        _, g = fn(params)
+        sam.first_step(params, g)
+        ref_sam.first_step(ref_params, R.to_ref_grads(g, dtypes_of(params)))
+        _, g = fn(params)
+        sam.second_step(params, g)
+        ref_sam.second_step(ref_params, R.to_ref_grads(g, dtypes_of(params)))
+    R.assert_params_close(params, ref_params, "SAM over Lookahead")
+
+
+def test_lookahead_resumes_bit_exactly_and_pickles(tmp_path: Any) -> None:
+    fn = quadratic({k: v * 0 + 2.0 for k, v in small_params().items()})
+
+    def make() -> LookaheadOptimizer:
+        return LookaheadOptimizer(SamOptimizer(AdamOptimizer(OptimizerConfig(0.03)), 0.1), 0.4, 3)
+
+    straight, p_straight = make(), small_params()
+    for _ in range(20):
+        straight.sam_step(p_straight, fn)
+    first, p = make(), small_params()
+    for _ in range(10):
+        first.sam_step(p, fn)
+    state = first.state_dict()
+    own = {"step_counter", "alpha", "k", "slow_w", "slow_b", "slow_s"}
+    assert own | {"t", "m_w", "rho"} <= set(state)
+    np.savez(tmp_path / "la.npz", **state)
+    resumed = make()
+    resumed.load_state_dict(dict(np.load(tmp_path / "la.npz")))
+    pickled = pickle.loads(pickle.dumps(first))
+    p_pickled = {k: v.copy() for k, v in p.items()}
+    for _ in range(10):
+        resumed.sam_step(p, fn)
+        pickled.sam_step(p_pickled, fn)
+    assert R.state_snapshot(p) == R.state_snapshot(p_straight) == R.state_snapshot(p_pickled)
+    assert R.state_snapshot(resumed.state_dict()) == R.state_snapshot(straight.state_dict())
+    assert resumed.step_counter == 20
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), float("inf"), True, "0.5", None])
+def test_lookahead_refuses_bad_alpha(alpha: Any) -> None:
+    with pytest.raises(OptimizerError) as info:
+        LookaheadOptimizer(SgdOptimizer(), alpha, 5)
+    assert info.value.key == "alpha"
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.5, True, "5", None, 2**63])
+def test_lookahead_refuses_bad_k(k: Any) -> None:
+    with pytest.raises(OptimizerError) as info:
+        LookaheadOptimizer(SgdOptimizer(), 0.5, k)
+    assert info.value.key == "k"
+    opt = LookaheadOptimizer(SgdOptimizer(), 0.5, 5)
+    with pytest.raises(OptimizerError):
+        opt.k = k
+    assert opt.k == 5
+
+
+def test_lookahead_refuses_a_class_or_a_non_optimizer() -> None:
+    for inner in (SgdOptimizer, object()):
+        with pytest.raises(OptimizerError) as info:
+            LookaheadOptimizer(inner)  # type: ignore[arg-type]
+        assert info.value.key == "base_optimizer"
+    with pytest.raises(OptimizerError) as info:
+        LookaheadOptimizer(SgdOptimizer()).first_step({}, {})
+    assert info.value.key == "first_step"
+
+
+def trained_lookahead() -> tuple[LookaheadOptimizer, dict[str, np.ndarray]]:
+    opt = LookaheadOptimizer(SamOptimizer(AdamOptimizer(OptimizerConfig(0.05)), 0.1), 0.5, 2)
+    params = small_params()
+    fn = quadratic({k: v * 0 for k, v in params.items()})
+    for _ in range(3):
+        opt.sam_step(params, fn)
+    return opt, params
+
+
+def test_lookahead_errors_change_nothing() -> None:
+    opt, params = trained_lookahead()
+    bad = {k: np.ones_like(v) for k, v in params.items()}
+    bad["w"][1, 1] = np.nan
+    before = snapshot_all(params, bad, opt)
+    with pytest.raises(NonFiniteGradientError) as info:
+        opt.step(params, bad)
+    assert info.value.key == "w"
+    assert_unchanged(before, params, bad, opt)
+    with pytest.raises(NonFiniteGradientError):
+        opt.first_step(params, bad)
+    assert_unchanged(before, params, bad, opt)
+    # A new parameter whose inner step fails gets no slow weights.
+    params["new"] = np.zeros(3)
+    bad["new"] = np.array([1.0, np.inf, 0.0])
+    before = snapshot_all(params, bad, opt)
+    with pytest.raises(NonFiniteGradientError):
+        opt.step(params, bad)
+    assert_unchanged(before, params, bad, opt)
+    assert "slow_new" not in opt.state_dict()
+    # A loaded slow weight that does not fit its parameter is refused before the inner step.
+    state = opt.state_dict()
+    state["slow_w"] = np.zeros((3, 4))
+    fresh = LookaheadOptimizer(SamOptimizer(AdamOptimizer(OptimizerConfig(0.05)), 0.1), 0.5, 2)
+    fresh.load_state_dict(state)
+    good = {k: np.ones_like(v) for k, v in params.items()}
+    before = snapshot_all(params, good, fresh)
+    with pytest.raises(OptimizerError) as info:
+        fresh.step(params, good)
+    assert info.value.key == "slow_w"
+    assert_unchanged(before, params, good, fresh)
+
+
+def test_lookahead_refuses_new_names_while_a_first_step_made_past_it_is_pending() -> None:
+    sam = SamOptimizer(SgdOptimizer(OptimizerConfig(0.1)), 0.1)
+    opt = LookaheadOptimizer(sam, 0.5, 2)
+    params = small_params()
+    grads = {k: np.ones_like(v) for k, v in params.items()}
+    sam.first_step(params, grads)
+    before = snapshot_all(params, grads, opt)
+    with pytest.raises(OptimizerError) as info:
+        opt.second_step(params, grads)
+    assert info.value.key in params
+    assert_unchanged(before, params, grads, opt)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("alpha", np.array(1.5)), ("alpha", np.array(np.nan)), ("k", np.array(0)),
+     ("k", np.array(2.5)), ("step_counter", np.array(-1)), ("slow_w", np.array([np.nan])),
+     ("slow_w", np.array([1, 2])), ("step_counter", None), ("rho", np.array(-1.0)),
+     ("bogus", np.array(1.0))],
+)
+def test_lookahead_refuses_bad_state(key: str, value: Any) -> None:
+    opt, _ = trained_lookahead()
+    state = opt.state_dict()
+    if value is None:
+        del state[key]
+    else:
+        state[key] = value
+    fresh = LookaheadOptimizer(SamOptimizer(AdamOptimizer(OptimizerConfig(0.05)), 0.1), 0.5, 2)
+    before = R.state_snapshot(fresh.state_dict())
+    with pytest.raises(TrainError) as info:
+        fresh.load_state_dict(state)
+    assert info.value.key == key
+    assert R.state_snapshot(fresh.state_dict()) == before
+    assert (fresh.alpha, fresh.k) == (0.5, 2)
+
+
+DETERMINISM = r"""
+import hashlib, sys
+import numpy as np
+from samopt import *
+rng = np.random.default_rng(5)
+params = {f"p{i}": rng.standard_normal(n).astype([np.float32, np.float64][i % 2])
+          for i, n in enumerate([300_000, 7, 100_001, 65_536])}
+opt = OPTIMIZER
+for t in range(7):
+    r = np.random.default_rng(t)
+    grads = {k: r.standard_normal(v.shape) for k, v in params.items()}
+    STEP
+h = hashlib.sha256()
+for k in sorted(params):
+    h.update(params[k].tobytes())
+for k, v in sorted(opt.state_dict().items()):
+    h.update(k.encode()); h.update(np.ascontiguousarray(v).tobytes())
+print(h.hexdigest())
+"""
+
+
+def digests(optimizer: str, step: str) -> set[str]:
+    script = DETERMINISM.replace("OPTIMIZER", optimizer).replace("STEP", step)
+    out = set()
+    for threads in ("1", "2", "3"):
+        env = dict(os.environ, RAYON_NUM_THREADS=threads)
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                             text=True, check=True)
+        out.add(run.stdout.strip())
+    return out
+
+
+def test_lookahead_is_deterministic_over_thread_counts() -> None:
+    found = digests(
+        "LookaheadOptimizer(SamOptimizer(AdamOptimizer(OptimizerConfig(0.01)), 0.05), 0.5, 2)",
+        "opt.first_step(params, grads); opt.second_step(params, grads)",
+    )
+    assert len(found) == 1, found
+
+
+def test_lookahead_with_groups_and_clipping_matches_reference() -> None:
+    cfg = OptimizerConfig(learning_rate=0.05, momentum=0.8, grad_clip=0.5,
+                          grad_clip_mode=GradClipMode.NORM)
+    inner = SgdOptimizer(cfg, param_groups=[{"params": ["b"], "lr": 0.01, "weight_decay": 0.1}])
+    opt = LookaheadOptimizer(inner, 0.3, 3)
+    ref = RL.RefLookahead(R.RefSGD(0.05, 0.8, 0.5, "norm",
+                                   groups={"b": {"lr": 0.01, "weight_decay": 0.1}}), 0.3, 3)
+    params = small_params()
+    ref_params = {k: v.astype(np.float64) for k, v in params.items()}
+    fn = quadratic({k: v * 0 + 3.0 for k, v in params.items()})
+    for _ in range(20):
+        _, g = fn(params)
+        opt.step(params, g)
+        ref.step(ref_params, R.to_ref_grads(g, dtypes_of(params)))
+    R.assert_params_close(params, ref_params, "groups", R.FLOAT32_TOL)
