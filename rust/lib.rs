@@ -10,6 +10,7 @@ mod simd;
 pub mod claims;
 pub mod float;
 pub mod kernels;
+pub mod layerwise;
 pub mod lookahead;
 pub mod norm;
 pub mod parallel;

@@ -112,3 +112,102 @@ def assert_state_matches(state: Mapping[str, np.ndarray], ref_state: Mapping[str
 
 def l2(x: np.ndarray) -> float:
     return math.sqrt(float(np.sum(np.asarray(x, dtype=np.float64) ** 2)))
+
+
+def bias_names(name: str) -> bool:
+    """LARS's bias rule, from its description: the last component of the name (after the
+    last '.' or '/') is 'b' or 'bias' or ends in '_b' or '_bias'."""
+    last = name.replace("/", ".").rsplit(".", 1)[-1]
+    return last in ("b", "bias") or last.endswith(("_b", "_bias"))
+
+
+def _hyper(defaults: Mapping[str, Any], groups: Mapping[str, Mapping[str, Any]],
+           name: str) -> dict[str, Any]:
+    return {**defaults, **groups.get(name, {})}
+
+
+class RefLamb:
+    """LAMB (You et al., ICLR 2020, Algorithm 2, φ = identity), clipping first (SPEC):
+    t ← t+1 ; m ← b1·m + (1−b1)·g ; v ← b2·v + (1−b2)·g² ; m̂ = m/(1−b1^t) ;
+    v̂ = v/(1−b2^t) ; r = m̂/(√v̂ + eps) + wd·p ; p ← p − lr·(‖p‖/‖r‖)·r per array, the
+    ratio 1 when either norm is 0. `groups` maps a name to overrides of lr, beta1, beta2,
+    eps, weight_decay."""
+
+    def __init__(self, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 clip: float | None = None, clip_mode: str = "value",
+                 groups: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self.defaults = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        self.lr = lr
+        self.clip, self.clip_mode = clip, clip_mode
+        self.groups = dict(groups or {})
+        self.t = 0
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
+
+    def step(self, params: dict[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
+        if not params:
+            return
+        g = R.clip_grads({k: grads[k] for k in params}, self.clip, self.clip_mode)
+        self.t += 1
+        for name in params:
+            h = _hyper(self.defaults, self.groups, name)
+            p = params[name]
+            m = self.m.get(name, np.zeros(p.shape))
+            v = self.v.get(name, np.zeros(p.shape))
+            m = h["beta1"] * m + (1 - h["beta1"]) * g[name]
+            v = h["beta2"] * v + (1 - h["beta2"]) * g[name] ** 2
+            m_hat = m / (1 - h["beta1"] ** self.t)
+            v_hat = v / (1 - h["beta2"] ** self.t)
+            r = m_hat / (np.sqrt(v_hat) + h["eps"]) + h["weight_decay"] * p
+            p_norm, r_norm = l2(p), l2(r)
+            trust = p_norm / r_norm if p_norm > 0 and r_norm > 0 else 1.0
+            params[name] = p - h["lr"] * trust * r
+            self.m[name], self.v[name] = m, v
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = {"lr": np.array(self.lr), "t": np.array(self.t, dtype=np.int64)}
+        for name in self.m:
+            out["m_" + name] = self.m[name].copy()
+            out["v_" + name] = self.v[name].copy()
+        return out
+
+
+class RefLars:
+    """LARS (You, Gitman & Ginsburg 2017, Algorithm 1), clipping first (SPEC): per array
+    local_lr = lr·η·‖p‖/(‖g‖ + wd·‖p‖) (lr when either norm is 0 or the name is excluded) ;
+    v ← μ·v + local_lr·(g + wd·p) ; p ← p − v. `groups` maps a name to overrides of lr,
+    momentum, weight_decay."""
+
+    def __init__(self, lr: float, momentum: float, weight_decay: float, trust_coef: float,
+                 excluded: Any = None, clip: float | None = None, clip_mode: str = "value",
+                 groups: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self.defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.lr = lr
+        self.trust_coef = trust_coef
+        self.excluded = excluded or (lambda name: False)
+        self.clip, self.clip_mode = clip, clip_mode
+        self.groups = dict(groups or {})
+        self.velocity: dict[str, np.ndarray] = {}
+
+    def step(self, params: dict[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
+        if not params:
+            return
+        g = R.clip_grads({k: grads[k] for k in params}, self.clip, self.clip_mode)
+        for name in params:
+            h = _hyper(self.defaults, self.groups, name)
+            p = params[name]
+            p_norm, g_norm = l2(p), l2(g[name])
+            if self.excluded(name) or p_norm == 0 or g_norm == 0:
+                local = h["lr"]
+            else:
+                local = h["lr"] * self.trust_coef * p_norm / (g_norm + h["weight_decay"] * p_norm)
+            v = self.velocity.get(name, np.zeros(p.shape))
+            v = h["momentum"] * v + local * (g[name] + h["weight_decay"] * p)
+            params[name] = p - v
+            self.velocity[name] = v
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = {"lr": np.array(self.lr)}
+        for name, v in self.velocity.items():
+            out["velocity_" + name] = v.copy()
+        return out

@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 from samopt import (
     AdamOptimizer,
     GradClipMode,
+    LambOptimizer,
+    LarsOptimizer,
     LookaheadOptimizer,
     NonFiniteGradientError,
     OptimizerConfig,
@@ -28,6 +30,7 @@ from samopt import (
     SgdOptimizer,
     TrainError,
 )
+from samopt._layerwise import is_bias
 from test_trajectories import (
     CHECK_AT,
     STEPS,
@@ -408,3 +411,261 @@ def test_lookahead_with_groups_and_clipping_matches_reference() -> None:
         opt.step(params, g)
         ref.step(ref_params, R.to_ref_grads(g, dtypes_of(params)))
     R.assert_params_close(params, ref_params, "groups", R.FLOAT32_TOL)
+
+
+# ============================================================================ LAMB, LARS
+
+
+@st.composite
+def layer_configs(draw: Any, kind: str) -> dict[str, Any]:
+    clip_mode = draw(st.sampled_from([None, "value", "norm"]))
+    return dict(
+        kind=kind,
+        lr=draw(st.floats(1e-4, 0.05 if kind == "lamb" else 0.5)),
+        momentum=draw(st.one_of(st.just(0.9), st.floats(0.0, 0.95))),
+        beta1=draw(st.one_of(st.just(0.9), st.floats(0.0, 0.95))),
+        beta2=draw(st.one_of(st.just(0.999), st.floats(0.5, 0.9999))),
+        eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
+        wd=draw(st.one_of(st.none(), st.just(0.0), st.floats(0.0, 0.1))),
+        trust_coef=draw(st.sampled_from([0.001, 0.02, 1.0])),
+        exclude_bias=draw(st.booleans()),
+        clip_mode=clip_mode,
+        clip=None if clip_mode is None else draw(st.floats(0.05, 50.0)),
+    )
+
+
+def make_layer_pair(c: dict[str, Any], groups: dict[str, dict[str, Any]] | None = None,
+                    param_groups: Any = None) -> tuple[Any, Any]:
+    """(samopt optimizer, reference optimizer); weight_decay None is 0.01 (the crate's)."""
+    cfg = OptimizerConfig(
+        learning_rate=c["lr"], momentum=c["momentum"], beta1=c["beta1"], beta2=c["beta2"],
+        epsilon=c["eps"], weight_decay=c["wd"], grad_clip=c["clip"],
+        grad_clip_mode=GradClipMode.NORM if c["clip_mode"] == "norm" else GradClipMode.VALUE,
+    )
+    wd = 0.01 if c["wd"] is None else c["wd"]
+    mode = c["clip_mode"] or "value"
+    if c["kind"] == "lamb":
+        opt: Any = LambOptimizer(cfg, param_groups=param_groups)
+        ref: Any = RL.RefLamb(c["lr"], c["beta1"], c["beta2"], c["eps"], wd, c["clip"], mode,
+                              groups)
+    else:
+        opt = LarsOptimizer(cfg, c["trust_coef"], c["exclude_bias"], param_groups=param_groups)
+        ref = RL.RefLars(c["lr"], c["momentum"], wd, c["trust_coef"],
+                         RL.bias_names if c["exclude_bias"] else None, c["clip"], mode, groups)
+    return opt, ref
+
+
+def run_layerwise(specs: list[dict[str, Any]], c: dict[str, Any], sam: dict[str, Any] | None,
+                  seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    holders, ref_params = build_params(specs, rng)
+    params = {k: h.array for k, h in holders.items()}
+    opt, ref = make_layer_pair(c)
+    if sam is not None:
+        opt = SamOptimizer(opt, sam["rho"], adaptive=sam["adaptive"], eta=sam["eta"])
+        ref = R.RefSAM(ref, sam["rho"], sam["adaptive"], sam["eta"])
+    seq1 = [build_grads(specs, rng) for _ in range(STEPS)]
+    seq2 = [build_grads(specs, rng) for _ in range(STEPS)]
+    copies = [{k: v.copy() for k, v in g.items()} for g in seq1 + seq2]
+    dts = dtypes_of(params)
+    # Norm clipping and adaptive SAM couple the arrays through a global norm.
+    coupled = c["clip_mode"] == "norm" or bool(sam and sam["adaptive"])
+    scales = R.ScaleTracker()
+    track(scales, ref_params, ref)
+    for t in range(STEPS):
+        if sam is not None:
+            ref.first_step(ref_params, R.to_ref_grads(seq1[t], dts))
+            opt.first_step(params, seq1[t])
+            track(scales, ref_params, ref)
+            if t in CHECK_AT:
+                check(params, opt, ref_params, ref, f"first_step {t}", scales, coupled)
+            ref.second_step(ref_params, R.to_ref_grads(seq2[t], dts))
+            opt.second_step(params, seq2[t])
+        else:
+            ref.step(ref_params, R.to_ref_grads(seq1[t], dts))
+            opt.step(params, seq1[t])
+        track(scales, ref_params, ref)
+        if t in CHECK_AT:
+            check(params, opt, ref_params, ref, f"{c['kind']} step {t}", scales, coupled)
+    assert_in_place(params, holders)
+    assert_grads_untouched(seq1 + seq2, copies)
+
+
+@pytest.mark.parametrize("kind", ["lamb", "lars"])
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_layerwise_trajectory_matches_reference(kind: str, data: Any) -> None:
+    specs = data.draw(array_specs(), label="arrays")
+    c = data.draw(layer_configs(kind), label="config")
+    run_layerwise(specs, c, None, data.draw(st.integers(0, 2**32 - 1), label="seed"))
+
+
+@pytest.mark.parametrize("kind", ["lamb", "lars"])
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_layerwise_under_sam_matches_reference(kind: str, data: Any) -> None:
+    specs = data.draw(array_specs(), label="arrays")
+    c = data.draw(layer_configs(kind), label="config")
+    s = data.draw(sam_configs(), label="sam")
+    run_layerwise(specs, c, s, data.draw(st.integers(0, 2**32 - 1), label="seed"))
+
+
+@pytest.mark.parametrize("kind", ["lamb", "lars"])
+def test_the_norms_read_the_restored_values_not_the_perturbed_ones(kind: str) -> None:
+    """SAM's second step fused into a layer-wise step equals restoring by hand and then
+    stepping: a read pass over the perturbed values would see a larger ‖p‖."""
+    c = dict(kind=kind, lr=0.05, momentum=0.9, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.01,
+             trust_coef=0.02, exclude_bias=False, clip_mode=None, clip=None)
+    fused, _ = make_layer_pair(c)
+    plain, _ = make_layer_pair(c)
+    sam = SamOptimizer(fused, rho=5.0)
+    params, twin = small_params(), small_params()
+    fn = quadratic({k: v * 0 + 1.0 for k, v in params.items()})
+    for _ in range(5):
+        _, g = fn(params)
+        sam.first_step(params, g)
+        _, g2 = fn(params)
+        sam.second_step(params, g2)
+        plain.step(twin, g2)
+        assert R.state_snapshot(params) == R.state_snapshot(twin)
+    assert R.state_snapshot(fused.state_dict()) == R.state_snapshot(plain.state_dict())
+
+
+def test_lars_excludes_biases_by_name_not_by_any_letter_b() -> None:
+    assert all(is_bias(n) for n in ["b", "bias", "fc1.bias", "layer/b", "out_bias", "h.w_b"])
+    assert not any(is_bias(n) for n in ["embedding", "lambda", "weight", "bn.weight", "ab",
+                                        "bias.w", "fc.biases"])
+    cfg = OptimizerConfig(learning_rate=0.1, momentum=0.0, weight_decay=0.0)
+    params = {"embedding": np.ones(4), "fc.bias": np.ones(4)}
+    grads = {"embedding": np.full(4, 2.0), "fc.bias": np.full(4, 2.0)}
+    LarsOptimizer(cfg, 0.5).step(params, grads)
+    # embedding adapts: 0.1·0.5·‖1‖/‖2‖ = 0.025 ; the bias steps with lr 0.1.
+    np.testing.assert_allclose(params["embedding"], 1 - 0.025 * 2)
+    np.testing.assert_allclose(params["fc.bias"], 1 - 0.1 * 2)
+    params = {"embedding": np.ones(4)}
+    LarsOptimizer(cfg, 0.5, exclude_bias=lambda n: n.startswith("emb")).step(params, grads)
+    np.testing.assert_allclose(params["embedding"], 1 - 0.1 * 2)
+
+
+@pytest.mark.parametrize("kind", ["lamb", "lars"])
+def test_layerwise_groups_and_clipping_match_reference(kind: str) -> None:
+    c = dict(kind=kind, lr=0.02, momentum=0.8, beta1=0.8, beta2=0.99, eps=1e-6, wd=0.05,
+             trust_coef=0.1, exclude_bias=True, clip_mode="norm", clip=0.7)
+    override = {"lr": 0.005, "weight_decay": 0.0}
+    opt, ref = make_layer_pair(c, {"w": override}, [{"params": ["w"], **override}])
+    params = small_params()
+    ref_params = {k: v.astype(np.float64) for k, v in params.items()}
+    fn = quadratic({k: v * 0 + 3.0 for k, v in params.items()})
+    for _ in range(30):
+        _, g = fn(params)
+        opt.step(params, g)
+        ref.step(ref_params, R.to_ref_grads(g, dtypes_of(params)))
+    R.assert_params_close(params, ref_params, "groups", R.FLOAT32_TOL)
+    opt.set_lr(0.04)
+    assert opt.get_lr() == 0.04 and float(opt.state_dict()["param_groups.0.lr"]) == 0.01
+
+
+@pytest.mark.parametrize("kind", ["lamb", "lars"])
+def test_layerwise_resumes_bit_exactly_under_sam_and_lookahead(kind: str, tmp_path: Any) -> None:
+    c = dict(kind=kind, lr=0.02, momentum=0.9, beta1=0.9, beta2=0.999, eps=1e-8, wd=None,
+             trust_coef=0.02, exclude_bias=True, clip_mode="value", clip=1.0)
+    fn = quadratic({k: v * 0 - 1.0 for k, v in small_params().items()})
+
+    def make() -> LookaheadOptimizer:
+        return LookaheadOptimizer(SamOptimizer(make_layer_pair(c)[0], 0.05), 0.5, 3)
+
+    straight, p_straight = make(), small_params()
+    for _ in range(20):
+        straight.sam_step(p_straight, fn)
+    first, p = make(), small_params()
+    for _ in range(10):
+        first.sam_step(p, fn)
+    state = first.state_dict()
+    assert ("t" in state) == (kind == "lamb")
+    slot = "m_w" if kind == "lamb" else "velocity_w"
+    assert slot in state and state[slot].dtype == np.float64
+    np.savez(tmp_path / "s.npz", **state)
+    resumed = make()
+    resumed.load_state_dict(dict(np.load(tmp_path / "s.npz")))
+    pickled = pickle.loads(pickle.dumps(first))
+    p_pickled = {k: v.copy() for k, v in p.items()}
+    for _ in range(10):
+        resumed.sam_step(p, fn)
+        pickled.sam_step(p_pickled, fn)
+    assert R.state_snapshot(p) == R.state_snapshot(p_straight) == R.state_snapshot(p_pickled)
+    assert R.state_snapshot(resumed.state_dict()) == R.state_snapshot(straight.state_dict())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LarsOptimizer(trust_coef=0.0),
+        lambda: LarsOptimizer(trust_coef=-1.0),
+        lambda: LarsOptimizer(trust_coef=float("nan")),
+        lambda: LarsOptimizer(exclude_bias="yes"),  # type: ignore[arg-type]
+        lambda: LarsOptimizer(OptimizerConfig(nesterov=True)),
+        lambda: LambOptimizer(OptimizerConfig(nesterov=True)),
+        lambda: LarsOptimizer(param_groups=[{"params": ["w"], "beta1": 0.5}]),
+        lambda: LambOptimizer(param_groups=[{"params": ["w"], "momentum": 0.5}]),
+        lambda: LambOptimizer(param_groups=[{"params": ["w"], "lr": -1.0}]),
+        lambda: LambOptimizer("config"),  # type: ignore[arg-type]
+    ],
+)
+def test_layerwise_refuses_bad_hyperparameters(make: Any) -> None:
+    with pytest.raises(OptimizerError) as info:
+        make()
+    assert info.value.key in ("trust_coef", "exclude_bias", "nesterov", "beta1", "momentum",
+                              "lr", "config")
+
+
+@pytest.mark.parametrize("kind", ["lamb", "lars"])
+def test_layerwise_errors_change_nothing(kind: str) -> None:
+    c = dict(kind=kind, lr=0.02, momentum=0.9, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.01,
+             trust_coef=0.02, exclude_bias=True, clip_mode=None, clip=None)
+    opt = SamOptimizer(make_layer_pair(c)[0], 0.05)
+    params = small_params()
+    fn = quadratic({k: v * 0 for k, v in params.items()})
+    for _ in range(2):
+        opt.sam_step(params, fn)
+    _, good = fn(params)
+    bad = dict(good, s=np.array(np.inf))
+    before = snapshot_all(params, bad, opt)
+    with pytest.raises(NonFiniteGradientError) as info:
+        opt.base_optimizer.step(params, bad)
+    assert info.value.key == "s"
+    assert_unchanged(before, params, bad, opt)
+    opt.first_step(params, good)
+    before = snapshot_all(params, bad, opt)
+    with pytest.raises(NonFiniteGradientError):
+        opt.second_step(params, bad)
+    assert_unchanged(before, params, bad, opt)
+    opt.restore(params)
+    wrong = dict(good, w=np.ones((4, 4)))
+    before = snapshot_all(params, wrong, opt)
+    with pytest.raises(OptimizerError) as info:
+        opt.step(params, wrong)
+    assert info.value.key == "w"
+    assert_unchanged(before, params, wrong, opt)
+    state = opt.state_dict()
+    slot = "v_w" if kind == "lamb" else "velocity_w"
+    for key, value in [(slot, np.full((4, 3), np.nan)), ("t", np.array(-1)),
+                       (slot, np.ones(3)), ("lr", np.array(-0.1))]:
+        if kind == "lars" and (key == "t" or value.shape == (3,)):
+            continue  # LARS counts no steps; a lone velocity_ has no partner to disagree with
+        broken = dict(state, **{key: value})
+        fresh = SamOptimizer(make_layer_pair(c)[0], 0.05)
+        before_state = R.state_snapshot(fresh.state_dict())
+        with pytest.raises(TrainError) as info:
+            fresh.load_state_dict(broken)
+        # A v_ that does not match its m_ partner is reported under the pair's first key.
+        assert info.value.key in (key, "m_w")
+        assert R.state_snapshot(fresh.state_dict()) == before_state
+
+
+@pytest.mark.parametrize("kind", ["lamb", "lars"])
+def test_layerwise_is_deterministic_over_thread_counts(kind: str) -> None:
+    opt = {"lamb": "LambOptimizer(OptimizerConfig(0.01))",
+           "lars": "LarsOptimizer(OptimizerConfig(0.1), 0.02)"}[kind]
+    found = digests(f"SamOptimizer({opt}, 0.05)",
+                    "opt.first_step(params, grads); opt.second_step(params, grads)")
+    assert len(found) == 1, found

@@ -8,6 +8,7 @@ learning-rate schedulers and gradient accumulation; the element-wise work is in 
 from ._accumulate import GradAccumulator
 from ._config import GradClipMode, OptimizerConfig
 from ._errors import NonFiniteGradientError, OptimizerError, OutOfMemoryError, TrainError
+from ._layerwise import LambOptimizer, LarsOptimizer
 from ._lookahead import LookaheadOptimizer
 from ._optimizers import AdamOptimizer, AdamWOptimizer, SgdOptimizer, compute_gradient_norm
 from ._protocol import Optimizer
@@ -41,6 +42,8 @@ __all__ = [
     "GradClipMode",
     "GradFn",
     "GsamOptimizer",
+    "LambOptimizer",
+    "LarsOptimizer",
     "LookaheadOptimizer",
     "LrScheduler",
     "MultiStepLrScheduler",

@@ -10,6 +10,7 @@ from numpy.typing import NDArray
 
 __all__ = [
     "Engine",
+    "LayerEngine",
     "LookaheadEngine",
     "Names",
     "SamEngine",
@@ -81,7 +82,7 @@ class SamEngine:
 class StagedSamState:
     """A SAM state read from a state dict, checked and copied, not yet in force."""
 
-def step(engine: Engine, params: _Arrays, grads: _Arrays) -> None: ...
+def step(engine: Engine | LayerEngine, params: _Arrays, grads: _Arrays) -> None: ...
 def first_step(
     sam: SamEngine, params: _Arrays, grads: _Arrays, rho: float, eps: float
 ) -> float: ...
@@ -135,3 +136,26 @@ def lookahead_step(
     advance: bool,
     pending: bool,
 ) -> Any: ...
+
+@final
+class LayerEngine:
+    """A layer-wise optimizer's native state (LAMB, LARS): its kind, hyperparameters, step
+    count and per-parameter slots."""
+
+    def __new__(
+        cls,
+        kind: str,
+        groups: list[dict[str, Any]],
+        *,
+        trust_coef: float = 0.0,
+        clip_value: float | None = None,
+        clip_norm: float | None = None,
+        assign: Callable[[str], int] | None = None,
+    ) -> LayerEngine: ...
+    lrs: list[float]
+    @property
+    def steps(self) -> int: ...
+    @property
+    def slots(self) -> list[str]: ...
+    def state_dict(self) -> _State: ...
+    def load(self, steps: int, entries: dict[str, tuple[NDArray[Any], ...]]) -> None: ...

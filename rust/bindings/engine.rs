@@ -156,7 +156,7 @@ pub fn import_table(entries: &Bound<'_, PyDict>, prefixes: &[&str]) -> PyResult<
 }
 
 /// One parameter group's hyperparameters from the Python side's dict.
-fn hyper_of(group: &Bound<'_, PyDict>) -> PyResult<Hyper> {
+pub fn hyper_of(group: &Bound<'_, PyDict>) -> PyResult<Hyper> {
     let get = |key: &str| -> PyResult<Bound<'_, PyAny>> {
         group
             .get_item(key)?

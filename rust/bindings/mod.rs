@@ -19,6 +19,7 @@ mod api;
 mod arrays;
 mod driver;
 mod engine;
+mod layerwise;
 mod lookahead;
 
 use pyo3::prelude::*;
@@ -46,5 +47,6 @@ fn out_of_memory(key: &str, what: &str, bytes: usize) -> PyErr {
 #[pymodule]
 fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     api::register(module)?;
-    lookahead::register(module)
+    lookahead::register(module)?;
+    layerwise::register(module)
 }
