@@ -306,26 +306,31 @@ fn measure_piece<T: Real, U: LayerUpdate<T, N>, const N: usize>(
     plan: GradientPlan,
     how: Measure,
 ) -> [f64; 2] {
+    widest!(measure_body(lanes, groups, plan, how))
+}
+
+kernel_body!(measure_body[T: Real, U: LayerUpdate<T, N>, const N: usize](
+    lanes: Reading<'_, T, N>,
+    groups: &[GroupStep<U>],
+    plan: GradientPlan,
+    how: Measure
+) -> [f64; 2] {
     let spec = &groups[lanes.group as usize].spec;
     let n = lanes.start.len();
-    let (grad, grad0) = (&lanes.grad[..n], &lanes.grad0[..n]);
+    let (start, grad, grad0) = (lanes.start, &lanes.grad[..n], &lanes.grad0[..n]);
     let slots = lanes.slots.map(|s| &s[..n]);
     let terms = |i: usize| {
         let state: [T; N] = std::array::from_fn(|k| slots[k][i]);
         let g = gradient(plan, grad[i], grad0[i]);
-        spec.measure(lanes.start[i], g, &state)
+        spec.measure(start[i], g, &state)
     };
     match how {
-        Measure::Squares => {
-            // Four running sums per quantity: a fixed grouping, so a fixed result.
-            let mut acc = [[0.0f64; 4]; 2];
-            for i in 0..n {
-                let [a, b] = terms(i);
-                acc[0][i % 4] += a * a;
-                acc[1][i % 4] += b * b;
-            }
-            acc.map(|s| (s[0] + s[1]) + (s[2] + s[3]))
-        }
+        // Without clipping or a mix the gradient is `g` itself: skip those operations.
+        Measure::Squares if plan == GradientPlan::PLAIN => sum_squares(n, |i| {
+            let state: [T; N] = std::array::from_fn(|k| slots[k][i]);
+            spec.measure(start[i], grad[i].to_f64(), &state)
+        }),
+        Measure::Squares => sum_squares(n, terms),
         Measure::Largest => (0..n).fold([0.0f64; 2], |[x, y], i| {
             let [a, b] = terms(i);
             [x.max(a.abs()), y.max(b.abs())]
@@ -343,6 +348,28 @@ fn measure_piece<T: Real, U: LayerUpdate<T, N>, const N: usize>(
             acc
         }
     }
+});
+
+/// `Σ a²` and `Σ b²` over `n` elements' `[a, b]`: element i goes to running sum i % 4 of
+/// its quantity, a fixed grouping (so a fixed result) in blocks of four that vectorise.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn sum_squares(n: usize, terms: impl Fn(usize) -> [f64; 2]) -> [f64; 2] {
+    let mut acc = [[0.0f64; 4]; 2];
+    let whole = n - n % 4;
+    for block in (0..whole).step_by(4) {
+        for k in 0..4 {
+            let [a, b] = terms(block + k);
+            acc[0][k] += a * a;
+            acc[1][k] += b * b;
+        }
+    }
+    for i in whole..n {
+        let [a, b] = terms(i);
+        acc[0][i % 4] += a * a;
+        acc[1][i % 4] += b * b;
+    }
+    acc.map(|s| (s[0] + s[1]) + (s[2] + s[3]))
 }
 
 /// Below this a sum of squares may have lost bits to underflow (as in `norm`).
@@ -528,30 +555,64 @@ kernel_body!(update_body[T: Real, U: LayerUpdate<T, N>, const N: usize](
     let n = param.len();
     let grad = &grad[..n];
     let grad0 = grad0.map_or(grad, |s| &s[..n]);
+    let slots = slots.map(|s| &mut s[..n]);
+    match plan == GradientPlan::PLAIN {
+        true => update_loop(param, slots, start, |i| grad[i].to_f64(), spec, factor),
+        false => update_loop(
+            param,
+            slots,
+            start,
+            |i| gradient(plan, grad[i], grad0[i]),
+            spec,
+            factor,
+        ),
+    }
+});
+
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn update_loop<T: Real, U: LayerUpdate<T, N>, const N: usize>(
+    param: &mut [T],
+    slots: [&mut [T]; N],
+    start: Option<&[T]>,
+    gradient: impl Fn(usize) -> f64,
+    spec: &U,
+    factor: f64,
+) {
+    let n = param.len();
     let mut slots = slots.map(|s| &mut s[..n]);
-    let mut step = |i: usize, p0: T| {
-        let mut state: [T; N] = std::array::from_fn(|k| slots[k][i]);
-        let g = gradient(plan, grad[i], grad0[i]);
-        let p = spec.element(p0, g, &mut state, factor);
-        for k in 0..N {
-            slots[k][i] = state[k];
-        }
-        p
-    };
     match start {
         Some(start) => {
             let start = &start[..n];
             for i in 0..n {
-                param[i] = step(i, start[i]);
+                param[i] = element_at(spec, start[i], gradient(i), &mut slots, i, factor);
             }
         }
         None => {
             for i in 0..n {
-                param[i] = step(i, param[i]);
+                param[i] = element_at(spec, param[i], gradient(i), &mut slots, i, factor);
             }
         }
     }
-});
+}
+
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn element_at<T: Real, U: LayerUpdate<T, N>, const N: usize>(
+    spec: &U,
+    p0: T,
+    g: f64,
+    slots: &mut [&mut [T]; N],
+    i: usize,
+    factor: f64,
+) -> T {
+    let mut state: [T; N] = std::array::from_fn(|k| slots[k][i]);
+    let p = spec.element(p0, g, &mut state, factor);
+    for k in 0..N {
+        slots[k][i] = state[k];
+    }
+    p
+}
 
 #[cfg(test)]
 mod tests {
