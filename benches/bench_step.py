@@ -1398,7 +1398,16 @@ def check_mode(args: argparse.Namespace) -> int:
 # (read p, g, write p, saved), and its restore reads saved instead of p. Lookahead's
 # synchronisation reads and writes the fast and the slow weights (4), here every step (k=1)
 # on top of Adam's 7. samopt reads g once more (the finiteness check) than these count.
-LAYERWISE_STREAMS = {"lamb": 11, "sam_lamb": 16, "lars": 7, "sam_lars": 12, "lookahead_adam": 11}
+# Sophia is element-wise: read p, g, m, h, write p, m (and h on the one step in
+# hessian_update_freq = 10 that refreshes it from g²).
+LAYERWISE_STREAMS = {
+    "lamb": 11,
+    "sam_lamb": 16,
+    "lars": 7,
+    "sam_lars": 12,
+    "lookahead_adam": 11,
+    "sophia": 6,
+}
 
 
 class NumpyLamb:
@@ -1438,8 +1447,8 @@ class NumpyLamb:
 
 
 def layerwise_mode(args: argparse.Namespace) -> int:
-    """Times LAMB, SAM(LAMB), LARS, SAM(LARS) and Lookahead(Adam) (k=1, so every step
-    synchronises) at 10M float64 (20 x 500k) against their memory floors, and a careful
+    """Times LAMB, SAM(LAMB), LARS, SAM(LARS), Lookahead(Adam) (k=1, so every step
+    synchronises) and Sophia at 10M float64 (20 x 500k) against their memory floors, and a careful
     NumPy LAMB, all interleaved with the bandwidth stream in one process."""
     samopt = importlib.import_module("samopt")
     n_arrays, per = (20, 50_000) if args.quick else (20, 500_000)
@@ -1455,6 +1464,7 @@ def layerwise_mode(args: argparse.Namespace) -> int:
             samopt.LarsOptimizer(samopt.OptimizerConfig(0.1), 0.001), RHO
         ),
         "lookahead_adam": lambda: samopt.LookaheadOptimizer(samopt.AdamOptimizer(cfg), 0.5, 1),
+        "sophia": lambda: samopt.SophiaOptimizer(),
     }
     fns: dict[str, Callable[[], None]] = {}
     for kind, make in makers.items():
@@ -1531,7 +1541,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--layerwise",
         action="store_true",
-        help="only the LAMB, LARS and Lookahead rows (10M float64) against their floors",
+        help="only the LAMB, LARS, Lookahead and Sophia rows (10M float64) against their floors",
     )
     ap.add_argument("--worker", choices=("rows", "rss"), help=argparse.SUPPRESS)
     ap.add_argument("--numpy-only", action="store_true", help=argparse.SUPPRESS)

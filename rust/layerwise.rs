@@ -24,6 +24,10 @@ pub struct LayerHyper {
     pub base: Hyper,
     /// LARS's trust coefficient η.
     pub trust_coef: f64,
+    /// Sophia's γ (the crate's `rho`), and whether this step refreshes its Hessian
+    /// estimate from the step's own gradient (`h ← β2·h + (1−β2)·g²`).
+    pub sophia_rho: f64,
+    pub refresh_hessian: bool,
 }
 
 /// One element of a layer-wise optimizer. `measure` and `element` get the same starting
@@ -44,6 +48,9 @@ pub trait LayerSpec<const N: usize>: LayerUpdate<f32, N> + LayerUpdate<f64, N> {
     const SLOTS: [&'static str; N];
     /// The scalars of step `t` (the first step is 1).
     fn at_step(hyper: &LayerHyper, t: u64) -> Self;
+    /// Whether the factor needs the read pass (false: every factor is 1 and `measure` is
+    /// never called).
+    const MEASURES: bool = true;
 }
 
 /// LAMB (You et al., ICLR 2020, Algorithm 2 with φ the identity), the crate's form:
@@ -165,6 +172,91 @@ impl<T: Real> LayerUpdate<T, 1> for Lars {
         *v = T::from_f64(velocity);
         T::from_f64(p0 - velocity)
     }
+}
+
+/// Sophia (Liu, Li, Hall, Liang & Ma, 2023, Algorithm 3): `m ← β1·m + (1−β1)·g ;
+/// p ← p − lr·wd·p − lr·clip(m/max(γ·h, ε), −1, 1)`, with `h` the EMA of Hessian-diagonal
+/// estimates (`sophia_hessian`, or `h ← β2·h + (1−β2)·g²` on a refreshing step). Weight
+/// decay is decoupled, from the step's starting value. Element-wise: no read pass.
+#[derive(Clone, Copy, Debug)]
+pub struct Sophia {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    epsilon: f64,
+    rho: f64,
+    decay: f64,
+    refresh: bool,
+}
+
+impl LayerSpec<2> for Sophia {
+    const SLOTS: [&'static str; 2] = ["m_", "h_"];
+    const MEASURES: bool = false;
+    fn at_step(hyper: &LayerHyper, _: u64) -> Sophia {
+        let h = &hyper.base;
+        Sophia {
+            lr: h.lr,
+            beta1: h.beta1,
+            beta2: h.beta2,
+            epsilon: h.epsilon,
+            rho: hyper.sophia_rho,
+            decay: h.lr * h.weight_decay,
+            refresh: hyper.refresh_hessian,
+        }
+    }
+}
+
+impl<T: Real> LayerUpdate<T, 2> for Sophia {
+    fn measure(&self, _: T, _: f64, _: &[T; 2]) -> [f64; 2] {
+        [0.0, 0.0]
+    }
+
+    fn factor(&self, _: [f64; 2], _: bool) -> f64 {
+        1.0
+    }
+
+    #[inline(always)]
+    fn element(&self, p0: T, g: f64, [m, h]: &mut [T; 2], _: f64) -> T {
+        let moment = self.beta1 * m.to_f64() + (1.0 - self.beta1) * g;
+        *m = T::from_f64(moment);
+        let mut curvature = h.to_f64();
+        if self.refresh {
+            curvature = self.beta2 * curvature + (1.0 - self.beta2) * g * g;
+            *h = T::from_f64(curvature);
+        }
+        let ratio = (moment / (self.rho * curvature).max(self.epsilon)).clamp(-1.0, 1.0);
+        let p0 = p0.to_f64();
+        T::from_f64(p0 - self.decay * p0 - self.lr * ratio)
+    }
+}
+
+/// A parameter's Hessian-diagonal EMA (Sophia's `h_`), the estimate given for it and its
+/// group.
+pub type HessianLanes<'a, T> = (&'a mut [T], &'a [T], u32);
+pub type HessianItem<'a> = ByDtype<HessianLanes<'a, f32>, HessianLanes<'a, f64>>;
+
+/// `h ← β2·h + (1−β2)·ĥ` with each group's β2, once every estimate is checked finite.
+pub fn sophia_hessian(items: Vec<HessianItem<'_>>, beta2: &[f64]) -> Result<(), NormError> {
+    let estimates: Vec<crate::norm::NormItem<'_>> = items
+        .iter()
+        .map(|item| match item {
+            ByDtype::Single((_, e, _)) => ByDtype::Single((*e, None)),
+            ByDtype::Double((_, e, _)) => ByDtype::Double((*e, None)),
+        })
+        .collect();
+    crate::norm::check_finite(&estimates)?;
+    fn blend<T: Real>((h, estimate, group): HessianLanes<'_, T>, beta2: &[f64]) {
+        let b = beta2[group as usize];
+        let estimate = &estimate[..h.len()];
+        for (h, e) in h.iter_mut().zip(estimate) {
+            *h = T::from_f64(b * h.to_f64() + (1.0 - b) * e.to_f64());
+        }
+    }
+    for_each(items, |piece| match piece {
+        ByDtype::Single(lanes) => blend(lanes, beta2),
+        ByDtype::Double(lanes) => blend(lanes, beta2),
+    });
+    Ok(())
 }
 
 /// The streams of a layer-wise step over one piece of one parameter: as
@@ -506,7 +598,10 @@ pub fn layer_step<S: LayerSpec<N>, const N: usize>(
     gsam: Option<GsamInputs>,
 ) -> Result<(), NormError> {
     let plan = phases::plan_update(&items, clipping, gsam)?;
-    let norms = array_norms(&items, count, groups, plan);
+    let norms = match S::MEASURES {
+        true => array_norms(&items, count, groups, plan),
+        false => vec![[0.0; 2]; count],
+    };
     let factor = |group: u32, item: u32, adapt: bool| {
         let spec = &groups[group as usize].spec;
         <S as LayerUpdate<f64, N>>::factor(spec, norms[item as usize], adapt)
@@ -630,6 +725,8 @@ mod tests {
             nesterov: false,
         },
         trust_coef: 0.001,
+        sophia_rho: 0.04,
+        refresh_hessian: false,
     };
 
     fn lanes<'a, const N: usize>(

@@ -66,9 +66,9 @@ class RefLookahead:
 
 # ----------------------------------------------------------------------------- comparisons
 
-PREFIXES = ("velocity_", "m_", "v_", "saved_", "slow_")
+PREFIXES = ("velocity_", "m_", "v_", "h_", "saved_", "slow_")
 EXACT_FLOATS = ("lr", "rho", "alpha", "trust_coef")
-EXACT_INTS = ("t", "k", "step_counter", "sam_calls")
+EXACT_INTS = ("t", "k", "step_counter", "sam_calls", "steps_since_hessian_update")
 
 
 def param_of(key: str, params: Mapping[str, np.ndarray]) -> str | None:
@@ -210,4 +210,61 @@ class RefLars:
         out = {"lr": np.array(self.lr)}
         for name, v in self.velocity.items():
             out["velocity_" + name] = v.copy()
+        return out
+
+
+class RefSophia:
+    """Sophia (Liu et al. 2023, Algorithm 3), clipping first (SPEC): t ← t+1 ;
+    m ← b1·m + (1−b1)·g ; on a refreshing step (every `freq` steps since the last refresh
+    or update_hessian) h ← b2·h + (1−b2)·g² ; p ← p − lr·wd·p − lr·clip(m/max(rho·h, eps),
+    −1, 1). update_hessian(params, est): h ← b2·h + (1−b2)·est, and the count restarts.
+    `groups` maps a name to overrides of lr, beta1, beta2, eps, weight_decay."""
+
+    def __init__(self, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 rho: float, freq: int, clip: float | None = None, clip_mode: str = "value",
+                 groups: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self.defaults = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        self.lr, self.rho, self.freq = lr, rho, freq
+        self.clip, self.clip_mode = clip, clip_mode
+        self.groups = dict(groups or {})
+        self.t = self.since = 0
+        self.m: dict[str, np.ndarray] = {}
+        self.h: dict[str, np.ndarray] = {}
+
+    def _state(self, name: str, shape: tuple[int, ...]) -> None:
+        self.m.setdefault(name, np.zeros(shape))
+        self.h.setdefault(name, np.zeros(shape))
+
+    def update_hessian(self, params: Mapping[str, np.ndarray],
+                       estimates: Mapping[str, np.ndarray]) -> None:
+        for name, p in params.items():
+            self._state(name, p.shape)
+            b2 = _hyper(self.defaults, self.groups, name)["beta2"]
+            self.h[name] = b2 * self.h[name] + (1 - b2) * np.asarray(estimates[name], np.float64)
+        self.since = 0
+
+    def step(self, params: dict[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
+        if not params:
+            return
+        g = R.clip_grads({k: grads[k] for k in params}, self.clip, self.clip_mode)
+        self.t += 1
+        self.since += 1
+        refresh = self.since >= self.freq
+        for name, p in params.items():
+            h = _hyper(self.defaults, self.groups, name)
+            self._state(name, p.shape)
+            self.m[name] = h["beta1"] * self.m[name] + (1 - h["beta1"]) * g[name]
+            if refresh:
+                self.h[name] = h["beta2"] * self.h[name] + (1 - h["beta2"]) * g[name] ** 2
+            ratio = np.clip(self.m[name] / np.maximum(self.rho * self.h[name], h["eps"]), -1, 1)
+            params[name] = p - h["lr"] * h["weight_decay"] * p - h["lr"] * ratio
+        if refresh:
+            self.since = 0
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = {"lr": np.array(self.lr), "t": np.array(self.t, dtype=np.int64),
+               "steps_since_hessian_update": np.array(self.since, dtype=np.int64)}
+        for name in self.m:
+            out["m_" + name] = self.m[name].copy()
+            out["h_" + name] = self.h[name].copy()
         return out

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from samopt import (
     AdamOptimizer,
     GradClipMode,
+    GsamOptimizer,
     LambOptimizer,
     LarsOptimizer,
     LookaheadOptimizer,
@@ -28,6 +29,9 @@ from samopt import (
     OptimizerError,
     SamOptimizer,
     SgdOptimizer,
+    SophiaConfig,
+    SophiaOptimizer,
+    SophiaVariant,
     TrainError,
 )
 from samopt._layerwise import is_bias
@@ -421,12 +425,16 @@ def layer_configs(draw: Any, kind: str) -> dict[str, Any]:
     clip_mode = draw(st.sampled_from([None, "value", "norm"]))
     return dict(
         kind=kind,
-        lr=draw(st.floats(1e-4, 0.05 if kind == "lamb" else 0.5)),
+        lr=draw(st.floats(1e-4, 0.5 if kind == "lars" else 0.05)),
         momentum=draw(st.one_of(st.just(0.9), st.floats(0.0, 0.95))),
         beta1=draw(st.one_of(st.just(0.9), st.floats(0.0, 0.95))),
         beta2=draw(st.one_of(st.just(0.999), st.floats(0.5, 0.9999))),
-        eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
+        # Sophia's m/max(ρh, ε) turns the float32 rounding of a cancelling m into a step of
+        # its own when ε is tiny (6e-11/1e-8): no float32 run can follow float64 there.
+        eps=draw(st.sampled_from([1e-3, 1e-2] if kind == "sophia" else [1e-8, 1e-6, 1e-3])),
         wd=draw(st.one_of(st.none(), st.just(0.0), st.floats(0.0, 0.1))),
+        rho=draw(st.sampled_from([0.04, 1.0])),
+        freq=draw(st.sampled_from([1, 3, 10])),
         trust_coef=draw(st.sampled_from([0.001, 0.02, 1.0])),
         exclude_bias=draw(st.booleans()),
         clip_mode=clip_mode,
@@ -448,6 +456,11 @@ def make_layer_pair(c: dict[str, Any], groups: dict[str, dict[str, Any]] | None 
         opt: Any = LambOptimizer(cfg, param_groups=param_groups)
         ref: Any = RL.RefLamb(c["lr"], c["beta1"], c["beta2"], c["eps"], wd, c["clip"], mode,
                               groups)
+    elif c["kind"] == "sophia":
+        sophia = SophiaConfig(cfg, rho=c.get("rho", 0.04), hessian_update_freq=c.get("freq", 10))
+        opt = SophiaOptimizer(sophia, param_groups=param_groups)
+        ref = RL.RefSophia(c["lr"], c["beta1"], c["beta2"], c["eps"], wd, sophia.rho,
+                           sophia.hessian_update_freq, c["clip"], mode, groups)
     else:
         opt = LarsOptimizer(cfg, c["trust_coef"], c["exclude_bias"], param_groups=param_groups)
         ref = RL.RefLars(c["lr"], c["momentum"], wd, c["trust_coef"],
@@ -472,7 +485,13 @@ def run_layerwise(specs: list[dict[str, Any]], c: dict[str, Any], sam: dict[str,
     coupled = c["clip_mode"] == "norm" or bool(sam and sam["adaptive"])
     scales = R.ScaleTracker()
     track(scales, ref_params, ref)
+    base, ref_base = (opt, ref) if sam is None else (opt.base_optimizer, ref.base)
     for t in range(STEPS):
+        if c["kind"] == "sophia" and t % 4 == 1:
+            # A Hessian-diagonal estimate of the caller's (here |g|-like, any dtype).
+            estimates = {k: np.abs(v) for k, v in build_grads(specs, rng).items()}
+            ref_base.update_hessian(ref_params, R.to_ref_grads(estimates, dts))
+            base.update_hessian(params, estimates)
         if sam is not None:
             ref.first_step(ref_params, R.to_ref_grads(seq1[t], dts))
             opt.first_step(params, seq1[t])
@@ -491,7 +510,7 @@ def run_layerwise(specs: list[dict[str, Any]], c: dict[str, Any], sam: dict[str,
     assert_grads_untouched(seq1 + seq2, copies)
 
 
-@pytest.mark.parametrize("kind", ["lamb", "lars"])
+@pytest.mark.parametrize("kind", ["lamb", "lars", "sophia"])
 @settings(max_examples=80, deadline=None)
 @given(data=st.data())
 def test_layerwise_trajectory_matches_reference(kind: str, data: Any) -> None:
@@ -500,7 +519,7 @@ def test_layerwise_trajectory_matches_reference(kind: str, data: Any) -> None:
     run_layerwise(specs, c, None, data.draw(st.integers(0, 2**32 - 1), label="seed"))
 
 
-@pytest.mark.parametrize("kind", ["lamb", "lars"])
+@pytest.mark.parametrize("kind", ["lamb", "lars", "sophia"])
 @settings(max_examples=80, deadline=None)
 @given(data=st.data())
 def test_layerwise_under_sam_matches_reference(kind: str, data: Any) -> None:
@@ -510,7 +529,7 @@ def test_layerwise_under_sam_matches_reference(kind: str, data: Any) -> None:
     run_layerwise(specs, c, s, data.draw(st.integers(0, 2**32 - 1), label="seed"))
 
 
-@pytest.mark.parametrize("kind", ["lamb", "lars"])
+@pytest.mark.parametrize("kind", ["lamb", "lars", "sophia"])
 def test_the_norms_read_the_restored_values_not_the_perturbed_ones(kind: str) -> None:
     """SAM's second step fused into a layer-wise step equals restoring by hand and then
     stepping: a read pass over the perturbed values would see a larger ‖p‖."""
@@ -547,7 +566,7 @@ def test_lars_excludes_biases_by_name_not_by_any_letter_b() -> None:
     np.testing.assert_allclose(params["embedding"], 1 - 0.1 * 2)
 
 
-@pytest.mark.parametrize("kind", ["lamb", "lars"])
+@pytest.mark.parametrize("kind", ["lamb", "lars", "sophia"])
 def test_layerwise_groups_and_clipping_match_reference(kind: str) -> None:
     c = dict(kind=kind, lr=0.02, momentum=0.8, beta1=0.8, beta2=0.99, eps=1e-6, wd=0.05,
              trust_coef=0.1, exclude_bias=True, clip_mode="norm", clip=0.7)
@@ -565,7 +584,7 @@ def test_layerwise_groups_and_clipping_match_reference(kind: str) -> None:
     assert opt.get_lr() == 0.04 and float(opt.state_dict()["param_groups.0.lr"]) == 0.01
 
 
-@pytest.mark.parametrize("kind", ["lamb", "lars"])
+@pytest.mark.parametrize("kind", ["lamb", "lars", "sophia"])
 def test_layerwise_resumes_bit_exactly_under_sam_and_lookahead(kind: str, tmp_path: Any) -> None:
     c = dict(kind=kind, lr=0.02, momentum=0.9, beta1=0.9, beta2=0.999, eps=1e-8, wd=None,
              trust_coef=0.02, exclude_bias=True, clip_mode="value", clip=1.0)
@@ -581,8 +600,8 @@ def test_layerwise_resumes_bit_exactly_under_sam_and_lookahead(kind: str, tmp_pa
     for _ in range(10):
         first.sam_step(p, fn)
     state = first.state_dict()
-    assert ("t" in state) == (kind == "lamb")
-    slot = "m_w" if kind == "lamb" else "velocity_w"
+    assert ("t" in state) == (kind != "lars")
+    slot = "velocity_w" if kind == "lars" else "m_w"
     assert slot in state and state[slot].dtype == np.float64
     np.savez(tmp_path / "s.npz", **state)
     resumed = make()
@@ -618,7 +637,7 @@ def test_layerwise_refuses_bad_hyperparameters(make: Any) -> None:
                               "lr", "config")
 
 
-@pytest.mark.parametrize("kind", ["lamb", "lars"])
+@pytest.mark.parametrize("kind", ["lamb", "lars", "sophia"])
 def test_layerwise_errors_change_nothing(kind: str) -> None:
     c = dict(kind=kind, lr=0.02, momentum=0.9, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.01,
              trust_coef=0.02, exclude_bias=True, clip_mode=None, clip=None)
@@ -647,7 +666,7 @@ def test_layerwise_errors_change_nothing(kind: str) -> None:
     assert info.value.key == "w"
     assert_unchanged(before, params, wrong, opt)
     state = opt.state_dict()
-    slot = "v_w" if kind == "lamb" else "velocity_w"
+    slot = {"lamb": "v_w", "lars": "velocity_w", "sophia": "h_w"}[kind]
     for key, value in [(slot, np.full((4, 3), np.nan)), ("t", np.array(-1)),
                        (slot, np.ones(3)), ("lr", np.array(-0.1))]:
         if kind == "lars" and (key == "t" or value.shape == (3,)):
@@ -662,10 +681,130 @@ def test_layerwise_errors_change_nothing(kind: str) -> None:
         assert R.state_snapshot(fresh.state_dict()) == before_state
 
 
-@pytest.mark.parametrize("kind", ["lamb", "lars"])
+@pytest.mark.parametrize("kind", ["lamb", "lars", "sophia"])
 def test_layerwise_is_deterministic_over_thread_counts(kind: str) -> None:
     opt = {"lamb": "LambOptimizer(OptimizerConfig(0.01))",
-           "lars": "LarsOptimizer(OptimizerConfig(0.1), 0.02)"}[kind]
+           "lars": "LarsOptimizer(OptimizerConfig(0.1), 0.02)",
+           "sophia": "SophiaOptimizer(SophiaConfig(hessian_update_freq=2))"}[kind]
     found = digests(f"SamOptimizer({opt}, 0.05)",
                     "opt.first_step(params, grads); opt.second_step(params, grads)")
     assert len(found) == 1, found
+
+
+@pytest.mark.parametrize("kind", ["lamb", "lars", "sophia"])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_layerwise_under_gsam_matches_reference(kind: str, data: Any) -> None:
+    """GSAM's mix is fused into the layer-wise step as into the element-wise ones: the norms
+    are those of the mixed (then clipped) gradient, from the restored values."""
+    specs = data.draw(array_specs(), label="arrays")
+    c = data.draw(layer_configs(kind), label="config")
+    alpha = data.draw(st.sampled_from([0.0, 0.4, 1.0]), label="alpha")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    holders, ref_params = build_params(specs, rng)
+    params = {k: h.array for k, h in holders.items()}
+    base, ref_base = make_layer_pair(c)
+    opt = GsamOptimizer(base, 0.05, alpha=alpha)
+    ref = R.RefGSAM(ref_base, 0.05, alpha=alpha)
+    dts = dtypes_of(params)
+    scales = R.ScaleTracker()
+    track(scales, ref_params, ref)
+    for t in range(STEPS):
+        g1, g2 = build_grads(specs, rng), build_grads(specs, rng)
+        ref.first_step(ref_params, R.to_ref_grads(g1, dts))
+        opt.first_step(params, g1)
+        ref.second_step(ref_params, R.to_ref_grads(g2, dts))
+        opt.second_step(params, g2)
+        track(scales, ref_params, ref)
+        if t in CHECK_AT:
+            # The mix's cosine couples every array with every other.
+            check(params, opt, ref_params, ref, f"GSAM step {t}", scales, coupled=True)
+    assert_in_place(params, holders)
+
+
+def test_one_lookahead_stepped_from_two_threads_matches_a_sequential_run() -> None:
+    """The optimizer's lock serialises the calls: two threads taking 20 steps each with the
+    same gradients end where one thread taking 40 does."""
+    import threading
+
+    def make() -> LookaheadOptimizer:
+        return LookaheadOptimizer(LambOptimizer(OptimizerConfig(0.01)), 0.5, 3)
+
+    grads = {k: np.full_like(v, 0.1) for k, v in small_params().items()}
+    shared, p_shared = make(), small_params()
+    alone, p_alone = make(), small_params()
+
+    def worker() -> None:
+        for _ in range(20):
+            shared.step(p_shared, grads)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for _ in range(40):
+        alone.step(p_alone, grads)
+    assert R.state_snapshot(p_shared) == R.state_snapshot(p_alone)
+    assert R.state_snapshot(shared.state_dict()) == R.state_snapshot(alone.state_dict())
+
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (lambda: SophiaConfig(rho=0.0), "rho"),
+        (lambda: SophiaConfig(rho=float("inf")), "rho"),
+        (lambda: SophiaConfig(hessian_update_freq=0), "hessian_update_freq"),
+        (lambda: SophiaConfig(hessian_update_freq=2.0), "hessian_update_freq"),
+        (lambda: SophiaConfig(variant="hutchinson"), "variant"),
+        (lambda: SophiaConfig(base=None), "base"),
+        (lambda: SophiaOptimizer("config"), "config"),
+        (lambda: SophiaOptimizer(OptimizerConfig(beta2=1.0)), "beta2"),
+        (lambda: SophiaOptimizer(param_groups=[{"params": ["w"], "momentum": 0.5}]), "momentum"),
+    ],
+)
+def test_sophia_refuses_bad_hyperparameters(make: Any, key: str) -> None:
+    with pytest.raises(OptimizerError) as info:
+        make()
+    assert info.value.key == key
+
+
+def test_sophia_defaults_are_the_crates() -> None:
+    config = SophiaConfig()
+    assert (config.rho, config.hessian_update_freq) == (0.04, 10)
+    assert config.variant is SophiaVariant.GAUSS_NEWTON_BARTLETT
+    base = config.base
+    assert (base.learning_rate, base.beta1, base.beta2, base.epsilon, base.weight_decay) == (
+        2e-4, 0.965, 0.99, 1e-8, 0.01)
+    # SophiaOptimizer(OptimizerConfig) is the crate's SophiaOptimizer::new(config).
+    assert SophiaOptimizer(OptimizerConfig(0.1)).sophia_config.rho == 0.04
+
+
+def test_sophia_update_hessian_errors_change_nothing() -> None:
+    opt = SophiaOptimizer(SophiaConfig(hessian_update_freq=3))
+    params = small_params()
+    grads = {k: np.full_like(v, 0.5) for k, v in params.items()}
+    opt.step(params, grads)
+    opt.update_hessian(params, {k: np.ones_like(v) for k, v in params.items()})
+    bad = {k: np.ones_like(v) for k, v in params.items()}
+    bad["b"] = np.array([1.0, np.nan, 1.0])
+    before = snapshot_all(params, bad, opt)
+    with pytest.raises(NonFiniteGradientError) as info:
+        opt.update_hessian(params, bad)
+    assert info.value.key == "b"
+    assert_unchanged(before, params, bad, opt)
+    missing = {k: v for k, v in bad.items() if k != "w"}
+    with pytest.raises(OptimizerError) as info:
+        opt.update_hessian(params, missing)
+    assert info.value.key == "w"
+    assert_unchanged(before, params, bad, opt)
+    wrong = dict(bad, b=np.ones(4))
+    with pytest.raises(OptimizerError) as info:
+        opt.update_hessian(params, wrong)
+    assert info.value.key == "b"
+    state = opt.state_dict()
+    assert int(state["steps_since_hessian_update"]) == 0 and int(state["t"]) == 1
+    del state["steps_since_hessian_update"]
+    with pytest.raises(OptimizerError) as info:
+        SophiaOptimizer().load_state_dict(state)
+    assert info.value.key == "steps_since_hessian_update"

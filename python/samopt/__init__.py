@@ -8,7 +8,13 @@ learning-rate schedulers and gradient accumulation; the element-wise work is in 
 from ._accumulate import GradAccumulator
 from ._config import GradClipMode, OptimizerConfig
 from ._errors import NonFiniteGradientError, OptimizerError, OutOfMemoryError, TrainError
-from ._layerwise import LambOptimizer, LarsOptimizer
+from ._layerwise import (
+    LambOptimizer,
+    LarsOptimizer,
+    SophiaConfig,
+    SophiaOptimizer,
+    SophiaVariant,
+)
 from ._lookahead import LookaheadOptimizer
 from ._optimizers import AdamOptimizer, AdamWOptimizer, SgdOptimizer, compute_gradient_norm
 from ._protocol import Optimizer
@@ -60,6 +66,9 @@ __all__ = [
     "SamOptimizer",
     "SgdOptimizer",
     "SgdrScheduler",
+    "SophiaConfig",
+    "SophiaOptimizer",
+    "SophiaVariant",
     "StepLrScheduler",
     "TrainError",
     "WarmupCosineLrScheduler",

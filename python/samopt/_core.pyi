@@ -25,6 +25,7 @@ __all__ = [
     "scale",
     "second_step",
     "step",
+    "update_hessian",
     "zero",
 ]
 
@@ -148,6 +149,8 @@ class LayerEngine:
         groups: list[dict[str, Any]],
         *,
         trust_coef: float = 0.0,
+        sophia_rho: float = 0.0,
+        hessian_update_freq: int = 1,
         clip_value: float | None = None,
         clip_norm: float | None = None,
         assign: Callable[[str], int] | None = None,
@@ -158,4 +161,10 @@ class LayerEngine:
     @property
     def slots(self) -> list[str]: ...
     def state_dict(self) -> _State: ...
-    def load(self, steps: int, entries: dict[str, tuple[NDArray[Any], ...]]) -> None: ...
+    @property
+    def since_hessian(self) -> int: ...
+    def load(
+        self, steps: int, entries: dict[str, tuple[NDArray[Any], ...]], since_hessian: int = 0
+    ) -> None: ...
+
+def update_hessian(engine: LayerEngine, params: _Arrays, estimates: _Arrays) -> None: ...

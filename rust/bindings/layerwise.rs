@@ -12,7 +12,7 @@ use super::driver::{prepare, Entry, EntryCache, Groups, Pending, Policy, TableRe
 use super::engine::{export_table, hyper_of, import_table};
 use super::optimizer_error;
 use crate::kernels::GroupStep;
-use crate::layerwise::{self, Lamb, Lars, LayerHyper, LayerLanes, LayerSpec};
+use crate::layerwise::{self, HessianLanes, Lamb, Lars, LayerHyper, LayerLanes, LayerSpec, Sophia};
 use crate::phases::{Clipping, GsamInputs};
 use crate::state::Table;
 
@@ -21,6 +21,7 @@ use crate::state::Table;
 enum LayerKind {
     Lamb,
     Lars,
+    Sophia,
 }
 
 impl LayerKind {
@@ -28,6 +29,7 @@ impl LayerKind {
         match name {
             "lamb" => Some(LayerKind::Lamb),
             "lars" => Some(LayerKind::Lars),
+            "sophia" => Some(LayerKind::Sophia),
             _ => None,
         }
     }
@@ -36,11 +38,12 @@ impl LayerKind {
         match self {
             LayerKind::Lamb => &Lamb::SLOTS,
             LayerKind::Lars => &Lars::SLOTS,
+            LayerKind::Sophia => &Sophia::SLOTS,
         }
     }
 
     fn counts_steps(self) -> bool {
-        self == LayerKind::Lamb
+        self != LayerKind::Lars
     }
 }
 
@@ -53,6 +56,10 @@ pub struct LayerEngine {
     assign: Option<Py<PyAny>>,
     clipping: Clipping,
     steps: u64,
+    /// Sophia: steps between refreshes of `h` from the step's own gradient, and steps
+    /// since the last refresh or `update_hessian`.
+    hessian_update_freq: u64,
+    since_hessian: u64,
     table: Table,
     order: NameOrder,
     cache: EntryCache,
@@ -61,11 +68,14 @@ pub struct LayerEngine {
 #[pymethods]
 impl LayerEngine {
     #[new]
-    #[pyo3(signature = (kind, groups, *, trust_coef = 0.0, clip_value = None, clip_norm = None, assign = None))]
+    #[pyo3(signature = (kind, groups, *, trust_coef = 0.0, sophia_rho = 0.0, hessian_update_freq = 1, clip_value = None, clip_norm = None, assign = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         kind: &str,
         groups: Vec<Bound<'_, PyDict>>,
         trust_coef: f64,
+        sophia_rho: f64,
+        hessian_update_freq: u64,
         clip_value: Option<f64>,
         clip_norm: Option<f64>,
         assign: Option<Py<PyAny>>,
@@ -83,6 +93,8 @@ impl LayerEngine {
                 Ok(LayerHyper {
                     base: hyper_of(group)?,
                     trust_coef,
+                    sophia_rho,
+                    refresh_hessian: false,
                 })
             })
             .collect::<PyResult<Vec<_>>>()?;
@@ -96,6 +108,8 @@ impl LayerEngine {
             assign,
             clipping,
             steps: 0,
+            hessian_update_freq: hessian_update_freq.max(1),
+            since_hessian: 0,
             table: Table::new(kind.slots().len()),
             order: NameOrder::default(),
             cache: EntryCache::default(),
@@ -131,22 +145,41 @@ impl LayerEngine {
         self.kind.slots().to_vec()
     }
 
-    /// Copies of the per-parameter state by key, and `t` for LAMB.
+    /// Sophia's steps since its Hessian estimate was last refreshed.
+    #[getter]
+    fn since_hessian(&self) -> u64 {
+        self.since_hessian
+    }
+
+    /// Copies of the per-parameter state by key, `t` for LAMB and Sophia, and Sophia's
+    /// `steps_since_hessian_update`.
     fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let out = PyDict::new(py);
         if self.kind.counts_steps() {
             let t = arrays::array_from::<i64>(py, &[self.steps as i64], &[], false, "t")?;
             out.set_item("t", t)?;
         }
+        if self.kind == LayerKind::Sophia {
+            let key = "steps_since_hessian_update";
+            let since = [self.since_hessian as i64];
+            out.set_item(key, arrays::array_from::<i64>(py, &since, &[], false, key)?)?;
+        }
         export_table(py, &self.table, self.kind.slots(), None, &out)?;
         Ok(out)
     }
 
     /// Replaces the whole state (checked and copied before anything is replaced).
-    fn load(&mut self, steps: u64, entries: &Bound<'_, PyDict>) -> PyResult<()> {
+    #[pyo3(signature = (steps, entries, since_hessian = 0))]
+    fn load(
+        &mut self,
+        steps: u64,
+        entries: &Bound<'_, PyDict>,
+        since_hessian: u64,
+    ) -> PyResult<()> {
         let table = import_table(entries, self.kind.slots())?;
         self.table = table;
         self.steps = steps;
+        self.since_hessian = since_hessian;
         Ok(())
     }
 }
@@ -191,6 +224,8 @@ fn layer_step_of<const N: usize, S: LayerSpec<N>>(
         assign,
         clipping,
         steps,
+        hessian_update_freq,
+        since_hessian,
         table,
         order,
         cache,
@@ -258,10 +293,18 @@ fn layer_step_of<const N: usize, S: LayerSpec<N>>(
     )?;
     let counted = kind.counts_steps() && !prepared.names.is_empty();
     let t = *steps + u64::from(counted);
+    let since = *since_hessian + u64::from(counted);
+    let refresh_hessian = *kind == LayerKind::Sophia && since >= *hessian_update_freq;
     let specs: Vec<GroupStep<S>> = groups
         .iter()
         .map(|hyper| GroupStep {
-            spec: S::at_step(hyper, t),
+            spec: S::at_step(
+                &LayerHyper {
+                    refresh_hessian,
+                    ..*hyper
+                },
+                t,
+            ),
             l2: 0.0,
         })
         .collect();
@@ -285,6 +328,7 @@ fn layer_step_of<const N: usize, S: LayerSpec<N>>(
     prepared.commit(&mut tables);
     drop(tables);
     *steps = t;
+    *since_hessian = if refresh_hessian { 0 } else { since };
     if let Some((pending, calls, counts)) = count {
         if restart {
             *pending = None;
@@ -305,10 +349,75 @@ pub(super) fn layer_step(
     match base.kind {
         LayerKind::Lamb => layer_step_of::<2, Lamb>(py, base, sam, params, grads),
         LayerKind::Lars => layer_step_of::<1, Lars>(py, base, sam, params, grads),
+        LayerKind::Sophia => layer_step_of::<2, Sophia>(py, base, sam, params, grads),
     }
+}
+
+fn hessian_lanes<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> HessianLanes<'a, T> {
+    let group = entry.group / 2;
+    let (_, estimate, states) = entry.lanes();
+    let h = states.into_iter().next().expect("the Hessian EMA");
+    (h, estimate.expect("an estimate per parameter"), group)
+}
+
+/// Sophia's Hessian-diagonal EMA from the caller's estimates: `h ← β2·h + (1−β2)·ĥ` for
+/// every parameter of `params` (`estimates` has one array per name, like gradients).
+#[pyfunction]
+fn update_hessian(
+    py: Python<'_>,
+    engine: &Bound<'_, LayerEngine>,
+    params: &Bound<'_, PyDict>,
+    estimates: &Bound<'_, PyDict>,
+) -> PyResult<()> {
+    let mut guard = engine.try_borrow_mut().map_err(|_| super::engine::busy())?;
+    let base = &mut *guard;
+    if base.kind != LayerKind::Sophia {
+        let message = "update_hessian is SophiaOptimizer's".to_owned();
+        return Err(optimizer_error("update_hessian", message));
+    }
+    let uses = [Use {
+        table: 0,
+        slot: 1,
+        prefix: Sophia::SLOTS[1],
+        policy: Policy::Lazy,
+    }];
+    let LayerEngine {
+        groups,
+        assign,
+        since_hessian,
+        table,
+        order,
+        cache,
+        ..
+    } = base;
+    let mut tables = [TableRef { table, cache }];
+    let assigned = Groups {
+        assign: assign.as_ref().map(|assign| assign.bind(py)),
+        count: 2 * groups.len(),
+    };
+    let mut prepared = prepare(
+        params,
+        Some(order),
+        Some(estimates),
+        &mut tables,
+        &uses,
+        None,
+        &assigned,
+    )?;
+    let beta2: Vec<f64> = groups.iter().map(|g| g.base.beta2).collect();
+    let items = prepared.lanes(hessian_lanes::<f32>, hessian_lanes::<f64>);
+    if let Err(error) = py.detach(move || layerwise::sophia_hessian(items, &beta2)) {
+        let error = prepared.norm_error(error);
+        prepared.release(&mut tables);
+        return Err(error);
+    }
+    prepared.commit(&mut tables);
+    *since_hessian = 0;
+    Ok(())
 }
 
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<LayerEngine>()?;
+    module.add_function(wrap_pyfunction!(update_hessian, module)?)?;
     Ok(())
 }
