@@ -1,4 +1,5 @@
-//! Layer-wise optimizers (LAMB, LARS): each array's step is scaled by a factor made of
+//! Layer-wise optimizers (LAMB, LARS), and Sophia on the same engine without the read
+//! pass. LAMB's and LARS's step of each array is scaled by a factor made of
 //! norms over that array, so a step is two passes. The read pass computes, without
 //! writing anything, two per-element quantities of every array and their L2 norms over
 //! the array (LAMB: the parameter and its Adam update; LARS: the parameter and its
@@ -359,6 +360,14 @@ impl<T, const N: usize> Split for Reading<'_, T, N> {
     }
 }
 
+// Shared views only: copied freely (a derive would ask `T: Copy`).
+impl<T, const N: usize> Clone for Reading<'_, T, N> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T, const N: usize> Copy for Reading<'_, T, N> {}
+
 impl<T: Sync, const N: usize> Lanes for Reading<'_, T, N> {
     fn len(&self) -> usize {
         self.start.len()
@@ -376,8 +385,8 @@ fn reading<'a, T, const N: usize>(lanes: &'a LayerLanes<'_, T, N>) -> Reading<'a
     }
 }
 
-/// The gradient an element is updated with: mixed, clipped, plus the L2 term (none for
-/// LAMB and LARS, which apply their weight decay themselves).
+/// The gradient an element is updated with: mixed and clipped. No L2 term is added: the
+/// layer-wise optimizers apply their weight decay themselves.
 #[inline(always)]
 fn gradient<T: Real>(plan: GradientPlan, g: T, g0: T) -> f64 {
     plan.gradient(g, g0)
@@ -512,13 +521,6 @@ where
     }
     totals
 }
-
-impl<T, const N: usize> Clone for Reading<'_, T, N> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<T, const N: usize> Copy for Reading<'_, T, N> {}
 
 /// The two norms of every item (in the call's item order), reproducibly and without
 /// spurious overflow or underflow.
@@ -812,5 +814,45 @@ mod tests {
         for threads in [2, 3] {
             assert_eq!(run(threads).map(f64::to_bits), norms.map(f64::to_bits));
         }
+    }
+
+    #[test]
+    fn sophia_clips_the_preconditioned_moment_and_refreshes_h_when_told() {
+        let refreshing = LayerHyper {
+            refresh_hessian: true,
+            ..HYPER
+        };
+        let spec = Sophia::at_step(&refreshing, 1);
+        let mut s = [0.0f64, 0.5];
+        let p = spec.element(2.0, 3.0, &mut s, 1.0);
+        let (m, h) = ((1.0 - 0.9) * 3.0, 0.999 * 0.5 + (1.0 - 0.999) * 9.0);
+        assert_eq!(s, [m, h]);
+        let ratio = (m / (0.04 * h)).clamp(-1.0, 1.0);
+        assert_eq!(ratio, 1.0);
+        assert_eq!(p, 2.0 - 0.01 * 0.1 * 2.0 - 0.01 * ratio);
+        let quiet = Sophia::at_step(&HYPER, 2);
+        let mut s = [1e-9f64, 0.0];
+        let p = quiet.element(1.0, 0.0, &mut s, 1.0);
+        assert_eq!(s[1], 0.0);
+        let m = 0.9 * 1e-9 + (1.0 - 0.9) * 0.0;
+        assert_eq!(p, 1.0 - 0.01 * 0.1 * 1.0 - 0.01 * (m / 1e-8));
+    }
+
+    #[test]
+    fn sophia_hessian_blends_per_group_and_refuses_non_finite_estimates() {
+        let (mut h0, mut h1) = ([1.0f64, 2.0], [4.0f32]);
+        let (e0, e1) = ([3.0f64, 0.0], [f32::NAN]);
+        let items = vec![
+            ByDtype::Double((&mut h0[..], &e0[..], 0)),
+            ByDtype::Single((&mut h1[..], &e1[..], 1)),
+        ];
+        assert_eq!(
+            sophia_hessian(items, &[0.5, 0.9]),
+            Err(NormError::NonFiniteGradient(1))
+        );
+        assert_eq!((h0, h1), ([1.0, 2.0], [4.0]));
+        let items = vec![ByDtype::Double((&mut h0[..], &e0[..], 0))];
+        sophia_hessian(items, &[0.5, 0.9]).unwrap();
+        assert_eq!(h0, [2.0, 1.0]);
     }
 }
