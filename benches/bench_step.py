@@ -1712,6 +1712,130 @@ def check_mode(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+# --------------------------------------------------------------------------------------------
+# LookaheadOptimizer, LAMB, LARS (issue 17): `--layerwise`
+# --------------------------------------------------------------------------------------------
+# Streams each step must move, in parameter bytes. LAMB and LARS are two passes: a read pass
+# for each array's norms (LAMB: p, g, m, v; LARS: p, g), then the update (LAMB: read p, g, m,
+# v, write p, m, v; LARS: read p, g, v, write p, v). SAM adds its norm (g) and perturb-and-save
+# (read p, g, write p, saved), and its restore reads saved instead of p. Lookahead's
+# synchronisation reads and writes the fast and the slow weights (4), here every step (k=1)
+# on top of Adam's 7. samopt reads g once more (the finiteness check) than these count.
+# Sophia is element-wise: read p, g, m, h, write p, m (and h on the one step in
+# hessian_update_freq = 10 that refreshes it from g²).
+LAYERWISE_STREAMS = {
+    "lamb": 11,
+    "sam_lamb": 16,
+    "lars": 7,
+    "sam_lars": 12,
+    "lookahead_adam": 11,
+    "sophia": 6,
+}
+
+
+class NumpyLamb:
+    """A careful NumPy LAMB (the crate's formula): in-place ufuncs with `out=`, one
+    preallocated scratch pair per array, one loop over the arrays."""
+
+    def __init__(self, params: dict[str, np.ndarray], lr: float = 1e-3, wd: float = 0.01) -> None:
+        self.lr, self.wd, self.b1, self.b2, self.eps, self.t = lr, wd, 0.9, 0.999, 1e-8, 0
+        self.m = {k: np.zeros_like(p) for k, p in params.items()}
+        self.v = {k: np.zeros_like(p) for k, p in params.items()}
+        self.r = {k: np.empty_like(p) for k, p in params.items()}
+        self.s = {k: np.empty_like(p) for k, p in params.items()}
+
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        self.t += 1
+        c1, c2 = 1.0 / (1 - self.b1**self.t), 1.0 / (1 - self.b2**self.t)
+        for k, p in params.items():
+            g, m, v, r, s = grads[k], self.m[k], self.v[k], self.r[k], self.s[k]
+            m *= self.b1
+            np.multiply(g, 1 - self.b1, out=s)
+            m += s
+            v *= self.b2
+            np.multiply(g, g, out=s)
+            s *= 1 - self.b2
+            v += s
+            np.multiply(v, c2, out=s)
+            np.sqrt(s, out=s)
+            s += self.eps
+            np.multiply(m, c1, out=r)
+            r /= s
+            np.multiply(p, self.wd, out=s)
+            r += s
+            pn, rn = math.sqrt(float(np.dot(p, p))), math.sqrt(float(np.dot(r, r)))
+            trust = pn / rn if pn > 0 and rn > 0 else 1.0
+            r *= self.lr * trust
+            p -= r
+
+
+def layerwise_mode(args: argparse.Namespace) -> int:
+    """Times LAMB, SAM(LAMB), LARS, SAM(LARS), Lookahead(Adam) (k=1, so every step
+    synchronises) and Sophia at 10M float64 (20 x 500k) against their memory floors, and a careful
+    NumPy LAMB, all interleaved with the bandwidth stream in one process."""
+    samopt = importlib.import_module("samopt")
+    n_arrays, per = (20, 50_000) if args.quick else (20, 500_000)
+    rng = np.random.default_rng(0)
+    params = {f"p{i:02d}": rng.standard_normal(per) for i in range(n_arrays)}
+    grads = {k: rng.standard_normal(per) * 0.01 for k in params}
+    cfg = samopt.OptimizerConfig(learning_rate=1e-3)
+    makers: dict[str, Callable[[], Any]] = {
+        "lamb": lambda: samopt.LambOptimizer(cfg),
+        "sam_lamb": lambda: samopt.SamOptimizer(samopt.LambOptimizer(cfg), RHO),
+        "lars": lambda: samopt.LarsOptimizer(samopt.OptimizerConfig(0.1), 0.001),
+        "sam_lars": lambda: samopt.SamOptimizer(
+            samopt.LarsOptimizer(samopt.OptimizerConfig(0.1), 0.001), RHO
+        ),
+        "lookahead_adam": lambda: samopt.LookaheadOptimizer(samopt.AdamOptimizer(cfg), 0.5, 1),
+        "sophia": lambda: samopt.SophiaOptimizer(),
+    }
+    fns: dict[str, Callable[[], None]] = {}
+    for kind, make in makers.items():
+        opt, p = make(), copy_params(params)
+        if kind.startswith("sam_"):
+            fns[f"samopt/{kind}"] = lambda o=opt, p=p: (o.first_step(p, grads),
+                                                        o.second_step(p, grads)) and None
+        else:
+            fns[f"samopt/{kind}"] = lambda o=opt, p=p: o.step(p, grads)
+    numpy_params = copy_params(params)
+    numpy_lamb = NumpyLamb(numpy_params)
+    fns["numpy/lamb"] = lambda: numpy_lamb.step(numpy_params, grads)
+    check_params = copy_params(params)
+    check_opt = samopt.LambOptimizer(cfg)
+    check_numpy = copy_params(params)
+    check_ref = NumpyLamb(check_numpy)
+    for _ in range(3):
+        check_opt.step(check_params, grads)
+        check_ref.step(check_numpy, grads)
+    agreement = rel_err(check_params, check_numpy)
+    streaming, streamed = streaming_fn(1 << (22 if args.quick else 24), os.cpu_count() or 1)
+    fns["bandwidth"] = streaming
+    reps = {"reps": 3, "warmup": 1, "min_time": 0.05} if args.quick else {
+        "reps": 7, "warmup": 2, "min_time": 0.3}
+    timed = bench_interleaved(fns, **reps)
+    gbps = streamed / timed.pop("bandwidth")["median_s"] / 1e9
+    param_bytes_total = n_arrays * per * 8
+    print(f"layer-wise rows, {n_arrays} x {per} float64, RAYON_NUM_THREADS="
+          f"{os.environ.get('RAYON_NUM_THREADS', 'all')}; bandwidth streamed among the rows "
+          f"{gbps:.1f} GB/s; samopt LAMB vs NumPy LAMB after 3 steps: rel err {agreement:.2g}")
+    print(f"{'row':<22} {'time':>9} {'streams':>7} {'floor':>9} {'/floor':>7}")
+    results = []
+    for name, r in timed.items():
+        kind = name.split("/", 1)[1]
+        streams = LAYERWISE_STREAMS[kind]
+        floor = streams * param_bytes_total / (gbps * 1e9)
+        results.append({"row": name, **r, "streams": streams, "floor_s": floor,
+                        "floor_GBps": gbps, "agreement": agreement})
+        print(f"{name:<22} {fmt_t(r['median_s']):>9} {streams:>7} {fmt_t(floor):>9} "
+              f"{r['median_s'] / floor:>7.2f}")
+    lamb = timed["samopt/lamb"]["median_s"]
+    print(f"samopt LAMB vs NumPy LAMB: {timed['numpy/lamb']['median_s'] / lamb:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1748,6 +1872,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--worker", choices=("rows", "rss", "sweep", "million"), help=argparse.SUPPRESS
     )
+    ap.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="only the LAMB, LARS, Lookahead and Sophia rows (10M float64) against their floors",
+    )
     ap.add_argument("--numpy-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--layout", default="20", help=argparse.SUPPRESS)
@@ -1768,6 +1897,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_mode(args)
     if args.sweep:
         return orchestrate_sweep(args)
+    if args.layerwise:
+        return layerwise_mode(args)
     return orchestrate(args)
 
 

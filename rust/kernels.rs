@@ -71,7 +71,7 @@ impl GradientPlan {
     /// Without GSAM, `g0` is `g` itself and the mix `1·g + 0·g`, exactly `g` for finite
     /// values: one loop serves both, and reading `g` twice costs no memory traffic.
     #[inline(always)]
-    fn gradient<T: Real>(self, g: T, g0: T) -> f64 {
+    pub fn gradient<T: Real>(self, g: T, g0: T) -> f64 {
         self.clip
             .apply(self.mix.a.apply(g.to_f64()) + self.mix.b * g0.to_f64())
     }

@@ -11,6 +11,8 @@ pub mod claims;
 pub mod family;
 pub mod float;
 pub mod kernels;
+pub mod layerwise;
+pub mod lookahead;
 pub mod norm;
 pub mod parallel;
 pub mod phases;

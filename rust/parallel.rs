@@ -592,6 +592,17 @@ where
     map_tasks(tasks, team, |task| task.for_each(&kernel));
 }
 
+/// `per_task` over the items cut into tasks of `CHUNK_LEN` elements, as `ordered_sum`
+/// cuts them (whatever the thread count); the results come back in task order.
+pub fn map_chunks<L, R, F>(items: impl IntoIterator<Item = L>, per_task: F) -> Vec<R>
+where
+    L: Lanes,
+    R: Send,
+    F: Fn(&mut dyn Iterator<Item = L>) -> R + Sync,
+{
+    map_tasks(Tasks::cut(items, CHUNK_LEN), Team::get(), per_task)
+}
+
 /// Sums `partial(piece)` over every piece, reproducibly: the items are cut into tasks of
 /// `CHUNK_LEN` elements whatever the thread count, pieces are summed in order within a
 /// task and task totals in task order, whatever thread ran them.

@@ -37,7 +37,7 @@ pub struct GsamInputs {
 }
 
 /// A gradient stream and, for GSAM, the kept `g0` beside it.
-trait WithGradient<T> {
+pub trait WithGradient<T> {
     fn gradient(&self) -> &[T];
     fn reference(&self) -> Option<&[T]>;
 }
@@ -103,7 +103,7 @@ fn plan_mix<S: WithGradient<f32>, D: WithGradient<f64>>(
 /// Everything that must hold before a base step writes: finite gradients, and the clipping
 /// and GSAM mix resolved to per-element constants. Reads the gradients once (twice with
 /// GSAM); the global norm is only computed when norm clipping or GSAM needs it.
-fn plan_update<S: WithGradient<f32>, D: WithGradient<f64>>(
+pub fn plan_update<S: WithGradient<f32>, D: WithGradient<f64>>(
     items: &[ByDtype<S, D>],
     clipping: Clipping,
     gsam: Option<GsamInputs>,

@@ -17,6 +17,14 @@ from ._family import (
     RandomizedSam,
     WsamOptimizer,
 )
+from ._layerwise import (
+    LambOptimizer,
+    LarsOptimizer,
+    SophiaConfig,
+    SophiaOptimizer,
+    SophiaVariant,
+)
+from ._lookahead import LookaheadOptimizer
 from ._optimizers import AdamOptimizer, AdamWOptimizer, SgdOptimizer, compute_gradient_norm
 from ._protocol import Optimizer
 from ._sam import GradFn, GsamOptimizer, SamOptimizer
@@ -53,7 +61,10 @@ __all__ = [
     "GradClipMode",
     "GradFn",
     "GsamOptimizer",
+    "LambOptimizer",
+    "LarsOptimizer",
     "LookSamOptimizer",
+    "LookaheadOptimizer",
     "LrScheduler",
     "MultiStepLrScheduler",
     "NoamScheduler",
@@ -70,6 +81,9 @@ __all__ = [
     "SamOptimizer",
     "SgdOptimizer",
     "SgdrScheduler",
+    "SophiaConfig",
+    "SophiaOptimizer",
+    "SophiaVariant",
     "StepLrScheduler",
     "TrainError",
     "WarmupCosineLrScheduler",

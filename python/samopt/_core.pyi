@@ -10,8 +10,11 @@ from numpy.typing import NDArray
 
 __all__ = [
     "Engine",
+    "LayerEngine",
+    "LookaheadEngine",
     "Names",
     "SamEngine",
+    "StagedLookahead",
     "StagedSamState",
     "StagedTable",
     "accumulate",
@@ -22,6 +25,7 @@ __all__ = [
     "first_step",
     "fisher",
     "gradient_norm",
+    "lookahead_step",
     "mask",
     "noise",
     "owned_keys",
@@ -32,6 +36,7 @@ __all__ = [
     "scale",
     "second_step",
     "step",
+    "update_hessian",
     "zero",
 ]
 
@@ -111,7 +116,7 @@ def parse_table(
 class StagedSamState:
     """A SAM state read from a state dict, checked and copied, not yet in force."""
 
-def step(engine: Engine, params: _Arrays, grads: _Arrays) -> None: ...
+def step(engine: Engine | LayerEngine, params: _Arrays, grads: _Arrays) -> None: ...
 def first_step(
     sam: SamEngine, params: _Arrays, grads: _Arrays, rho: float, eps: float
 ) -> float: ...
@@ -166,3 +171,57 @@ def bsam_update(
     precision: _Arrays,
     hyper: tuple[float, float, float, float, float],
 ) -> None: ...
+
+@final
+class LookaheadEngine:
+    """Lookahead's native state: the slow weights and the step counter."""
+
+    def __new__(cls) -> LookaheadEngine: ...
+    @property
+    def steps(self) -> int: ...
+    def state_dict(self) -> _State: ...
+    def stage(self, steps: int, entries: dict[str, tuple[NDArray[Any]]]) -> StagedLookahead: ...
+    def install(self, staged: StagedLookahead) -> None: ...
+
+@final
+class StagedLookahead:
+    """A Lookahead state read from a state dict, checked and copied, not yet in force."""
+
+def lookahead_step(
+    engine: LookaheadEngine,
+    params: _Arrays,
+    inner: Callable[[], Any],
+    alpha: float,
+    k: int,
+    advance: bool,
+    pending: bool,
+) -> Any: ...
+
+@final
+class LayerEngine:
+    """A layer-wise optimizer's native state (LAMB, LARS): its kind, hyperparameters, step
+    count and per-parameter slots."""
+
+    def __new__(
+        cls,
+        kind: str,
+        groups: list[dict[str, Any]],
+        *,
+        trust_coef: float = 0.0,
+        sophia_rho: float = 0.0,
+        hessian_update_freq: int = 1,
+        clip_value: float | None = None,
+        clip_norm: float | None = None,
+        assign: Callable[[str], int] | None = None,
+    ) -> LayerEngine: ...
+    lrs: list[float]
+    @property
+    def steps(self) -> int: ...
+    @property
+    def slots(self) -> list[str]: ...
+    def state_dict(self, into: _State | None = None) -> _State: ...
+    @property
+    def since_hessian(self) -> int: ...
+    def load(self, steps: int, entries: StagedTable, since_hessian: int = 0) -> None: ...
+
+def update_hessian(engine: LayerEngine, params: _Arrays, estimates: _Arrays) -> None: ...

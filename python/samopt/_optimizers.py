@@ -74,6 +74,8 @@ class NativeOptimizer:
 
     _kind = ""
     """The engine's optimizer kind."""
+    _counts_steps = True
+    """Whether the state holds a step count ``t``."""
     _non_negative: tuple[str, ...] = ()
     """State-dict prefixes whose values cannot be negative."""
     _default_weight_decay = 0.0
@@ -185,7 +187,7 @@ class NativeOptimizer:
         """A state dict checked and copied, not yet in force. ``ignore`` holds the keys and
         key prefixes of another part of the state (a SamOptimizer's own)."""
         slots = tuple(self._engine.slots)
-        counts_steps = self._kind != "sgd"
+        counts_steps = self._counts_steps
         group_lrs = tuple(_group_lr_key(i) for i in range(len(self.param_groups)))
         scalars = ("lr", *group_lrs, "t") if counts_steps else ("lr", *group_lrs)
         state = state_mapping(state)
@@ -227,6 +229,7 @@ class SgdOptimizer(NativeOptimizer):
     ``nesterov=True``, ``p ← p − (lr·g + μ·v)`` (PyTorch's Nesterov momentum in this form)."""
 
     _kind = "sgd"
+    _counts_steps = False
     _group_keys = ("lr", "momentum", "weight_decay", "nesterov")
 
 

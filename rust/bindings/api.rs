@@ -14,6 +14,7 @@ use super::arrays::{
 };
 use super::driver::{prepare, Entry, Groups, Pending, Policy, Prepared, TableRef, Use};
 use super::engine::{busy, Engine, SamEngine, StagedSamState, SAM_SLOTS};
+use super::layerwise::{self, LayerEngine};
 use super::{optimizer_error, OptimizerError};
 use crate::claims::{self, CallClaims};
 use crate::kernels::{
@@ -45,7 +46,7 @@ const UNGROUPED: Groups<'static, 'static> = Groups {
 
 /// SAM's saved values and, for GSAM, the gradients at the original point, in table
 /// `table` of the call.
-fn sam_uses(table: usize, gsam: bool, policy: Policy) -> Vec<Use> {
+pub(super) fn sam_uses(table: usize, gsam: bool, policy: Policy) -> Vec<Use> {
     let mut uses = vec![Use {
         table,
         slot: 0,
@@ -88,11 +89,11 @@ fn update_lanes<'a, T: Float, const N: usize>(
 
 /// SAM's part in a base step: restarting from its saved values (with GSAM's mix when
 /// `alpha` is set), counting one more `sam_step` call, or both.
-struct SamPart<'a> {
-    sam: &'a mut SamEngine,
-    restart: bool,
-    alpha: Option<f64>,
-    count: bool,
+pub(super) struct SamPart<'a> {
+    pub sam: &'a mut SamEngine,
+    pub restart: bool,
+    pub alpha: Option<f64>,
+    pub count: bool,
 }
 
 /// One base-optimizer step of spec `S`: a plain one, or SAM's second step with its restore
@@ -230,11 +231,20 @@ fn base_step(
 #[pyfunction]
 fn step(
     py: Python<'_>,
-    engine: &Bound<'_, Engine>,
+    engine: &Bound<'_, PyAny>,
     params: &Bound<'_, PyDict>,
     grads: &Bound<'_, PyDict>,
 ) -> PyResult<()> {
-    base_step(py, &mut *borrow(engine)?, None, params, grads)
+    if let Ok(layered) = engine.cast::<LayerEngine>() {
+        return layerwise::layer_step(py, &mut *borrow(layered)?, None, params, grads);
+    }
+    base_step(
+        py,
+        &mut *borrow(engine.cast::<Engine>()?)?,
+        None,
+        params,
+        grads,
+    )
 }
 
 fn perturb_lanes<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> PerturbLanes<'a, T> {
@@ -614,6 +624,18 @@ fn second_step_over(
     alpha: Option<f64>,
     count: bool,
 ) -> PyResult<()> {
+    if let Ok(layered) = base.cast::<LayerEngine>() {
+        let mut sam = borrow(sam_object)?;
+        let mut engine = borrow(layered)?;
+        let restart = sam.state.pending.is_some();
+        let part = SamPart {
+            sam: &mut sam,
+            restart,
+            alpha,
+            count,
+        };
+        return layerwise::layer_step(py, &mut engine, Some(part), params, grads);
+    }
     let Ok(engine) = base.cast::<Engine>() else {
         return foreign_second_step(py, sam_object, base, params, grads, alpha, count);
     };

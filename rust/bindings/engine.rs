@@ -55,7 +55,7 @@ fn export<'py>(py: Python<'py>, buffer: &Buffer, key: &str) -> PyResult<Bound<'p
 
 /// Puts every buffer of `table`'s slots into `out`, by name (in name order: `only` is),
 /// each under its slot's prefix.
-fn export_table(
+pub fn export_table(
     py: Python<'_>,
     table: &Table,
     prefixes: &[&str],
@@ -80,7 +80,7 @@ fn export_table(
 }
 
 /// One parameter group's hyperparameters from the Python side's dict.
-fn hyper_of(group: &Bound<'_, PyDict>) -> PyResult<Hyper> {
+pub fn hyper_of(group: &Bound<'_, PyDict>) -> PyResult<Hyper> {
     let get = |key: &str| -> PyResult<Bound<'_, PyAny>> {
         group
             .get_item(key)?

@@ -20,6 +20,8 @@ mod arrays;
 mod driver;
 mod engine;
 mod family;
+mod layerwise;
+mod lookahead;
 mod statedict;
 
 use pyo3::prelude::*;
@@ -48,5 +50,7 @@ fn out_of_memory(key: &str, what: &str, bytes: usize) -> PyErr {
 fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     api::register(module)?;
     family::register(module)?;
-    statedict::register(module)
+    statedict::register(module)?;
+    lookahead::register(module)?;
+    layerwise::register(module)
 }

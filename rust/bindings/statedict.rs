@@ -5,7 +5,7 @@
 use numpy::{PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
+use pyo3::types::{PyDict, PyString, PyTuple};
 
 use super::arrays::{self, describe_shape, dtype_name, is_float_dtype, key_text, Float};
 use super::optimizer_error;
@@ -156,6 +156,56 @@ fn checked_copy(object: Bound<'_, PyAny>, key: &str, non_negative: bool) -> PyRe
         ));
     }
     Ok(buffer)
+}
+
+/// A table made of a state dict's arrays already grouped by name (Lookahead's and the
+/// layer-wise optimizers' state): `entries` maps each name to a tuple with one array (or
+/// None) per slot, each checked and copied as `parse_table` does and sharing one dtype
+/// and shape.
+pub fn import_table(entries: &Bound<'_, PyDict>, prefixes: &[&str]) -> PyResult<Table> {
+    let mut table = Table::new(prefixes.len());
+    for (name, arrays) in entries.iter() {
+        let name = name.cast_into::<PyString>()?;
+        let text = key_text(&name)?;
+        let arrays = arrays.cast_into::<PyTuple>()?;
+        if arrays.len() != prefixes.len() {
+            return Err(optimizer_error(
+                &text,
+                format!("state of '{text}' needs {} arrays", prefixes.len()),
+            ));
+        }
+        let mut buffers: Vec<Option<Buffer>> = Vec::with_capacity(prefixes.len());
+        for (object, prefix) in arrays.iter().zip(prefixes) {
+            if object.is_none() {
+                buffers.push(None);
+                continue;
+            }
+            let key = format!("{prefix}{text}");
+            let buffer = checked_copy(object, &key, false)?;
+            let first = buffers.iter().flatten().next();
+            if let Some(first) = first {
+                let single = |b: &Buffer| matches!(b.data, Data::Single(_));
+                if (single(first), &first.shape) != (single(&buffer), &buffer.shape) {
+                    let dtype = |b: &Buffer| if single(b) { "float32" } else { "float64" };
+                    return Err(optimizer_error(
+                        &key,
+                        format!(
+                            "state '{key}' has dtype {} and shape {}, unlike the other state of \
+                             '{text}' ({} and shape {})",
+                            dtype(&buffer),
+                            describe_shape(&buffer.shape),
+                            dtype(first),
+                            describe_shape(&first.shape)
+                        ),
+                    ));
+                }
+            }
+            buffers.push(Some(buffer));
+        }
+        let index = table.entry_for(&text);
+        table.entry_mut(index).buffers = buffers.into_boxed_slice();
+    }
+    Ok(table)
 }
 
 fn copy_of<T: Float>(array: &Bound<'_, PyUntypedArray>, key: &str) -> PyResult<Buffer> {

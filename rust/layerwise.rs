@@ -1,0 +1,858 @@
+//! Layer-wise optimizers (LAMB, LARS), and Sophia on the same engine without the read
+//! pass. LAMB's and LARS's step of each array is scaled by a factor made of
+//! norms over that array, so a step is two passes. The read pass computes, without
+//! writing anything, two per-element quantities of every array and their L2 norms over
+//! the array (LAMB: the parameter and its Adam update; LARS: the parameter and its
+//! gradient); the write pass then updates every element with its array's factor. Both
+//! passes read the step's starting values — SAM's saved values when the restore is fused
+//! in — never the perturbed parameters.
+//!
+//! The norms are reproducible (pieces of `CHUNK_LEN` elements, partial sums combined in
+//! piece order whatever the thread count) and free of spurious overflow or underflow: an
+//! array whose sum of squares leaves the safe range is summed again, rescaled by powers of
+//! two.
+
+use crate::float::{pow2, Real};
+use crate::kernels::{GradientPlan, GroupStep};
+use crate::norm::NormError;
+use crate::parallel::{for_each, map_chunks, ByDtype, Lanes, Split};
+use crate::phases::{self, Clipping, GsamInputs, WithGradient};
+use crate::specs::Hyper;
+
+/// The hyperparameters of a layer-wise optimizer for one parameter group.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerHyper {
+    pub base: Hyper,
+    /// LARS's trust coefficient η.
+    pub trust_coef: f64,
+    /// Sophia's γ (the crate's `rho`), and whether this step refreshes its Hessian
+    /// estimate from the step's own gradient (`h ← β2·h + (1−β2)·g²`).
+    pub sophia_rho: f64,
+    pub refresh_hessian: bool,
+}
+
+/// One element of a layer-wise optimizer. `measure` and `element` get the same starting
+/// value `p0`, (clipped, mixed) gradient `g` and state.
+pub trait LayerUpdate<T: Real, const N: usize>: Copy + Send + Sync {
+    /// The two quantities whose norms over the array make its factor. Reads the state only.
+    fn measure(&self, p0: T, g: f64, s: &[T; N]) -> [f64; 2];
+    /// The array's factor from those two norms; `adapt` false: the array is left out of
+    /// the layer-wise adaptation (LARS's excluded biases).
+    fn factor(&self, norms: [f64; 2], adapt: bool) -> f64;
+    /// The element's new value with its array's factor, updating its state.
+    fn element(&self, p0: T, g: f64, s: &mut [T; N], factor: f64) -> T;
+}
+
+/// A layer-wise optimizer with `N` state slots per parameter.
+pub trait LayerSpec<const N: usize>: LayerUpdate<f32, N> + LayerUpdate<f64, N> {
+    /// The state-dict key prefix of each slot (the crate's names).
+    const SLOTS: [&'static str; N];
+    /// The scalars of step `t` (the first step is 1).
+    fn at_step(hyper: &LayerHyper, t: u64) -> Self;
+    /// Whether the factor needs the read pass (false: every factor is 1 and `measure` is
+    /// never called).
+    const MEASURES: bool = true;
+}
+
+/// LAMB (You et al., ICLR 2020, Algorithm 2 with φ the identity), the crate's form:
+/// `m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g² ; r = m̂/(√v̂ + ε) + λ·p` with the bias
+/// corrections `m̂ = m/(1−β1^t)`, `v̂ = v/(1−β2^t)` ; `p ← p − lr·(‖p‖/‖r‖)·r`, the trust
+/// ratio `‖p‖/‖r‖` taken as 1 when either norm is 0. The weight decay λ is decoupled
+/// (inside `r`, as in the paper).
+#[derive(Clone, Copy, Debug)]
+pub struct Lamb {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    epsilon: f64,
+    weight_decay: f64,
+    /// `1/(1−β1^t)` and `1/(1−β2^t)`.
+    correction1: f64,
+    correction2: f64,
+}
+
+impl Lamb {
+    #[inline(always)]
+    fn moments<T: Real>(&self, g: f64, [m, v]: &[T; 2]) -> (f64, f64) {
+        let m = self.beta1 * m.to_f64() + (1.0 - self.beta1) * g;
+        let v = self.beta2 * v.to_f64() + (1.0 - self.beta2) * g * g;
+        (m, v)
+    }
+
+    #[inline(always)]
+    fn direction(&self, p0: f64, m: f64, v: f64) -> f64 {
+        (m * self.correction1) / ((v * self.correction2).sqrt() + self.epsilon)
+            + self.weight_decay * p0
+    }
+}
+
+impl LayerSpec<2> for Lamb {
+    const SLOTS: [&'static str; 2] = ["m_", "v_"];
+    fn at_step(hyper: &LayerHyper, t: u64) -> Lamb {
+        let h = &hyper.base;
+        let power = t as f64;
+        Lamb {
+            lr: h.lr,
+            beta1: h.beta1,
+            beta2: h.beta2,
+            epsilon: h.epsilon,
+            weight_decay: h.weight_decay,
+            correction1: 1.0 / (1.0 - h.beta1.powf(power)),
+            correction2: 1.0 / (1.0 - h.beta2.powf(power)),
+        }
+    }
+}
+
+impl<T: Real> LayerUpdate<T, 2> for Lamb {
+    #[inline(always)]
+    fn measure(&self, p0: T, g: f64, s: &[T; 2]) -> [f64; 2] {
+        let (m, v) = self.moments(g, s);
+        let p0 = p0.to_f64();
+        [p0, self.direction(p0, m, v)]
+    }
+
+    fn factor(&self, [param, update]: [f64; 2], adapt: bool) -> f64 {
+        let trust = match adapt && param > 0.0 && update > 0.0 {
+            true => param / update,
+            false => 1.0,
+        };
+        self.lr * trust
+    }
+
+    #[inline(always)]
+    fn element(&self, p0: T, g: f64, s: &mut [T; 2], factor: f64) -> T {
+        let (m, v) = self.moments(g, s);
+        s[0] = T::from_f64(m);
+        s[1] = T::from_f64(v);
+        let p0 = p0.to_f64();
+        T::from_f64(p0 - factor * self.direction(p0, m, v))
+    }
+}
+
+/// LARS (You, Gitman & Ginsburg, 2017, Algorithm 1): the local learning rate
+/// `lr·η·‖p‖/(‖g‖ + λ·‖p‖)` (just `lr` when either norm is 0, or for a parameter left out
+/// of the adaptation); `v ← μ·v + local_lr·(g + λ·p) ; p ← p − v`. The weight decay λ is
+/// L2, inside the momentum as in the paper.
+#[derive(Clone, Copy, Debug)]
+pub struct Lars {
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    trust_coef: f64,
+}
+
+impl LayerSpec<1> for Lars {
+    const SLOTS: [&'static str; 1] = ["velocity_"];
+    fn at_step(hyper: &LayerHyper, _: u64) -> Lars {
+        Lars {
+            lr: hyper.base.lr,
+            momentum: hyper.base.momentum,
+            weight_decay: hyper.base.weight_decay,
+            trust_coef: hyper.trust_coef,
+        }
+    }
+}
+
+impl<T: Real> LayerUpdate<T, 1> for Lars {
+    #[inline(always)]
+    fn measure(&self, p0: T, g: f64, _: &[T; 1]) -> [f64; 2] {
+        [p0.to_f64(), g]
+    }
+
+    fn factor(&self, [param, grad]: [f64; 2], adapt: bool) -> f64 {
+        match adapt && param > 0.0 && grad > 0.0 {
+            true => self.lr * self.trust_coef * param / (grad + self.weight_decay * param),
+            false => self.lr,
+        }
+    }
+
+    #[inline(always)]
+    fn element(&self, p0: T, g: f64, [v]: &mut [T; 1], factor: f64) -> T {
+        let p0 = p0.to_f64();
+        let velocity = self.momentum * v.to_f64() + factor * (g + self.weight_decay * p0);
+        *v = T::from_f64(velocity);
+        T::from_f64(p0 - velocity)
+    }
+}
+
+/// Sophia (Liu, Li, Hall, Liang & Ma, 2023, Algorithm 3): `m ← β1·m + (1−β1)·g ;
+/// p ← p − lr·wd·p − lr·clip(m/max(γ·h, ε), −1, 1)`, with `h` the EMA of Hessian-diagonal
+/// estimates (`sophia_hessian`, or `h ← β2·h + (1−β2)·g²` on a refreshing step). Weight
+/// decay is decoupled, from the step's starting value. Element-wise: no read pass.
+#[derive(Clone, Copy, Debug)]
+pub struct Sophia {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    epsilon: f64,
+    rho: f64,
+    decay: f64,
+    refresh: bool,
+}
+
+impl LayerSpec<2> for Sophia {
+    const SLOTS: [&'static str; 2] = ["m_", "h_"];
+    const MEASURES: bool = false;
+    fn at_step(hyper: &LayerHyper, _: u64) -> Sophia {
+        let h = &hyper.base;
+        Sophia {
+            lr: h.lr,
+            beta1: h.beta1,
+            beta2: h.beta2,
+            epsilon: h.epsilon,
+            rho: hyper.sophia_rho,
+            decay: h.lr * h.weight_decay,
+            refresh: hyper.refresh_hessian,
+        }
+    }
+}
+
+impl<T: Real> LayerUpdate<T, 2> for Sophia {
+    fn measure(&self, _: T, _: f64, _: &[T; 2]) -> [f64; 2] {
+        [0.0, 0.0]
+    }
+
+    fn factor(&self, _: [f64; 2], _: bool) -> f64 {
+        1.0
+    }
+
+    #[inline(always)]
+    fn element(&self, p0: T, g: f64, [m, h]: &mut [T; 2], _: f64) -> T {
+        let moment = self.beta1 * m.to_f64() + (1.0 - self.beta1) * g;
+        *m = T::from_f64(moment);
+        let mut curvature = h.to_f64();
+        if self.refresh {
+            curvature = self.beta2 * curvature + (1.0 - self.beta2) * g * g;
+            *h = T::from_f64(curvature);
+        }
+        let ratio = (moment / (self.rho * curvature).max(self.epsilon)).clamp(-1.0, 1.0);
+        let p0 = p0.to_f64();
+        T::from_f64(p0 - self.decay * p0 - self.lr * ratio)
+    }
+}
+
+/// A parameter's Hessian-diagonal EMA (Sophia's `h_`), the estimate given for it and its
+/// group.
+pub type HessianLanes<'a, T> = (&'a mut [T], &'a [T], u32);
+pub type HessianItem<'a> = ByDtype<HessianLanes<'a, f32>, HessianLanes<'a, f64>>;
+
+/// `h ← β2·h + (1−β2)·ĥ` with each group's β2, once every estimate is checked finite.
+pub fn sophia_hessian(items: Vec<HessianItem<'_>>, beta2: &[f64]) -> Result<(), NormError> {
+    let estimates: Vec<crate::norm::NormItem<'_>> = items
+        .iter()
+        .map(|item| match item {
+            ByDtype::Single((_, e, _)) => ByDtype::Single((*e, None)),
+            ByDtype::Double((_, e, _)) => ByDtype::Double((*e, None)),
+        })
+        .collect();
+    crate::norm::check_finite(&estimates)?;
+    fn blend<T: Real>((h, estimate, group): HessianLanes<'_, T>, beta2: &[f64]) {
+        let b = beta2[group as usize];
+        let estimate = &estimate[..h.len()];
+        for (h, e) in h.iter_mut().zip(estimate) {
+            *h = T::from_f64(b * h.to_f64() + (1.0 - b) * e.to_f64());
+        }
+    }
+    for_each(items, |piece| match piece {
+        ByDtype::Single(lanes) => blend(lanes, beta2),
+        ByDtype::Double(lanes) => blend(lanes, beta2),
+    });
+    Ok(())
+}
+
+/// The streams of a layer-wise step over one piece of one parameter: as
+/// `kernels::UpdateLanes`, with the parameter's position in the call (`item`, whose norms
+/// the piece adds to) and whether it takes part in the adaptation.
+pub struct LayerLanes<'a, T, const N: usize> {
+    pub param: &'a mut [T],
+    pub grad: &'a [T],
+    pub slots: [&'a mut [T]; N],
+    pub start: Option<&'a [T]>,
+    pub grad0: Option<&'a [T]>,
+    pub group: u32,
+    pub item: u32,
+    pub adapt: bool,
+}
+
+impl<T, const N: usize> Split for LayerLanes<'_, T, N> {
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (param, param_tail) = Split::split_at(self.param, mid);
+        let (grad, grad_tail) = Split::split_at(self.grad, mid);
+        let (slots, slots_tail) = Split::split_at(self.slots, mid);
+        let (start, start_tail) = Split::split_at(self.start, mid);
+        let (grad0, grad0_tail) = Split::split_at(self.grad0, mid);
+        let (group, item, adapt) = (self.group, self.item, self.adapt);
+        let head = LayerLanes {
+            param,
+            grad,
+            slots,
+            start,
+            grad0,
+            group,
+            item,
+            adapt,
+        };
+        let tail = LayerLanes {
+            param: param_tail,
+            grad: grad_tail,
+            slots: slots_tail,
+            start: start_tail,
+            grad0: grad0_tail,
+            group,
+            item,
+            adapt,
+        };
+        (head, tail)
+    }
+}
+
+impl<T: Send + Sync, const N: usize> Lanes for LayerLanes<'_, T, N> {
+    fn len(&self) -> usize {
+        self.param.len()
+    }
+}
+
+impl<T, const N: usize> WithGradient<T> for LayerLanes<'_, T, N> {
+    fn gradient(&self) -> &[T] {
+        self.grad
+    }
+    fn reference(&self) -> Option<&[T]> {
+        self.grad0
+    }
+}
+
+pub type LayerItem<'a, const N: usize> = ByDtype<LayerLanes<'a, f32, N>, LayerLanes<'a, f64, N>>;
+
+/// The read pass's view of a piece: what `measure` reads.
+struct Reading<'a, T, const N: usize> {
+    start: &'a [T],
+    grad: &'a [T],
+    grad0: &'a [T],
+    slots: [&'a [T]; N],
+    group: u32,
+    item: u32,
+}
+
+impl<T, const N: usize> Split for Reading<'_, T, N> {
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (start, start_tail) = Split::split_at(self.start, mid);
+        let (grad, grad_tail) = Split::split_at(self.grad, mid);
+        let (grad0, grad0_tail) = Split::split_at(self.grad0, mid);
+        let (slots, slots_tail) = Split::split_at(self.slots, mid);
+        let (group, item) = (self.group, self.item);
+        let head = Reading {
+            start,
+            grad,
+            grad0,
+            slots,
+            group,
+            item,
+        };
+        let tail = Reading {
+            start: start_tail,
+            grad: grad_tail,
+            grad0: grad0_tail,
+            slots: slots_tail,
+            group,
+            item,
+        };
+        (head, tail)
+    }
+}
+
+// Shared views only: copied freely (a derive would ask `T: Copy`).
+impl<T, const N: usize> Clone for Reading<'_, T, N> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T, const N: usize> Copy for Reading<'_, T, N> {}
+
+impl<T: Sync, const N: usize> Lanes for Reading<'_, T, N> {
+    fn len(&self) -> usize {
+        self.start.len()
+    }
+}
+
+fn reading<'a, T, const N: usize>(lanes: &'a LayerLanes<'_, T, N>) -> Reading<'a, T, N> {
+    Reading {
+        start: lanes.start.unwrap_or(&*lanes.param),
+        grad: lanes.grad,
+        grad0: lanes.grad0.unwrap_or(lanes.grad),
+        slots: lanes.slots.each_ref().map(|s| &**s),
+        group: lanes.group,
+        item: lanes.item,
+    }
+}
+
+/// The gradient an element is updated with: mixed and clipped. No L2 term is added: the
+/// layer-wise optimizers apply their weight decay themselves.
+#[inline(always)]
+fn gradient<T: Real>(plan: GradientPlan, g: T, g0: T) -> f64 {
+    plan.gradient(g, g0)
+}
+
+/// How one piece's elements are measured: by the fast sum of squares, or, in the rescue
+/// pass, by the largest magnitude and then the sum of squares scaled by `2^-exponent`.
+#[derive(Clone, Copy)]
+enum Measure {
+    Squares,
+    Largest,
+    Scaled([i32; 2]),
+}
+
+fn measure_piece<T: Real, U: LayerUpdate<T, N>, const N: usize>(
+    lanes: Reading<'_, T, N>,
+    groups: &[GroupStep<U>],
+    plan: GradientPlan,
+    how: Measure,
+) -> [f64; 2] {
+    widest!(measure_body(lanes, groups, plan, how))
+}
+
+kernel_body!(measure_body[T: Real, U: LayerUpdate<T, N>, const N: usize](
+    lanes: Reading<'_, T, N>,
+    groups: &[GroupStep<U>],
+    plan: GradientPlan,
+    how: Measure
+) -> [f64; 2] {
+    let spec = &groups[lanes.group as usize].spec;
+    let n = lanes.start.len();
+    let (start, grad, grad0) = (lanes.start, &lanes.grad[..n], &lanes.grad0[..n]);
+    let slots = lanes.slots.map(|s| &s[..n]);
+    let terms = |i: usize| {
+        let state: [T; N] = std::array::from_fn(|k| slots[k][i]);
+        let g = gradient(plan, grad[i], grad0[i]);
+        spec.measure(start[i], g, &state)
+    };
+    match how {
+        // Without clipping or a mix the gradient is `g` itself: skip those operations.
+        Measure::Squares if plan == GradientPlan::PLAIN => sum_squares(n, |i| {
+            let state: [T; N] = std::array::from_fn(|k| slots[k][i]);
+            spec.measure(start[i], grad[i].to_f64(), &state)
+        }),
+        Measure::Squares => sum_squares(n, terms),
+        Measure::Largest => (0..n).fold([0.0f64; 2], |[x, y], i| {
+            let [a, b] = terms(i);
+            [x.max(a.abs()), y.max(b.abs())]
+        }),
+        Measure::Scaled(exponents) => {
+            let scales = exponents.map(|e| (pow2(-(e / 2)), pow2(e / 2 - e)));
+            let mut acc = [0.0f64; 2];
+            for i in 0..n {
+                let terms = terms(i);
+                for k in 0..2 {
+                    let x = terms[k] * scales[k].0 * scales[k].1;
+                    acc[k] += x * x;
+                }
+            }
+            acc
+        }
+    }
+});
+
+/// `Σ a²` and `Σ b²` over `n` elements' `[a, b]`: element i goes to running sum i % 4 of
+/// its quantity, a fixed grouping (so a fixed result) in blocks of four that vectorise.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn sum_squares(n: usize, terms: impl Fn(usize) -> [f64; 2]) -> [f64; 2] {
+    let mut acc = [[0.0f64; 4]; 2];
+    let whole = n - n % 4;
+    for block in (0..whole).step_by(4) {
+        for k in 0..4 {
+            let [a, b] = terms(block + k);
+            acc[0][k] += a * a;
+            acc[1][k] += b * b;
+        }
+    }
+    for i in whole..n {
+        let [a, b] = terms(i);
+        acc[0][i % 4] += a * a;
+        acc[1][i % 4] += b * b;
+    }
+    acc.map(|s| (s[0] + s[1]) + (s[2] + s[3]))
+}
+
+/// Below this a sum of squares may have lost bits to underflow (as in `norm`).
+const SMALLEST_SAFE_SUM: f64 = 1.0e-270;
+
+/// Per-item sums of `how` over the pieces, combined in piece order.
+fn per_item<U, const N: usize>(
+    items: &[ByDtype<Reading<'_, f32, N>, Reading<'_, f64, N>>],
+    count: usize,
+    groups: &[GroupStep<U>],
+    plan: GradientPlan,
+    how: impl Fn(usize) -> Option<Measure> + Sync,
+    combine: fn(f64, f64) -> f64,
+) -> Vec<[f64; 2]>
+where
+    U: LayerUpdate<f32, N> + LayerUpdate<f64, N>,
+{
+    let selected = items.iter().filter_map(|item| {
+        let index = match item {
+            ByDtype::Single(l) => l.item,
+            ByDtype::Double(l) => l.item,
+        } as usize;
+        how(index).map(|_| match item {
+            ByDtype::Single(l) => ByDtype::Single(*l),
+            ByDtype::Double(l) => ByDtype::Double(*l),
+        })
+    });
+    let partials = map_chunks(selected, |task| {
+        task.map(|piece| match piece {
+            ByDtype::Single(l) => {
+                let item = l.item as usize;
+                let how = how(item).expect("selected");
+                (item, measure_piece(l, groups, plan, how))
+            }
+            ByDtype::Double(l) => {
+                let item = l.item as usize;
+                let how = how(item).expect("selected");
+                (item, measure_piece(l, groups, plan, how))
+            }
+        })
+        .collect::<Vec<_>>()
+    });
+    let mut totals = vec![[0.0f64; 2]; count];
+    for (item, sums) in partials.into_iter().flatten() {
+        for k in 0..2 {
+            totals[item][k] = combine(totals[item][k], sums[k]);
+        }
+    }
+    totals
+}
+
+/// The two norms of every item (in the call's item order), reproducibly and without
+/// spurious overflow or underflow.
+fn array_norms<U, const N: usize>(
+    items: &[LayerItem<'_, N>],
+    count: usize,
+    groups: &[GroupStep<U>],
+    plan: GradientPlan,
+) -> Vec<[f64; 2]>
+where
+    U: LayerUpdate<f32, N> + LayerUpdate<f64, N>,
+{
+    let reads: Vec<ByDtype<Reading<'_, f32, N>, Reading<'_, f64, N>>> = items
+        .iter()
+        .map(|item| match item {
+            ByDtype::Single(l) => ByDtype::Single(reading(l)),
+            ByDtype::Double(l) => ByDtype::Double(reading(l)),
+        })
+        .collect();
+    let add = |a: f64, b: f64| a + b;
+    let sums = per_item(&reads, count, groups, plan, |_| Some(Measure::Squares), add);
+    let safe = |s: f64| s.is_finite() && s >= SMALLEST_SAFE_SUM;
+    let rescue: Vec<bool> = sums.iter().map(|s| !(safe(s[0]) && safe(s[1]))).collect();
+    let mut norms: Vec<[f64; 2]> = sums.iter().map(|s| s.map(f64::sqrt)).collect();
+    if !rescue.iter().any(|&r| r) {
+        return norms;
+    }
+    let pick = |item: usize, how: Measure| rescue[item].then_some(how);
+    let largest = per_item(
+        &reads,
+        count,
+        groups,
+        plan,
+        |i| pick(i, Measure::Largest),
+        f64::max,
+    );
+    let exponents: Vec<[i32; 2]> = largest
+        .iter()
+        .map(|m| {
+            m.map(|x| {
+                if x > 0.0 && x.is_finite() {
+                    x.log2().floor() as i32
+                } else {
+                    0
+                }
+            })
+        })
+        .collect();
+    let scaled = per_item(
+        &reads,
+        count,
+        groups,
+        plan,
+        |i| pick(i, Measure::Scaled(exponents[i])),
+        add,
+    );
+    for item in (0..count).filter(|&i| rescue[i]) {
+        for k in 0..2 {
+            let max = largest[item][k];
+            norms[item][k] = match max > 0.0 && max.is_finite() {
+                true => scaled[item][k].sqrt() * pow2(exponents[item][k]),
+                false => max,
+            };
+        }
+    }
+    norms
+}
+
+/// One layer-wise step over every item (`count` of them, numbered by `item`), each with
+/// its group's spec: the read pass, then the write pass with each array's factor.
+/// Clipping and GSAM's mix are global, as for the element-wise optimizers.
+pub fn layer_step<S: LayerSpec<N>, const N: usize>(
+    items: Vec<LayerItem<'_, N>>,
+    count: usize,
+    groups: &[GroupStep<S>],
+    clipping: Clipping,
+    gsam: Option<GsamInputs>,
+) -> Result<(), NormError> {
+    let plan = phases::plan_update(&items, clipping, gsam)?;
+    let norms = match S::MEASURES {
+        true => array_norms(&items, count, groups, plan),
+        false => vec![[0.0; 2]; count],
+    };
+    let factor = |group: u32, item: u32, adapt: bool| {
+        let spec = &groups[group as usize].spec;
+        <S as LayerUpdate<f64, N>>::factor(spec, norms[item as usize], adapt)
+    };
+    let factors: Vec<f64> = items
+        .iter()
+        .map(|item| match item {
+            ByDtype::Single(l) => factor(l.group, l.item, l.adapt),
+            ByDtype::Double(l) => factor(l.group, l.item, l.adapt),
+        })
+        .collect();
+    let mut by_item = vec![0.0; count];
+    for (item, factor) in items.iter().zip(&factors) {
+        let index = match item {
+            ByDtype::Single(l) => l.item,
+            ByDtype::Double(l) => l.item,
+        };
+        by_item[index as usize] = *factor;
+    }
+    for_each(items, |piece| match piece {
+        ByDtype::Single(lanes) => update(lanes, groups, plan, &by_item),
+        ByDtype::Double(lanes) => update(lanes, groups, plan, &by_item),
+    });
+    Ok(())
+}
+
+/// The write pass over one piece: every element with its array's factor.
+fn update<T: Real, U: LayerUpdate<T, N>, const N: usize>(
+    lanes: LayerLanes<'_, T, N>,
+    groups: &[GroupStep<U>],
+    plan: GradientPlan,
+    factors: &[f64],
+) {
+    widest!(update_body(lanes, groups, plan, factors))
+}
+
+kernel_body!(update_body[T: Real, U: LayerUpdate<T, N>, const N: usize](
+    lanes: LayerLanes<'_, T, N>,
+    groups: &[GroupStep<U>],
+    plan: GradientPlan,
+    factors: &[f64]
+) {
+    let LayerLanes { param, grad, slots, start, grad0, group, item, .. } = lanes;
+    let spec = &groups[group as usize].spec;
+    let factor = factors[item as usize];
+    let n = param.len();
+    let grad = &grad[..n];
+    let grad0 = grad0.map_or(grad, |s| &s[..n]);
+    let slots = slots.map(|s| &mut s[..n]);
+    match plan == GradientPlan::PLAIN {
+        true => update_loop(param, slots, start, |i| grad[i].to_f64(), spec, factor),
+        false => update_loop(
+            param,
+            slots,
+            start,
+            |i| gradient(plan, grad[i], grad0[i]),
+            spec,
+            factor,
+        ),
+    }
+});
+
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn update_loop<T: Real, U: LayerUpdate<T, N>, const N: usize>(
+    param: &mut [T],
+    slots: [&mut [T]; N],
+    start: Option<&[T]>,
+    gradient: impl Fn(usize) -> f64,
+    spec: &U,
+    factor: f64,
+) {
+    let n = param.len();
+    let mut slots = slots.map(|s| &mut s[..n]);
+    match start {
+        Some(start) => {
+            let start = &start[..n];
+            for i in 0..n {
+                param[i] = element_at(spec, start[i], gradient(i), &mut slots, i, factor);
+            }
+        }
+        None => {
+            for i in 0..n {
+                param[i] = element_at(spec, param[i], gradient(i), &mut slots, i, factor);
+            }
+        }
+    }
+}
+
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn element_at<T: Real, U: LayerUpdate<T, N>, const N: usize>(
+    spec: &U,
+    p0: T,
+    g: f64,
+    slots: &mut [&mut [T]; N],
+    i: usize,
+    factor: f64,
+) -> T {
+    let mut state: [T; N] = std::array::from_fn(|k| slots[k][i]);
+    let p = spec.element(p0, g, &mut state, factor);
+    for k in 0..N {
+        slots[k][i] = state[k];
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::GroupStep;
+
+    const HYPER: LayerHyper = LayerHyper {
+        base: Hyper {
+            lr: 0.01,
+            momentum: 0.9,
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.1,
+            nesterov: false,
+        },
+        trust_coef: 0.001,
+        sophia_rho: 0.04,
+        refresh_hessian: false,
+    };
+
+    fn lanes<'a, const N: usize>(
+        param: &'a mut [f64],
+        grad: &'a [f64],
+        slots: [&'a mut [f64]; N],
+        start: Option<&'a [f64]>,
+        item: u32,
+    ) -> LayerItem<'a, N> {
+        ByDtype::Double(LayerLanes {
+            param,
+            grad,
+            slots,
+            start,
+            grad0: None,
+            group: 0,
+            item,
+            adapt: true,
+        })
+    }
+
+    #[test]
+    fn lars_scales_each_array_by_its_own_trust_ratio() {
+        let spec = Lars::at_step(&HYPER, 1);
+        let groups = [GroupStep { spec, l2: 0.0 }];
+        let (mut a, ga, mut va) = ([3.0f64, 4.0], [0.0f64, 2.0], [0.0f64; 2]);
+        let (mut b, gb, mut vb) = ([1.0f64], [-1.0f64], [0.5f64]);
+        let items = vec![
+            lanes(&mut a, &ga, [&mut va], None, 0),
+            lanes(&mut b, &gb, [&mut vb], None, 1),
+        ];
+        layer_step(items, 2, &groups, Clipping::Off, None).unwrap();
+        // Array 0: ‖p‖ = 5, ‖g‖ = 2: local lr = 0.01·0.001·5/(2 + 0.1·5).
+        let local = 0.01 * 0.001 * 5.0 / (2.0 + 0.5);
+        let v0 = [local * (0.0 + 0.1 * 3.0), local * (2.0 + 0.1 * 4.0)];
+        assert_eq!(va, v0);
+        assert_eq!(a, [3.0 - v0[0], 4.0 - v0[1]]);
+        let local = 0.01 * 0.001 * 1.0 / (1.0 + 0.1);
+        assert_eq!(vb, [0.9 * 0.5 + local * (-1.0 + 0.1)]);
+    }
+
+    #[test]
+    fn the_read_pass_reads_the_start_values_not_the_parameter() {
+        let spec = Lamb::at_step(&HYPER, 1);
+        let groups = [GroupStep { spec, l2: 0.0 }];
+        let g = [0.5f64, -0.25, 1.0];
+        let start = [1.0f64, 2.0, -2.0];
+        let mut restarted = [100.0f64, -7.0, 3.0];
+        let (mut m1, mut v1) = ([0.0f64; 3], [0.0f64; 3]);
+        let item = lanes(&mut restarted, &g, [&mut m1, &mut v1], Some(&start), 0);
+        layer_step(vec![item], 1, &groups, Clipping::Off, None).unwrap();
+        let mut plain = start;
+        let (mut m2, mut v2) = ([0.0f64; 3], [0.0f64; 3]);
+        let item = lanes(&mut plain, &g, [&mut m2, &mut v2], None, 0);
+        layer_step(vec![item], 1, &groups, Clipping::Off, None).unwrap();
+        assert_eq!(restarted, plain);
+        assert_eq!((m1, v1), (m2, v2));
+    }
+
+    #[test]
+    fn norms_survive_huge_and_tiny_arrays_and_thread_counts() {
+        let spec = Lars::at_step(&HYPER, 1);
+        let groups = [GroupStep { spec, l2: 0.0 }];
+        let n = 3 * crate::parallel::CHUNK_LEN + 17;
+        let p: Vec<f64> = (0..n).map(|i| 1e200 * (1.0 + (i % 7) as f64)).collect();
+        let g: Vec<f64> = (0..n).map(|i| 1e-200 * (1.0 + (i % 5) as f64)).collect();
+        let run = |threads: usize| {
+            let (mut p, mut v) = (p.clone(), vec![0.0f64; n]);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let items = vec![lanes(&mut p, &g, [&mut v], None, 0)];
+            let plan = GradientPlan::PLAIN;
+            let norms = pool.install(|| array_norms(&items, 1, &groups, plan));
+            norms[0]
+        };
+        let norms = run(1);
+        let exact_p = p.iter().map(|x| (x / 1e200).powi(2)).sum::<f64>().sqrt() * 1e200;
+        let exact_g = g.iter().map(|x| (x / 1e-200).powi(2)).sum::<f64>().sqrt() * 1e-200;
+        assert!((norms[0] / exact_p - 1.0).abs() < 1e-12, "{norms:?}");
+        assert!((norms[1] / exact_g - 1.0).abs() < 1e-12, "{norms:?}");
+        for threads in [2, 3] {
+            assert_eq!(run(threads).map(f64::to_bits), norms.map(f64::to_bits));
+        }
+    }
+
+    #[test]
+    fn sophia_clips_the_preconditioned_moment_and_refreshes_h_when_told() {
+        let refreshing = LayerHyper {
+            refresh_hessian: true,
+            ..HYPER
+        };
+        let spec = Sophia::at_step(&refreshing, 1);
+        let mut s = [0.0f64, 0.5];
+        let p = spec.element(2.0, 3.0, &mut s, 1.0);
+        let (m, h) = ((1.0 - 0.9) * 3.0, 0.999 * 0.5 + (1.0 - 0.999) * 9.0);
+        assert_eq!(s, [m, h]);
+        let ratio = (m / (0.04 * h)).clamp(-1.0, 1.0);
+        assert_eq!(ratio, 1.0);
+        assert_eq!(p, 2.0 - 0.01 * 0.1 * 2.0 - 0.01 * ratio);
+        let quiet = Sophia::at_step(&HYPER, 2);
+        let mut s = [1e-9f64, 0.0];
+        let p = quiet.element(1.0, 0.0, &mut s, 1.0);
+        assert_eq!(s[1], 0.0);
+        let m = 0.9 * 1e-9 + (1.0 - 0.9) * 0.0;
+        assert_eq!(p, 1.0 - 0.01 * 0.1 * 1.0 - 0.01 * (m / 1e-8));
+    }
+
+    #[test]
+    fn sophia_hessian_blends_per_group_and_refuses_non_finite_estimates() {
+        let (mut h0, mut h1) = ([1.0f64, 2.0], [4.0f32]);
+        let (e0, e1) = ([3.0f64, 0.0], [f32::NAN]);
+        let items = vec![
+            ByDtype::Double((&mut h0[..], &e0[..], 0)),
+            ByDtype::Single((&mut h1[..], &e1[..], 1)),
+        ];
+        assert_eq!(
+            sophia_hessian(items, &[0.5, 0.9]),
+            Err(NormError::NonFiniteGradient(1))
+        );
+        assert_eq!((h0, h1), ([1.0, 2.0], [4.0]));
+        let items = vec![ByDtype::Double((&mut h0[..], &e0[..], 0))];
+        sophia_hessian(items, &[0.5, 0.9]).unwrap();
+        assert_eq!(h0, [2.0, 1.0]);
+    }
+}
