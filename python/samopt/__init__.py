@@ -1,14 +1,27 @@
 """samopt: Sharpness-Aware Minimization for NumPy training loops.
 
-SAM (Foret et al., ICLR 2021), adaptive SAM and GSAM over SGD, Adam, AdamW or any optimizer
-that follows the ``Optimizer`` protocol, with parameter groups, tensorlogic-train's
-learning-rate schedulers and gradient accumulation; the element-wise work is in Rust.
+SAM (Foret et al., ICLR 2021), adaptive SAM and GSAM over SGD, Adam, AdamW, Adagrad, RMSprop,
+NAdam, AdaMax, RAdam, AdaBelief, Lion or any optimizer that follows the ``Optimizer``
+protocol, with parameter groups, tensorlogic-train's learning-rate schedulers and gradient
+accumulation; the element-wise work is in Rust.
 """
 
 from ._accumulate import GradAccumulator
-from ._config import GradClipMode, OptimizerConfig
+from ._config import GradClipMode, LionConfig, OptimizerConfig
 from ._errors import NonFiniteGradientError, OptimizerError, OutOfMemoryError, TrainError
-from ._optimizers import AdamOptimizer, AdamWOptimizer, SgdOptimizer, compute_gradient_norm
+from ._optimizers import (
+    AdaBeliefOptimizer,
+    AdagradOptimizer,
+    AdaMaxOptimizer,
+    AdamOptimizer,
+    AdamWOptimizer,
+    LionOptimizer,
+    NAdamOptimizer,
+    RAdamOptimizer,
+    RMSpropOptimizer,
+    SgdOptimizer,
+    compute_gradient_norm,
+)
 from ._protocol import Optimizer
 from ._sam import GradFn, GsamOptimizer, SamOptimizer
 from ._schedulers import (
@@ -30,6 +43,9 @@ from ._schedulers import (
 )
 
 __all__ = [
+    "AdaBeliefOptimizer",
+    "AdaMaxOptimizer",
+    "AdagradOptimizer",
     "AdamOptimizer",
     "AdamWOptimizer",
     "CosineAnnealingLrScheduler",
@@ -40,8 +56,11 @@ __all__ = [
     "GradClipMode",
     "GradFn",
     "GsamOptimizer",
+    "LionConfig",
+    "LionOptimizer",
     "LrScheduler",
     "MultiStepLrScheduler",
+    "NAdamOptimizer",
     "NoamScheduler",
     "NonFiniteGradientError",
     "OneCycleLrScheduler",
@@ -51,6 +70,8 @@ __all__ = [
     "OutOfMemoryError",
     "PlateauMode",
     "PolynomialDecayLrScheduler",
+    "RAdamOptimizer",
+    "RMSpropOptimizer",
     "ReduceLROnPlateauScheduler",
     "SamOptimizer",
     "SgdOptimizer",
