@@ -1399,6 +1399,7 @@ def check_mode(args: argparse.Namespace) -> int:
 # reads the saved values instead of p). samopt reads g once more (the finiteness check).
 ELEMENTWISE_SLOTS = {
     "adagrad": 1, "rmsprop": 1, "lion": 1, "nadam": 2, "adamax": 2, "radam": 2, "adabelief": 2,
+    "adam": 2,  # the yardstick: issue 3's Adam, in the same minutes
 }
 ELEMENTWISE_ROWS = (
     *ELEMENTWISE_SLOTS, "sam_rmsprop", "sam_lion", "numpy_rmsprop", "numpy_lion",
@@ -1420,7 +1421,8 @@ def elementwise_samopt(row: str) -> Any:
     else:
         names = {"adagrad": "AdagradOptimizer", "rmsprop": "RMSpropOptimizer",
                  "nadam": "NAdamOptimizer", "adamax": "AdaMaxOptimizer",
-                 "radam": "RAdamOptimizer", "adabelief": "AdaBeliefOptimizer"}
+                 "radam": "RAdamOptimizer", "adabelief": "AdaBeliefOptimizer",
+                 "adam": "AdamOptimizer"}
         opt = getattr(samopt, names[base])()
     return samopt.SamOptimizer(opt, rho=RHO) if row.startswith("sam_") else opt
 
@@ -1512,7 +1514,10 @@ def elementwise_mode(args: argparse.Namespace) -> int:
     optimizer's time against the bytes it must move at the bandwidth of the same minutes."""
     spec = dict(size_specs(args.quick)[0])
     spec["dtype"] = args.dtype
-    spec["key"] = spec["key"].replace("f64", "f32") if args.dtype == "float32" else spec["key"]
+    if args.dtype == "float32":
+        spec["key"], spec["label"] = spec["key"].replace("f64", "f32"), spec["label"].replace(
+            "f64", "f32"
+        )
     threads = int(os.environ.get("RAYON_NUM_THREADS") or os.cpu_count() or 1)
     errors = elementwise_check(spec)
     params, grads = make_data(spec)
@@ -1527,7 +1532,7 @@ def elementwise_mode(args: argparse.Namespace) -> int:
     bandwidth = stream_bytes / timed["stream"]["median_s"]
     pb = param_bytes(spec)
     rows = []
-    print(f"{spec['label']} {args.dtype}, RAYON_NUM_THREADS={threads}, streaming "
+    print(f"{spec['label']}, RAYON_NUM_THREADS={threads}, streaming "
           f"{bandwidth / 1e9:.1f} GB/s among the rows (np.add over {threads} threads)")
     print(f"{'row':<16} {'time':>9} {'streams':>7} {'floor':>9} {'/ floor':>7}")
     for row in ELEMENTWISE_ROWS:

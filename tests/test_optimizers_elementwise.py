@@ -405,6 +405,34 @@ def test_resume_is_bit_exact(tmp_path: Any, kind: str, variant: str) -> None:
     assert R.state_snapshot(straight.state_dict()) == R.state_snapshot(resumed.state_dict())
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_resume_between_first_and_second_step(kind: str) -> None:
+    """A checkpoint taken while SAM's perturbation is pending resumes bit-exactly: the
+    second step restarts from the saved values, fused with the update."""
+    straight, p1 = build(kind, "sam"), fresh_params()
+    long_run(straight, p1, 0, 6)
+    pending, p2 = build(kind, "sam"), fresh_params()
+    long_run(pending, p2, 0, 5)
+    rng = np.random.default_rng(5)
+    grads = {k: (rng.standard_normal(p.shape) * 2).astype([np.float16, np.float32,
+                                                           np.float64][5 % 3])
+             for k, p in p2.items()}
+    pending.set_lr(pending.get_lr() * 0.7)  # as long_run does at step 5
+    pending.first_step(p2, grads)
+    state = pending.state_dict()
+    assert any(k.startswith("saved_") for k in state)
+    # The checkpoint's parameters, perturbed, in the model's own (new) arrays.
+    p3 = fresh_params()
+    for k, v in p3.items():
+        v[...] = p2[k]
+    resumed = build(kind, "sam")
+    resumed.load_state_dict(state)
+    resumed.step(p3, {k: v * 0.5 for k, v in grads.items()})
+    for k in p1:
+        assert p1[k].tobytes() == p3[k].tobytes(), k
+    assert R.state_snapshot(straight.state_dict()) == R.state_snapshot(resumed.state_dict())
+
+
 # ----------------------------------------------------------------------------- errors
 
 
