@@ -1402,7 +1402,7 @@ ELEMENTWISE_SLOTS = {
     "adam": 2,  # the yardstick: issue 3's Adam, in the same minutes
 }
 ELEMENTWISE_ROWS = (
-    *ELEMENTWISE_SLOTS, "sam_rmsprop", "sam_lion", "numpy_rmsprop", "numpy_lion",
+    *ELEMENTWISE_SLOTS, "sam_rmsprop", "sam_lion", "sam_adam", "numpy_rmsprop", "numpy_lion",
     "numpy_sam_lion",
 )
 LION_LR, LION_BETA1, LION_BETA2, LION_WD = 1e-4, 0.9, 0.99, 0.01

@@ -2,11 +2,10 @@
 //! Adagrad, RMSprop, NAdam, AdaMax, RAdam, AdaBelief and Lion. Each keeps the crate's slot
 //! names and, where the crate departs from the optimizer's paper, follows the paper.
 //!
-//! Arithmetic: as for Adam, the optimizers whose update takes a square root and a division
-//! compute float32 parameters in float32 (in float64 those two made the kernel
-//! compute-bound); AdaMax and Lion, which take no square root, compute in float64 and round
-//! once on store. Lion must: its sign of `β1·m + (1−β1)·g` is then the one a float64
-//! computation from the stored values gives.
+//! Arithmetic: as for Adam, the optimizers whose update divides compute float32 parameters
+//! in float32 (in float64 the division, and the square root, made the kernel compute-bound
+//! on float32 data); Lion computes in float64 and rounds once on store. Lion must: its sign
+//! of `β1·m + (1−β1)·g` is then the one a float64 computation from the stored values gives.
 
 use std::ops::{Add, Div, Mul, Sub};
 
@@ -222,14 +221,13 @@ impl Spec<2> for AdaMax {
     }
 }
 
-impl<T: Real> Update<T, 2> for AdaMax {
+impl<T: Arith> Update<T, 2> for AdaMax {
     #[inline(always)]
     fn element(&self, p0: T, g: f64, [m, u]: &mut [T; 2]) -> T {
-        let moment = self.beta1 * m.to_f64() + (1.0 - self.beta1) * g;
-        let norm = (self.beta2 * u.to_f64()).max(g.abs());
-        *m = of(moment);
-        *u = of(norm);
-        of(p0.to_f64() - self.lr_t * moment / (norm + self.epsilon))
+        let g: T = of(g);
+        *m = of::<T>(self.beta1) * *m + of::<T>(1.0 - self.beta1) * g;
+        *u = (of::<T>(self.beta2) * *u).max(g.abs());
+        p0 - of::<T>(self.lr_t) * *m / (*u + of(self.epsilon))
     }
 }
 
@@ -368,8 +366,8 @@ impl<T: Real> Update<T, 1> for Lion {
     fn element(&self, p0: T, g: f64, [m]: &mut [T; 1]) -> T {
         let m0 = m.to_f64();
         let c = self.beta1 * m0 + (1.0 - self.beta1) * g;
-        // sign(0) = 0, as PyTorch's `sign`.
-        let sign = f64::from(u8::from(c > 0.0)) - f64::from(u8::from(c < 0.0));
+        // sign(0) = 0, as PyTorch's `sign`; a select of ±1 with c's sign bit vectorises.
+        let sign = if c == 0.0 { 0.0 } else { 1f64.copysign(c) };
         *m = of(self.beta2 * m0 + (1.0 - self.beta2) * g);
         let p0 = p0.to_f64();
         of(p0 - self.lr * (sign + self.weight_decay * p0))

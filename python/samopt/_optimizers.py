@@ -106,9 +106,10 @@ class NativeOptimizer:
         if config is None:
             config = self._config_class()
         if not isinstance(config, self._config_class):
+            expected = self._config_class.__name__
+            article = "an" if expected[0] in "AEIOU" else "a"
             raise OptimizerError(
-                f"config must be a {self._config_class.__name__}, got {type(config).__name__}",
-                "config",
+                f"config must be {article} {expected}, got {type(config).__name__}", "config"
             )
         nesterov = isinstance(config, OptimizerConfig) and config.nesterov
         if nesterov and "nesterov" not in self._group_keys:
