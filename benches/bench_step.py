@@ -9,6 +9,8 @@ Usage (from the repository root, with the venv's python):
     python benches/bench_step.py --json out.json # choose where the figures go
     python benches/bench_step.py --check         # only check that the NumPy baseline and samopt
                                                  # compute the same thing (exit 1 if not)
+    python benches/bench_step.py --elementwise   # issue 17's optimizers at 10M f64 (~1 min):
+                                                 # each against its floor, NumPy RMSprop/Lion
 
 Every row is measured in the same run, as the median of several repetitions after a warm-up.
 One subprocess per RAYON_NUM_THREADS setting (rayon reads the variable when the process
@@ -1833,6 +1835,169 @@ def layerwise_mode(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+# Issue 17: the other element-wise optimizers, each against its own floor
+# --------------------------------------------------------------------------------------------
+# Streams each step must move, in parameter bytes: read p, g and each slot, write p and each
+# slot. SAM adds 5 (norm 1, perturb-and-save 4; the restore is fused into the update, which
+# reads the saved values instead of p). samopt reads g once more (the finiteness check).
+ELEMENTWISE_SLOTS = {
+    "adagrad": 1, "rmsprop": 1, "lion": 1, "nadam": 2, "adamax": 2, "radam": 2, "adabelief": 2,
+    "adam": 2,  # the yardstick: issue 3's Adam, in the same minutes
+}
+ELEMENTWISE_ROWS = (
+    *ELEMENTWISE_SLOTS, "sam_rmsprop", "sam_lion", "sam_adam", "numpy_rmsprop", "numpy_lion",
+    "numpy_sam_lion",
+)
+LION_LR, LION_BETA1, LION_BETA2, LION_WD = 1e-4, 0.9, 0.99, 0.01
+
+
+def elementwise_streams(row: str) -> int:
+    base = row.split("_")[-1]
+    return 3 + 2 * ELEMENTWISE_SLOTS[base] + (5 if "sam" in row else 0)
+
+
+def elementwise_samopt(row: str) -> Any:
+    samopt = importlib.import_module("samopt")
+    base = row.split("_")[-1]
+    if base == "lion":
+        opt = samopt.LionOptimizer(samopt.LionConfig(weight_decay=LION_WD))
+    else:
+        names = {"adagrad": "AdagradOptimizer", "rmsprop": "RMSpropOptimizer",
+                 "nadam": "NAdamOptimizer", "adamax": "AdaMaxOptimizer",
+                 "radam": "RAdamOptimizer", "adabelief": "AdaBeliefOptimizer",
+                 "adam": "AdamOptimizer"}
+        opt = getattr(samopt, names[base])()
+    return samopt.SamOptimizer(opt, rho=RHO) if row.startswith("sam_") else opt
+
+
+class NumpyElementwise:
+    """RMSprop (alpha = beta2, the crate's) and Lion (decoupled decay), bare or under SAM,
+    as a careful NumPy user writes them: in-place ufuncs, one preallocated scratch buffer,
+    SAM's restore fused into the last ufunc of the update."""
+
+    def __init__(self, params: dict[str, np.ndarray], base: str, sam: bool) -> None:
+        self.base = base
+        self.sam = sam
+        self.pending = False
+        self.state = {k: np.zeros_like(p) for k, p in params.items()}
+        self.saved = {k: np.empty_like(p) for k, p in params.items()} if sam else {}
+        biggest = max(p.size for p in params.values())
+        scratch = {dt: np.empty(biggest, dtype=dt) for dt in {p.dtype for p in params.values()}}
+        self.s = {k: scratch[p.dtype][: p.size].reshape(p.shape) for k, p in params.items()}
+
+    first_step = NumpyOpt.first_step
+
+    def second_step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        pending, self.pending = self.pending, False
+        for name, p in params.items():
+            g, s, state = grads[name], self.s[name], self.state[name]
+            start = self.saved[name] if pending else p
+            if self.base == "rmsprop":
+                np.multiply(state, BETA2, out=state)
+                np.multiply(g, g, out=s)
+                np.multiply(s, 1.0 - BETA2, out=s)
+                np.add(state, s, out=state)
+                np.sqrt(state, out=s)
+                np.add(s, EPS, out=s)
+                np.divide(g, s, out=s)
+                np.multiply(s, LR, out=s)
+                np.subtract(start, s, out=p)
+            else:
+                # sign(b1*m + (1-b1)*g) as the sign of b1/(1-b1)*m + g: one scratch buffer.
+                np.multiply(state, LION_BETA1 / (1.0 - LION_BETA1), out=s)
+                np.add(s, g, out=s)
+                np.sign(s, out=s)
+                np.multiply(s, LION_LR, out=s)
+                np.multiply(start, 1.0 - LION_LR * LION_WD, out=p)
+                np.subtract(p, s, out=p)
+                np.multiply(state, LION_BETA2, out=state)
+                np.multiply(g, 1.0 - LION_BETA2, out=s)
+                np.add(state, s, out=state)
+
+    step = second_step
+
+
+def elementwise_step_fn(
+    row: str, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]
+) -> Callable[[], None]:
+    sam = "sam" in row
+    if row.startswith("numpy_"):
+        opt: Any = NumpyElementwise(params, row.split("_")[-1], sam)
+    else:
+        opt = elementwise_samopt(row)
+    if not sam:
+        return lambda: opt.step(params, grads)
+
+    def full() -> None:
+        opt.first_step(params, grads)
+        opt.second_step(params, grads)
+
+    return full
+
+
+def elementwise_check(spec: dict[str, Any]) -> dict[str, float]:
+    """NumPy against samopt from the same values over 3 steps (worst relative error)."""
+    out = {}
+    for row in ("rmsprop", "lion", "sam_rmsprop", "sam_lion"):
+        params, grads = make_data(spec, seed=3)
+        mine, theirs = copy_params(params), copy_params(params)
+        ours = elementwise_step_fn(row, mine, grads)
+        reference = NumpyElementwise(theirs, row.split("_")[-1], "sam" in row)
+        for _ in range(3):
+            ours()
+            if "sam" in row:
+                reference.first_step(theirs, grads)
+            reference.second_step(theirs, grads)
+        out["numpy_" + row] = rel_err(mine, theirs)
+    return out
+
+
+def elementwise_mode(args: argparse.Namespace) -> int:
+    """Issue 17's rows at one size, interleaved with a streaming row in one process: each
+    optimizer's time against the bytes it must move at the bandwidth of the same minutes."""
+    spec = dict(size_specs(args.quick)[0])
+    spec["dtype"] = args.dtype
+    if args.dtype == "float32":
+        spec["key"], spec["label"] = spec["key"].replace("f64", "f32"), spec["label"].replace(
+            "f64", "f32"
+        )
+    threads = int(os.environ.get("RAYON_NUM_THREADS") or os.cpu_count() or 1)
+    errors = elementwise_check(spec)
+    params, grads = make_data(spec)
+    fns = {}
+    for row in ELEMENTWISE_ROWS:
+        data = copy_params(params)
+        fns[row] = elementwise_step_fn(row, data, grads)
+    stream_elems = max(4 * param_bytes(spec) // 8, 4 * l3_bytes() // 8)
+    fns["stream"], stream_bytes = streaming_fn(stream_elems, threads)
+    reps, warmup, min_time = (3, 1, 0.05) if args.quick else (9, 2, 0.3)
+    timed = bench_interleaved(fns, reps, warmup, min_time)
+    bandwidth = stream_bytes / timed["stream"]["median_s"]
+    pb = param_bytes(spec)
+    rows = []
+    print(f"{spec['label']}, RAYON_NUM_THREADS={threads}, streaming "
+          f"{bandwidth / 1e9:.1f} GB/s among the rows (np.add over {threads} threads)")
+    print(f"{'row':<16} {'time':>9} {'streams':>7} {'floor':>9} {'/ floor':>7}")
+    for row in ELEMENTWISE_ROWS:
+        streams = elementwise_streams(row)
+        floor = streams * pb / bandwidth
+        median = timed[row]["median_s"]
+        rows.append({"row": row, "median_s": median, "streams": streams, "floor_s": floor,
+                     "vs_floor": median / floor, "cpu_per_wall": timed[row]["cpu_per_wall"]})
+        print(f"{row:<16} {fmt_t(median):>9} {streams:>7} {fmt_t(floor):>9} "
+              f"{median / floor:>7.2f}")
+    for name, numpy_row in (("RMSprop", "rmsprop"), ("Lion", "lion"), ("SAM(Lion)", "sam_lion")):
+        ratio = timed["numpy_" + numpy_row]["median_s"] / timed[numpy_row]["median_s"]
+        print(f"samopt {name} is {ratio:.2f}x NumPy's")
+    print("NumPy vs samopt, 3 steps, worst relative error: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    result = {"size": spec, "threads": threads, "bandwidth_Bps": bandwidth, "rows": rows,
+              "numpy_vs_samopt_rel_err": errors, "machine": machine_info()}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
     return 0
 
 
@@ -1877,6 +2042,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the LAMB, LARS, Lookahead and Sophia rows (10M float64) against their floors",
     )
+    ap.add_argument(
+        "--elementwise",
+        action="store_true",
+        help="issue 17's optimizers at 10M (200k with --quick), each against its floor",
+    )
+    ap.add_argument(
+        "--dtype", default="float64", choices=("float64", "float32"),
+        help="the parameters' dtype for --elementwise",
+    )
     ap.add_argument("--numpy-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--layout", default="20", help=argparse.SUPPRESS)
@@ -1899,6 +2073,8 @@ def main(argv: list[str] | None = None) -> int:
         return orchestrate_sweep(args)
     if args.layerwise:
         return layerwise_mode(args)
+    if args.elementwise:
+        return elementwise_mode(args)
     return orchestrate(args)
 
 

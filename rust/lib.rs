@@ -17,6 +17,7 @@ pub mod norm;
 pub mod parallel;
 pub mod phases;
 pub mod specs;
+pub mod specs_elementwise;
 pub mod state;
 
 #[cfg(feature = "python")]

@@ -4,6 +4,7 @@
 //! every element, with SAM's restore and GSAM's mix fused in, is `kernels::update`.
 
 use crate::float::Real;
+pub use crate::specs_elementwise::{AdaBelief, AdaMax, Adagrad, Lion, NAdam, RAdam, RmsProp};
 
 /// The update of one element: the parameter's new value from its value `p0` at the start
 /// of the step and its (clipped, mixed) gradient `g`, updating the element's state `s`
@@ -142,6 +143,13 @@ pub enum Kind {
     Sgd,
     Adam,
     AdamW,
+    Adagrad,
+    RmsProp,
+    NAdam,
+    AdaMax,
+    RAdam,
+    AdaBelief,
+    Lion,
 }
 
 impl Kind {
@@ -150,6 +158,13 @@ impl Kind {
             "sgd" => Some(Kind::Sgd),
             "adam" => Some(Kind::Adam),
             "adamw" => Some(Kind::AdamW),
+            "adagrad" => Some(Kind::Adagrad),
+            "rmsprop" => Some(Kind::RmsProp),
+            "nadam" => Some(Kind::NAdam),
+            "adamax" => Some(Kind::AdaMax),
+            "radam" => Some(Kind::RAdam),
+            "adabelief" => Some(Kind::AdaBelief),
+            "lion" => Some(Kind::Lion),
             _ => None,
         }
     }
@@ -159,12 +174,19 @@ impl Kind {
             Kind::Sgd => &Sgd::SLOTS,
             Kind::Adam => &Adam::<false>::SLOTS,
             Kind::AdamW => &Adam::<true>::SLOTS,
+            Kind::Adagrad => &Adagrad::SLOTS,
+            Kind::RmsProp => &RmsProp::SLOTS,
+            Kind::NAdam => &NAdam::SLOTS,
+            Kind::AdaMax => &AdaMax::SLOTS,
+            Kind::RAdam => &RAdam::SLOTS,
+            Kind::AdaBelief => &AdaBelief::SLOTS,
+            Kind::Lion => &Lion::SLOTS,
         }
     }
 
     /// Whether the optimizer counts its steps: the count `t` is then part of its state.
     pub fn counts_steps(self) -> bool {
-        !matches!(self, Kind::Sgd)
+        !matches!(self, Kind::Sgd | Kind::Adagrad | Kind::RmsProp | Kind::Lion)
     }
 }
 
@@ -244,7 +266,10 @@ mod tests {
     #[test]
     fn kinds_name_their_slots() {
         assert_eq!(Kind::parse("adamw"), Some(Kind::AdamW));
-        assert_eq!(Kind::parse("lion"), None);
+        assert_eq!(Kind::parse("adadelta"), None);
+        assert_eq!(Kind::parse("lion"), Some(Kind::Lion));
+        assert_eq!(Kind::Lion.slots(), ["momentum."]);
+        assert!(Kind::AdaMax.counts_steps() && !Kind::Adagrad.counts_steps());
         assert_eq!(Kind::Sgd.slots(), ["velocity_"]);
         assert_eq!(Kind::Adam.slots(), ["m_", "v_"]);
         assert!(Kind::Adam.counts_steps() && !Kind::Sgd.counts_steps());

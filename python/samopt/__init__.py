@@ -1,12 +1,13 @@
 """samopt: Sharpness-Aware Minimization for NumPy training loops.
 
-SAM (Foret et al., ICLR 2021), adaptive SAM and GSAM over SGD, Adam, AdamW or any optimizer
-that follows the ``Optimizer`` protocol, with parameter groups, tensorlogic-train's
-learning-rate schedulers and gradient accumulation; the element-wise work is in Rust.
+SAM (Foret et al., ICLR 2021), adaptive SAM and GSAM over SGD, Adam, AdamW, Adagrad, RMSprop,
+NAdam, AdaMax, RAdam, AdaBelief, Lion or any optimizer that follows the ``Optimizer``
+protocol, with parameter groups, tensorlogic-train's learning-rate schedulers and gradient
+accumulation; the element-wise work is in Rust.
 """
 
 from ._accumulate import GradAccumulator
-from ._config import GradClipMode, OptimizerConfig
+from ._config import GradClipMode, LionConfig, OptimizerConfig
 from ._errors import NonFiniteGradientError, OptimizerError, OutOfMemoryError, TrainError
 from ._family import (
     BsamOptimizer,
@@ -25,7 +26,19 @@ from ._layerwise import (
     SophiaVariant,
 )
 from ._lookahead import LookaheadOptimizer
-from ._optimizers import AdamOptimizer, AdamWOptimizer, SgdOptimizer, compute_gradient_norm
+from ._optimizers import (
+    AdaBeliefOptimizer,
+    AdagradOptimizer,
+    AdaMaxOptimizer,
+    AdamOptimizer,
+    AdamWOptimizer,
+    LionOptimizer,
+    NAdamOptimizer,
+    RAdamOptimizer,
+    RMSpropOptimizer,
+    SgdOptimizer,
+    compute_gradient_norm,
+)
 from ._protocol import Optimizer
 from ._sam import GradFn, GsamOptimizer, SamOptimizer
 from ._schedulers import (
@@ -47,6 +60,9 @@ from ._schedulers import (
 )
 
 __all__ = [
+    "AdaBeliefOptimizer",
+    "AdaMaxOptimizer",
+    "AdagradOptimizer",
     "AdamOptimizer",
     "AdamWOptimizer",
     "BsamOptimizer",
@@ -63,10 +79,13 @@ __all__ = [
     "GsamOptimizer",
     "LambOptimizer",
     "LarsOptimizer",
+    "LionConfig",
+    "LionOptimizer",
     "LookSamOptimizer",
     "LookaheadOptimizer",
     "LrScheduler",
     "MultiStepLrScheduler",
+    "NAdamOptimizer",
     "NoamScheduler",
     "NonFiniteGradientError",
     "OneCycleLrScheduler",
@@ -76,6 +95,8 @@ __all__ = [
     "OutOfMemoryError",
     "PlateauMode",
     "PolynomialDecayLrScheduler",
+    "RAdamOptimizer",
+    "RMSpropOptimizer",
     "RandomizedSam",
     "ReduceLROnPlateauScheduler",
     "SamOptimizer",

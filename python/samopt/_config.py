@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ._errors import OptimizerError
 
-__all__ = ["GradClipMode", "OptimizerConfig"]
+__all__ = ["GradClipMode", "LionConfig", "OptimizerConfig"]
 
 
 class GradClipMode(enum.Enum):
@@ -54,6 +54,26 @@ def check_learning_rate(value: object, key: str = "learning_rate") -> float:
     return check_real(key, value, minimum=0.0)
 
 
+def clip_bounds_of(
+    grad_clip: float | None, mode: GradClipMode
+) -> tuple[float | None, float | None]:
+    """``(clip_value, clip_norm)`` as the kernels take them."""
+    if grad_clip is None:
+        return (None, None)
+    if mode is GradClipMode.VALUE:
+        return (grad_clip, None)
+    return (None, grad_clip)
+
+
+def _check_clipping(grad_clip: float | None, mode: object) -> float | None:
+    checked = None if grad_clip is None else check_real("grad_clip", grad_clip, above=0.0)
+    if not isinstance(mode, GradClipMode):
+        raise OptimizerError(
+            f"grad_clip_mode must be a GradClipMode, got {mode!r}", "grad_clip_mode"
+        )
+    return checked
+
+
 def check_bool(key: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise OptimizerError(f"{key} must be a bool, got {value!r}", key)
@@ -92,21 +112,42 @@ class OptimizerConfig:
         }
         if self.weight_decay is not None:
             fields["weight_decay"] = check_real("weight_decay", self.weight_decay, minimum=0.0)
-        if self.grad_clip is not None:
-            fields["grad_clip"] = check_real("grad_clip", self.grad_clip, above=0.0)
-        if not isinstance(self.grad_clip_mode, GradClipMode):
-            raise OptimizerError(
-                f"grad_clip_mode must be a GradClipMode, got {self.grad_clip_mode!r}",
-                "grad_clip_mode",
-            )
+        fields["grad_clip"] = _check_clipping(self.grad_clip, self.grad_clip_mode)
         for name, value in fields.items():
             object.__setattr__(self, name, value)
 
     @property
     def clip_bounds(self) -> tuple[float | None, float | None]:
         """``(clip_value, clip_norm)`` as the kernels take them."""
-        if self.grad_clip is None:
-            return (None, None)
-        if self.grad_clip_mode is GradClipMode.VALUE:
-            return (self.grad_clip, None)
-        return (None, self.grad_clip)
+        return clip_bounds_of(self.grad_clip, self.grad_clip_mode)
+
+
+@dataclass(frozen=True)
+class LionConfig:
+    """Lion's hyperparameters (the crate's ``LionConfig``, its defaults), with the
+    clipping every samopt optimizer has: ``beta1`` interpolates the update direction,
+    ``beta2`` the momentum; ``weight_decay`` is decoupled (``− lr·wd·p``). Every field is
+    checked here, so a bad value fails at construction."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    grad_clip_mode: GradClipMode = GradClipMode.VALUE
+
+    def __post_init__(self) -> None:
+        fields: dict[str, object] = {
+            "learning_rate": check_learning_rate(self.learning_rate),
+            "beta1": check_real("beta1", self.beta1, minimum=0.0, below=1.0),
+            "beta2": check_real("beta2", self.beta2, minimum=0.0, below=1.0),
+            "weight_decay": check_real("weight_decay", self.weight_decay, minimum=0.0),
+            "grad_clip": _check_clipping(self.grad_clip, self.grad_clip_mode),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def clip_bounds(self) -> tuple[float | None, float | None]:
+        """``(clip_value, clip_norm)`` as the kernels take them."""
+        return clip_bounds_of(self.grad_clip, self.grad_clip_mode)

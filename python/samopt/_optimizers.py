@@ -1,4 +1,6 @@
-"""The base optimizers: SGD with momentum, Adam and AdamW over dicts of NumPy arrays.
+"""The base optimizers over dicts of NumPy arrays: SGD with momentum, Adam and AdamW, and
+tensorlogic-train's element-wise others (Adagrad, RMSprop, NAdam, AdaMax, RAdam, AdaBelief,
+Lion).
 
 Each is a thin facade over a native engine (``samopt._core.Engine``) that holds the
 optimizer's state — its per-parameter slots and step count — and commits every step inside
@@ -15,16 +17,29 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._config import OptimizerConfig, check_bool, check_learning_rate, check_real
+from ._config import (
+    LionConfig,
+    OptimizerConfig,
+    check_bool,
+    check_learning_rate,
+    check_real,
+)
 from ._errors import OptimizerError
 from ._groups import Check, ParamGroups
 from ._protocol import Grads, Params, StateDict
 from ._state import as_dict, scalar_entry, state_mapping, time_step_entry
 
 __all__ = [
+    "AdaBeliefOptimizer",
+    "AdaMaxOptimizer",
+    "AdagradOptimizer",
     "AdamOptimizer",
     "AdamWOptimizer",
+    "LionOptimizer",
+    "NAdamOptimizer",
     "NativeOptimizer",
+    "RAdamOptimizer",
+    "RMSpropOptimizer",
     "SgdOptimizer",
     "compute_gradient_norm",
 ]
@@ -74,8 +89,10 @@ class NativeOptimizer:
 
     _kind = ""
     """The engine's optimizer kind."""
+    _config_class: type[OptimizerConfig] | type[LionConfig] = OptimizerConfig
+    """The configuration the optimizer is built from."""
     _counts_steps = True
-    """Whether the state holds a step count ``t``."""
+    """Whether the step count ``t`` is part of the state."""
     _non_negative: tuple[str, ...] = ()
     """State-dict prefixes whose values cannot be negative."""
     _default_weight_decay = 0.0
@@ -84,15 +101,18 @@ class NativeOptimizer:
     """What a parameter group may override."""
 
     def __init__(
-        self, config: OptimizerConfig | None = None, *, param_groups: object = None
+        self, config: OptimizerConfig | LionConfig | None = None, *, param_groups: object = None
     ) -> None:
         if config is None:
-            config = OptimizerConfig()
-        if not isinstance(config, OptimizerConfig):
+            config = self._config_class()
+        if not isinstance(config, self._config_class):
+            expected = self._config_class.__name__
+            article = "an" if expected[0] in "AEIOU" else "a"
             raise OptimizerError(
-                f"config must be an OptimizerConfig, got {type(config).__name__}", "config"
+                f"config must be {article} {expected}, got {type(config).__name__}", "config"
             )
-        if config.nesterov and "nesterov" not in self._group_keys:
+        nesterov = isinstance(config, OptimizerConfig) and config.nesterov
+        if nesterov and "nesterov" not in self._group_keys:
             raise OptimizerError(
                 f"nesterov applies to SgdOptimizer's momentum, not to {type(self).__name__}",
                 "nesterov",
@@ -115,6 +135,7 @@ class NativeOptimizer:
     def _hyperparameters(self) -> list[dict[str, Any]]:
         """The optimizer's hyperparameters, then each parameter group's."""
         config = self.config
+        assert isinstance(config, OptimizerConfig)
         weight_decay = config.weight_decay
         defaults = {
             "lr": config.learning_rate,
@@ -248,3 +269,99 @@ class AdamWOptimizer(AdamOptimizer):
 
     _kind = "adamw"
     _default_weight_decay = 0.01
+
+
+class AdagradOptimizer(NativeOptimizer):
+    """Adagrad (Duchi, Hazan & Singer, JMLR 2011), the crate's formula:
+    ``s ← s + g² ; p ← p − lr·g/(√s + ε)``, with ``g ← g + wd·p`` for an explicit
+    weight_decay (L2, as PyTorch's Adagrad). State ``sum_squared_grads_<name>``."""
+
+    _kind = "adagrad"
+    _counts_steps = False
+    _non_negative = ("sum_squared_grads_",)
+    _group_keys = ("lr", "epsilon", "weight_decay")
+
+
+class RMSpropOptimizer(NativeOptimizer):
+    """RMSprop (Tieleman & Hinton, 2012), the crate's formula with ``α = beta2``:
+    ``v ← α·v + (1−α)·g² ; p ← p − lr·g/(√v + ε)``, with ``g ← g + wd·p`` for an explicit
+    weight_decay (L2, as PyTorch's RMSprop). State ``v_<name>``."""
+
+    _kind = "rmsprop"
+    _counts_steps = False
+    _non_negative = ("v_",)
+    _group_keys = ("lr", "beta2", "epsilon", "weight_decay")
+
+
+class NAdamOptimizer(NativeOptimizer):
+    """NAdam (Dozat, ICLR 2016 workshop), the paper's algorithm as PyTorch writes it, with
+    the momentum schedule ``μ_t = β1·(1 − ½·0.96^(t/250))`` and ``Π_t = μ_1⋯μ_t``:
+    ``m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g² ; d = √(v/(1−β2^t)) + ε ;
+    p ← p − lr·(1−μ_t)/(1−Π_t)·g/d − lr·μ_{t+1}/(1−Π_t·μ_{t+1})·m/d``, with ``g ← g + wd·p``
+    for an explicit weight_decay (L2). State ``t``, ``m_<name>``, ``v_<name>``."""
+
+    _kind = "nadam"
+    _non_negative = ("v_",)
+
+
+class AdaMaxOptimizer(NativeOptimizer):
+    """AdaMax (Kingma & Ba, ICLR 2015, §7.1), the crate's formula:
+    ``m ← β1·m + (1−β1)·g ; u ← max(β2·u, |g|) ; p ← p − lr/(1−β1^t)·m/(u + ε)``, with
+    ``g ← g + wd·p`` for an explicit weight_decay (L2). State ``t``, ``m_<name>``,
+    ``u_<name>``."""
+
+    _kind = "adamax"
+    _non_negative = ("u_",)
+
+
+class RAdamOptimizer(NativeOptimizer):
+    """RAdam (Liu et al., ICLR 2020), the crate's formula: with ``ρ∞ = 2/(1−β2) − 1`` and
+    ``ρ_t = ρ∞ − 2t·β2^t/(1−β2^t)``, ``m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g²``; when
+    ``ρ_t > 5``, ``p ← p − lr·r_t/(1−β1^t)·m/(√(v/(1−β2^t)) + ε)`` with
+    ``r_t = √((ρ_t−4)(ρ_t−2)ρ∞/((ρ∞−4)(ρ∞−2)ρ_t))``, else ``p ← p − lr/(1−β1^t)·m``; with
+    ``g ← g + wd·p`` for an explicit weight_decay (L2). State ``t``, ``m_<name>``,
+    ``v_<name>``."""
+
+    _kind = "radam"
+    _non_negative = ("v_",)
+
+
+class AdaBeliefOptimizer(NativeOptimizer):
+    """AdaBelief (Zhuang et al., NeurIPS 2020, Algorithm 2): ``m ← β1·m + (1−β1)·g ;
+    s ← β2·s + (1−β2)·(g−m)² + ε ; p ← p − lr/(1−β1^t)·m/(√(s/(1−β2^t)) + ε) − lr·wd·p_old``,
+    the weight decay decoupled as in the crate (0.01 unless set). State ``t``, ``m_<name>``,
+    ``s_<name>``."""
+
+    _kind = "adabelief"
+    _non_negative = ("s_",)
+    _default_weight_decay = 0.01
+
+
+class LionOptimizer(NativeOptimizer):
+    """Lion (Chen et al., NeurIPS 2023, "Symbolic Discovery of Optimization Algorithms"),
+    built from a ``LionConfig``: ``c = β1·m + (1−β1)·g ; p ← p − lr·(sign(c) + wd·p_old) ;
+    m ← β2·m + (1−β2)·g``, the weight decay decoupled as in the paper. State
+    ``momentum.<name>`` (the crate's key)."""
+
+    _kind = "lion"
+    _config_class = LionConfig
+    _counts_steps = False
+    _group_keys = ("lr", "beta1", "beta2", "weight_decay")
+
+    def __init__(self, config: LionConfig | None = None, *, param_groups: object = None) -> None:
+        super().__init__(config, param_groups=param_groups)
+
+    def _hyperparameters(self) -> list[dict[str, Any]]:
+        config = self.config
+        assert isinstance(config, LionConfig)
+        defaults = {
+            "lr": config.learning_rate,
+            "beta1": config.beta1,
+            "beta2": config.beta2,
+            "weight_decay": config.weight_decay,
+            # What Lion does not read, for the engine's one set of hyperparameters.
+            "momentum": 0.0,
+            "epsilon": 1.0,
+            "nesterov": False,
+        }
+        return self.param_groups.resolved(defaults)

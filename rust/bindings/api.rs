@@ -23,7 +23,9 @@ use crate::kernels::{
 use crate::norm::NormItem;
 use crate::parallel::ByDtype;
 use crate::phases::{self, AscentGroup, GsamInputs};
-use crate::specs::{Adam, Kind, Sgd, Spec};
+use crate::specs::{
+    AdaBelief, AdaMax, Adagrad, Adam, Kind, Lion, NAdam, RAdam, RmsProp, Sgd, Spec,
+};
 use crate::state;
 
 pub(super) fn borrow<'py, T>(object: &Bound<'py, T>) -> PyResult<PyRefMut<'py, T>>
@@ -224,6 +226,13 @@ fn base_step(
         Kind::Sgd => base_step_of::<1, Sgd>(py, base, sam, params, grads),
         Kind::Adam => base_step_of::<2, Adam<false>>(py, base, sam, params, grads),
         Kind::AdamW => base_step_of::<2, Adam<true>>(py, base, sam, params, grads),
+        Kind::Adagrad => base_step_of::<1, Adagrad>(py, base, sam, params, grads),
+        Kind::RmsProp => base_step_of::<1, RmsProp>(py, base, sam, params, grads),
+        Kind::NAdam => base_step_of::<2, NAdam>(py, base, sam, params, grads),
+        Kind::AdaMax => base_step_of::<2, AdaMax>(py, base, sam, params, grads),
+        Kind::RAdam => base_step_of::<2, RAdam>(py, base, sam, params, grads),
+        Kind::AdaBelief => base_step_of::<2, AdaBelief>(py, base, sam, params, grads),
+        Kind::Lion => base_step_of::<1, Lion>(py, base, sam, params, grads),
     }
 }
 
