@@ -506,8 +506,8 @@ def test_errors_change_nothing(kind: str) -> None:
     if kind in RO.COUNTS_STEPS:
         broken.append(({**good, "t": np.array(-3)}, "t"))
     if len(RO.SLOTS[kind]) > 1:
-        # The slots of one name must agree; the error names the first.
-        broken.append(({**good, slot + "fc.w": np.zeros((2, 2))}, RO.SLOTS[kind][0] + "fc.w"))
+        # The slots of one name must agree; the error names the one that disagrees.
+        broken.append(({**good, slot + "fc.w": np.zeros((2, 2))}, slot + "fc.w"))
         partial = {k: v for k, v in good.items() if k != RO.SLOTS[kind][0] + "fc.w"}
         broken.append((partial, slot + "fc.w"))
     if kind != "lion":

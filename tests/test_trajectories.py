@@ -311,6 +311,12 @@ def test_quadratic_trajectory_matches_reference(kind: str, data: Any) -> None:
     specs = data.draw(array_specs(max_arrays=4), label="arrays")
     c = data.draw(base_configs(kind), label="config")
     c["lr"] = min(c["lr"], 0.05)
+    # With beta1 near 0 Adam is close to sign descent, which near the quadratic's minimum
+    # flips with the sign of each rounded gradient: the float64 reference's own trajectory
+    # moved by 8e-3 relative over 100 steps when its starting values changed by 1e-7
+    # (beta1 0, beta2 0.625, float16 gradients), so no float32 run can follow it there.
+    if kind != "sgd":
+        c["beta1"] = max(c["beta1"], 0.5)
     s = data.draw(st.one_of(st.none(), sam_configs()), label="sam")
     seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
     rng = np.random.default_rng(seed)
