@@ -325,8 +325,10 @@ impl<T: Arith> Update<T, 2> for AdaBelief {
     #[inline(always)]
     fn element(&self, p0: T, g: f64, [m, s]: &mut [T; 2]) -> T {
         let g: T = of(g);
+        // g − m_t written as β1·(g − m_{t−1}): the same value without the cancellation
+        // that, for β1 near 0 (m_t ≈ g), left float32 a few significant digits.
+        let surprise = of::<T>(self.beta1) * (g - *m);
         *m = of::<T>(self.beta1) * *m + of::<T>(1.0 - self.beta1) * g;
-        let surprise = g - *m;
         *s = of::<T>(self.beta2) * *s
             + of::<T>(1.0 - self.beta2) * surprise * surprise
             + of(self.epsilon);
