@@ -62,17 +62,25 @@ def array_specs(draw: Any, max_arrays: int = 6) -> list[dict[str, Any]]:
 # reference's own trajectory by 2.4e-4 relative within 50 SAM steps (lr 0.156, wd 0.01), so
 # no float32 implementation can stay within 2e-5 of it there. Below this lr it is stable.
 L2_ADAM_MAX_LR = 0.02
+# Below it too when beta1 is near 0: Adam is then close to sign descent, and the sign of a
+# cancelling g + wd·p follows float32's rounding. Hypothesis found beta1 0, lr 0.0195,
+# wd 0.01, norm clipping at 0.125, float16 gradients of scale 0.01: 2.5e-5 off the float64
+# reference after 100 SAM steps. L2 Adam is drawn with beta1 >= 0.5 (the quadratic test's
+# bound, for the same reason).
+L2_ADAM_MIN_BETA1 = 0.5
 
 
 @st.composite
 def base_configs(draw: Any, kind: str) -> dict[str, Any]:
     clip_mode = draw(st.sampled_from([None, "value", "norm"]))
     wd = draw(st.one_of(st.none(), st.just(0.01), st.floats(0.0, 0.1)))
+    l2_adam = kind == "adam" and bool(wd)
     return dict(
         kind=kind,
-        lr=draw(st.floats(1e-4, L2_ADAM_MAX_LR if kind == "adam" and wd else 0.2)),
+        lr=draw(st.floats(1e-4, L2_ADAM_MAX_LR if l2_adam else 0.2)),
         momentum=draw(st.one_of(st.just(0.0), st.floats(0.0, 0.95))),
-        beta1=draw(st.one_of(st.just(0.9), st.floats(0.0, 0.95))),
+        beta1=draw(st.one_of(st.just(0.9),
+                             st.floats(L2_ADAM_MIN_BETA1 if l2_adam else 0.0, 0.95))),
         beta2=draw(st.one_of(st.just(0.999), st.floats(0.5, 0.9999))),
         eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
         wd=wd,
