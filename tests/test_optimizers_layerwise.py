@@ -423,9 +423,14 @@ def test_lookahead_with_groups_and_clipping_matches_reference() -> None:
 @st.composite
 def layer_configs(draw: Any, kind: str) -> dict[str, Any]:
     clip_mode = draw(st.sampled_from([None, "value", "norm"]))
+    trust_coef = draw(st.sampled_from([0.001, 0.02, 1.0]))
+    # LARS moves each array by lr·trust_coef of its norm: at 0.5 with momentum 0.9 a 0-d
+    # float32 parameter grew 300-fold in 100 steps and its rounding with it (8e-5 off the
+    # float64 reference, while samopt equals a float32-stored reference bit for bit).
+    lars_max_lr = 0.5 if trust_coef < 1.0 else 0.05
     return dict(
         kind=kind,
-        lr=draw(st.floats(1e-4, 0.5 if kind == "lars" else 0.05)),
+        lr=draw(st.floats(1e-4, lars_max_lr if kind == "lars" else 0.05)),
         momentum=draw(st.one_of(st.just(0.9), st.floats(0.0, 0.95))),
         beta1=draw(st.one_of(st.just(0.9), st.floats(0.0, 0.95))),
         beta2=draw(st.one_of(st.just(0.999), st.floats(0.5, 0.9999))),
@@ -435,7 +440,7 @@ def layer_configs(draw: Any, kind: str) -> dict[str, Any]:
         wd=draw(st.one_of(st.none(), st.just(0.0), st.floats(0.0, 0.1))),
         rho=draw(st.sampled_from([0.04, 1.0])),
         freq=draw(st.sampled_from([1, 3, 10])),
-        trust_coef=draw(st.sampled_from([0.001, 0.02, 1.0])),
+        trust_coef=trust_coef,
         exclude_bias=draw(st.booleans()),
         clip_mode=clip_mode,
         clip=None if clip_mode is None else draw(st.floats(0.05, 50.0)),
