@@ -327,6 +327,20 @@ pub fn scale<T: Real>((dst, src): CopyLanes<'_, T>, a: f64) {
     }
 }
 
+/// A destination and the two streams it combines.
+pub type CombineLanes<'a, T> = (&'a mut [T], &'a [T], &'a [T]);
+
+/// `dst ← a·x + b·y`, computed in f64 and rounded once: the SAM family's mixes of two
+/// gradients (LookSAM's `g_v` and its step in between, WSAM's, F-SAM's EMA and direction)
+/// in one pass where a scale and an accumulation took two.
+pub fn combine<T: Real>((dst, x, y): CombineLanes<'_, T>, a: f64, b: f64) {
+    let n = dst.len();
+    let (x, y) = (&x[..n], &y[..n]);
+    for i in 0..n {
+        dst[i] = T::from_f64(a * x[i].to_f64() + b * y[i].to_f64());
+    }
+}
+
 /// A parameter, the buffer that keeps its current values and the values it receives.
 pub type RestoreKeepingLanes<'a, T> = (&'a mut [T], &'a mut [T], &'a [T]);
 
@@ -394,6 +408,18 @@ mod tests {
         );
         // Group 1: g + 0.25·2 = 1; group 0: g.
         assert_eq!(p, [2.0 - 0.1 * 1.0, 2.0 - 0.1 * 0.5]);
+    }
+
+    #[test]
+    fn combine_rounds_once_from_f64() {
+        // 0.1 + 3.77e-9 rounds to 0.1f32 once; rounding 0.1 first (a scale, then an
+        // accumulation) lands one ulp higher.
+        let b = 3.773_386_693_346_673e-9;
+        let (x, y) = ([1.0f32], [1.0f32]);
+        let mut dst = [0.0f32];
+        combine((&mut dst, &x, &y), 0.1, b);
+        assert_eq!(dst[0].to_bits(), ((0.1f64 + b) as f32).to_bits());
+        assert_ne!(dst[0].to_bits(), ((f64::from(0.1f32) + b) as f32).to_bits());
     }
 
     #[test]

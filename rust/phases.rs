@@ -5,8 +5,8 @@
 
 use crate::float::WideFactor;
 use crate::kernels::{
-    self, Ascent, Clip, CopyLanes, GradientPlan, GroupStep, Mix, MixLanes, PerturbLanes,
-    RestoreKeepingLanes, UpdateLanes,
+    self, Ascent, Clip, CombineLanes, CopyLanes, GradientPlan, GroupStep, Mix, MixLanes,
+    PerturbLanes, RestoreKeepingLanes, UpdateLanes,
 };
 use crate::norm::{self, DotItem, NormError, NormItem};
 use crate::parallel::{for_each, ByDtype};
@@ -15,6 +15,7 @@ use crate::specs::Spec;
 pub type UpdateItem<'a, const N: usize> = ByDtype<UpdateLanes<'a, f32, N>, UpdateLanes<'a, f64, N>>;
 pub type PerturbItem<'a> = ByDtype<PerturbLanes<'a, f32>, PerturbLanes<'a, f64>>;
 pub type CopyItem<'a> = ByDtype<CopyLanes<'a, f32>, CopyLanes<'a, f64>>;
+pub type CombineItem<'a> = ByDtype<CombineLanes<'a, f32>, CombineLanes<'a, f64>>;
 pub type MixItem<'a> = ByDtype<MixLanes<'a, f32>, MixLanes<'a, f64>>;
 pub type RestoreKeepingItem<'a> =
     ByDtype<RestoreKeepingLanes<'a, f32>, RestoreKeepingLanes<'a, f64>>;
@@ -264,6 +265,15 @@ pub fn scale(items: Vec<CopyItem<'_>>, a: f64) {
     for_each(items, |piece| match piece {
         ByDtype::Single(lanes) => kernels::scale(lanes, a),
         ByDtype::Double(lanes) => kernels::scale(lanes, a),
+    });
+}
+
+/// `dst ← a·x + b·y` for every item (the caller has checked `x` and `y` finite, or writes
+/// a buffer it discards on error).
+pub fn combine(items: Vec<CombineItem<'_>>, a: f64, b: f64) {
+    for_each(items, |piece| match piece {
+        ByDtype::Single(lanes) => kernels::combine(lanes, a, b),
+        ByDtype::Double(lanes) => kernels::combine(lanes, a, b),
     });
 }
 

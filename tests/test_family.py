@@ -321,6 +321,25 @@ def test_a_bad_state_dict_is_refused_and_changes_nothing(variant: str, key: str,
     assert _bitwise_state(opt.state_dict()) == before
 
 
+@pytest.mark.parametrize("variant,prefix", [("looksam", "looksam_gv_"), ("friendly", "friendly_ema_")])
+def test_kept_state_of_another_shape_is_refused_when_used(variant: str, prefix: str) -> None:
+    """A loaded g_v or EMA of the parameter's size but another shape is refused by the
+    pass that mixes it with the gradient, and the step changes nothing."""
+    opt, _ = build(variant)
+    params = make_params(np.float64)
+    run(opt, params, range(4))
+    state = opt.state_dict()
+    state[prefix + "w"] = np.ascontiguousarray(state[prefix + "w"].T)
+    opt.load_state_dict(state)
+    before, state_before = R.snapshot(params), _bitwise_state(opt.state_dict())
+    with pytest.raises(TrainError) as info:
+        run(opt, params, range(4, 5))
+    assert info.value.key == "w"
+    assert "shape" in str(info.value)
+    R.assert_same_snapshot(before, R.snapshot(params), variant)
+    assert _bitwise_state(opt.state_dict()) == state_before
+
+
 def test_a_pending_looksam_checkpoint_must_keep_its_gradient() -> None:
     opt, _ = build("looksam")
     params = make_params(np.float64)

@@ -20,6 +20,7 @@ __all__ = [
     "accumulate",
     "bsam_update",
     "centralize",
+    "combine",
     "cosine",
     "divide",
     "first_step",
@@ -161,6 +162,9 @@ def noise(
 ) -> None: ...
 def divide(
     names: tuple[Names, Names], out: _Arrays, grads: _Arrays, precision: _Arrays
+) -> None: ...
+def combine(
+    names: tuple[Names, Names], out: _Arrays, x: _Arrays, a: float, y: _Arrays, b: float
 ) -> None: ...
 def bsam_update(
     names: tuple[Names, Names, Names],

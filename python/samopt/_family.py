@@ -296,9 +296,8 @@ class LookSamOptimizer(_FamilyStep):
         grad0 = self._grad0.arrays
         cos, norm0, norm = _core.cosine(grad0, grads)
         kept = self._spare.like(params)
-        _core.scale(self._spare.names, kept, grads, 1.0)
-        if norm0 > 0.0:
-            _core.accumulate(self._spare.names, kept, grad0, -cos * norm / norm0)
+        along = -cos * norm / norm0 if norm0 > 0.0 else 0.0
+        _core.combine((self._spare.names, self._grad0.names), kept, grads, 1.0, grad0, along)
         self._base_step(params, grads, count)
         self._kept, self._spare = self._spare, self._kept
 
@@ -317,8 +316,9 @@ class LookSamOptimizer(_FamilyStep):
         _, kept_norm, norm = _core.cosine(kept, grads)
         direction = self._direction.like(params)
         factor = self._look_alpha * norm / kept_norm if kept_norm > 0.0 else 0.0
-        _core.scale(self._direction.names, direction, kept, factor)
-        _core.accumulate(self._direction.names, direction, grads, 1.0)
+        _core.combine(
+            (self._direction.names, self._kept.names), direction, grads, 1.0, kept, factor
+        )
         self._base_step(params, direction, count)
 
     def step(self, params: Params, grads: Grads) -> None:
@@ -619,12 +619,10 @@ class WsamOptimizer(_FamilyStep):
         names = self._direction.names
         alpha = self.weight
         if not self._decouple:
-            _core.scale(names, direction, grads, alpha)
-            _core.accumulate(names, direction, grad0, 1.0 - alpha)
+            _core.combine((names, self._grad0.names), direction, grads, alpha, grad0, 1.0 - alpha)
             self._base_step(params, direction, count)
             return
-        _core.scale(names, direction, grads, 1.0)
-        _core.accumulate(names, direction, grad0, -1.0)
+        _core.combine((names, self._grad0.names), direction, grads, 1.0, grad0, -1.0)
         by_lr = self._lrs(params)
         self._base_step(params, grad0, count)
         for lr, group in by_lr.items():
@@ -759,13 +757,20 @@ class FriendlySamOptimizer(_FamilyStep):
             ema = self._spare.like(params_dict)
             names = self._spare.names
             if self._ema.arrays.keys() == params_dict.keys():
-                _core.scale(names, ema, self._ema.arrays, self._lmbda)
+                _core.combine(
+                    (names, self._ema.names),
+                    ema,
+                    grads_dict,
+                    1.0 - self._lmbda,
+                    self._ema.arrays,
+                    self._lmbda,
+                )
             else:
-                _core.zero(names, ema)
-            _core.accumulate(names, ema, grads_dict, 1.0 - self._lmbda)
+                _core.scale(names, ema, grads_dict, 1.0 - self._lmbda)
             direction = self._direction.like(params_dict)
-            _core.scale(self._direction.names, direction, grads_dict, 1.0)
-            _core.accumulate(self._direction.names, direction, ema, -self._sigma)
+            _core.combine(
+                (self._direction.names, names), direction, grads_dict, 1.0, ema, -self._sigma
+            )
             _core.first_step(self._engine, params_dict, direction, self.rho, self._eps)
             self._ema, self._spare = self._spare, self._ema
             self._undoable = self.pending

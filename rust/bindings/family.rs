@@ -13,6 +13,7 @@ use crate::claims::{self, CallClaims};
 use crate::family::{self, BsamHyper, CentreSource, FisherSource, MaskSource, NoiseSource, Rows};
 use crate::norm::{self, DotItem, NormItem};
 use crate::parallel::ByDtype;
+use crate::phases;
 
 fn centre_source<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> CentreSource<'a, T> {
     let rows = Rows::of(entry.param.shape(), entry.param.order().fortran());
@@ -179,6 +180,71 @@ fn divide(
     Ok(())
 }
 
+/// `y`'s entries of `out`'s shapes and memory orders, so that the kernels pair their
+/// elements index by index (`same_layout` checked names and dtypes).
+fn same_shapes<T: Float>(
+    outs: &[Entry<'_, T>],
+    ys: &[Entry<'_, T>],
+    names: &[super::arrays::Key<'_>],
+) -> PyResult<()> {
+    for (out, y) in outs.iter().zip(ys) {
+        if out.param.shape() != y.param.shape() || out.param.order() != y.param.order() {
+            let name = names[out.item].text();
+            return Err(super::optimizer_error(
+                &name,
+                format!(
+                    "the state of '{name}' has shape {:?} but its parameter has shape {:?}",
+                    y.param.shape(),
+                    out.param.shape()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn triple<'a, T: Float>(
+    (out, x): (&'a mut [T], &'a [T]),
+    y: &'a mut [T],
+) -> (&'a mut [T], &'a [T], &'a [T]) {
+    (out, x, y)
+}
+
+/// The SAM family's mixes of two gradients in one pass: `out[k] ← a·x[k] + b·y[k]`
+/// (`phases::combine`), `x` converted to `out`'s dtypes as a gradient is, `y` a buffer of
+/// the optimizer's own laid out as `out`. Nothing is checked finite: the callers have
+/// (the norms and cosines they scale by), or write a buffer they only keep on success.
+#[pyfunction]
+fn combine(
+    py: Python<'_>,
+    names: (Bound<'_, Names>, Bound<'_, Names>),
+    out: &Bound<'_, PyDict>,
+    x: &Bound<'_, PyDict>,
+    a: f64,
+    y: &Bound<'_, PyDict>,
+    b: f64,
+) -> PyResult<()> {
+    let mut outs = prepare_stateless(&mut *borrow(&names.0)?, out, Some(x))?;
+    let mut ys = prepare_stateless(&mut *borrow(&names.1)?, y, None)?;
+    same_layout(&[&outs, &ys])?;
+    same_shapes(&outs.singles, &ys.singles, &outs.names)?;
+    same_shapes(&outs.doubles, &ys.doubles, &outs.names)?;
+    let firsts = outs.lanes(pair::<f32>, pair::<f64>);
+    let seconds = ys.lanes(alone::<f32>, alone::<f64>);
+    let mut items = Vec::with_capacity(firsts.len());
+    for (first, second) in firsts.into_iter().zip(seconds) {
+        items.push(match (first, second) {
+            (ByDtype::Single(f), ByDtype::Single(s)) => ByDtype::Single(triple(f, s)),
+            (ByDtype::Double(f), ByDtype::Double(s)) => ByDtype::Double(triple(f, s)),
+            _ => unreachable!("dtypes checked by same_layout"),
+        });
+    }
+    py.detach(move || phases::combine(items, a, b));
+    outs.commit(&mut []);
+    ys.commit(&mut []);
+    Ok(())
+}
+
 /// One bSAM update of the parameters, the momentum and the precision
 /// (`family::bsam_update`): `ascended` is the gradient at the ascent's point, `sampled`
 /// the gradient at the noisy sample.
@@ -333,6 +399,7 @@ pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(fisher, module)?)?;
     module.add_function(wrap_pyfunction!(noise, module)?)?;
     module.add_function(wrap_pyfunction!(divide, module)?)?;
+    module.add_function(wrap_pyfunction!(combine, module)?)?;
     module.add_function(wrap_pyfunction!(bsam_update, module)?)?;
     module.add_function(wrap_pyfunction!(cosine, module)?)?;
     Ok(())
