@@ -321,7 +321,8 @@ def test_a_bad_state_dict_is_refused_and_changes_nothing(variant: str, key: str,
     assert _bitwise_state(opt.state_dict()) == before
 
 
-@pytest.mark.parametrize("variant,prefix", [("looksam", "looksam_gv_"), ("friendly", "friendly_ema_")])
+@pytest.mark.parametrize("variant,prefix",
+                         [("looksam", "looksam_gv_"), ("friendly", "friendly_ema_")])
 def test_kept_state_of_another_shape_is_refused_when_used(variant: str, prefix: str) -> None:
     """A loaded g_v or EMA of the parameter's size but another shape is refused by the
     pass that mixes it with the gradient, and the step changes nothing."""
