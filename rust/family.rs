@@ -289,11 +289,19 @@ pub struct BsamHyper {
 }
 
 /// The parameter w, the gradient at the ascent's point g_ε, the momentum m, the gradient
-/// at the noisy sample g, and the precision s.
-pub type UpdateStreams<'a, T> = (&'a mut [T], &'a [T], &'a mut [T], &'a [T], &'a mut [T]);
+/// at the noisy sample g, the precision s, and the parameter's group (its `BsamHyper`).
+pub type UpdateStreams<'a, T> = (
+    &'a mut [T],
+    &'a [T],
+    &'a mut [T],
+    &'a [T],
+    &'a mut [T],
+    Whole<u32>,
+);
 pub type BsamItem<'a> = ByDtype<UpdateStreams<'a, f32>, UpdateStreams<'a, f64>>;
 
-fn bsam_pass<T: Real>((w, ge, m, g, s): UpdateStreams<'_, T>, h: BsamHyper) {
+fn bsam_pass<T: Real>((w, ge, m, g, s, Whole(group)): UpdateStreams<'_, T>, hypers: &[BsamHyper]) {
+    let h = hypers[group as usize];
     let n = w.len();
     let (ge, m, g, s) = (&ge[..n], &mut m[..n], &g[..n], &mut s[..n]);
     for i in 0..n {
@@ -306,13 +314,14 @@ fn bsam_pass<T: Real>((w, ge, m, g, s): UpdateStreams<'_, T>, h: BsamHyper) {
     }
 }
 
-/// One bSAM update for every item, each element's streams read and written once:
+/// One bSAM update for every item, each element's streams read and written once, with
+/// its parameter group's hyperparameters (`hypers[group]`):
 /// `m ← β1·m + (1−β1)·(g_ε + δ·w) ; w ← w − α·m/s ; s ← β2·s + (1−β2)·(√s·|g| + γ + δ)`
 /// (w and s of the step's start on the right-hand sides).
-pub fn bsam_update(items: Vec<BsamItem<'_>>, hyper: BsamHyper) {
+pub fn bsam_update(items: Vec<BsamItem<'_>>, hypers: &[BsamHyper]) {
     for_each(items, |piece| match piece {
-        ByDtype::Single(lanes) => bsam_pass(lanes, hyper),
-        ByDtype::Double(lanes) => bsam_pass(lanes, hyper),
+        ByDtype::Single(lanes) => bsam_pass(lanes, hypers),
+        ByDtype::Double(lanes) => bsam_pass(lanes, hypers),
     });
 }
 
@@ -356,7 +365,7 @@ mod tests {
     }
 
     #[test]
-    fn bsam_update_uses_the_start_values() {
+    fn bsam_update_uses_the_start_values_and_each_group_its_own() {
         let h = BsamHyper {
             lr: 0.5,
             beta1: 0.9,
@@ -364,15 +373,22 @@ mod tests {
             delta: 0.01,
             damping: 0.1,
         };
+        let other = BsamHyper { lr: 0.25, ..h };
         let (mut w, mut m, mut s) = ([2.0f64], [0.5f64], [4.0f64]);
+        let (mut w2, mut m2, mut s2) = ([2.0f64], [0.5f64], [4.0f64]);
         bsam_update(
-            vec![ByDtype::Double((&mut w, &[1.0], &mut m, &[-3.0], &mut s))],
-            h,
+            vec![
+                ByDtype::Double((&mut w, &[1.0], &mut m, &[-3.0], &mut s, Whole(0))),
+                ByDtype::Double((&mut w2, &[1.0], &mut m2, &[-3.0], &mut s2, Whole(1))),
+            ],
+            &[h, other],
         );
         let m1 = 0.9 * 0.5 + 0.1 * (1.0 + 0.01 * 2.0);
         assert_eq!(m, [m1]);
         assert_eq!(w, [2.0 - 0.5 * m1 / 4.0]);
         assert_eq!(s, [0.99 * 4.0 + 0.01 * (2.0 * 3.0 + 0.1 + 0.01)]);
+        assert_eq!((m2, s2), (m, s));
+        assert_eq!(w2, [2.0 - 0.25 * m1 / 4.0]);
     }
 
     #[test]

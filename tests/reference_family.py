@@ -327,17 +327,22 @@ class RefBSAM:
     """bSAM (Moellenhoff & Khan, ICLR 2023; the authors' code with one split):
     e ~ N(0, 1/(N s)), g = grad at w + e; g_e = grad at w + rho*g/s;
     m <- b1*m + (1-b1)*(g_e + d*w); w <- w - lr*m/s; s <- b2*s + (1-b2)*(sqrt(s)*|g| + damping + d)
-    with d = prior_precision/N, m starting at 0 and s at s_init."""
+    with d = prior_precision/N, m starting at 0 and s at s_init. ``groups`` maps a name to
+    its own values of lr, beta1, beta2, prior_precision, rho and damping."""
 
     def __init__(self, num_data: int, lr: float, beta1: float, beta2: float,
                  prior_precision: float, rho: float, damping: float, s_init: float,
-                 seed: int) -> None:
-        self.n, self.lr, self.b1, self.b2 = num_data, lr, beta1, beta2
-        self.delta = prior_precision / num_data
-        self.rho, self.damping, self.s_init, self.seed = rho, damping, s_init, seed
+                 seed: int, groups: dict[str, dict[str, float]] | None = None) -> None:
+        self.n, self.s_init, self.seed = num_data, s_init, seed
+        self.own = {"lr": lr, "beta1": beta1, "beta2": beta2,
+                    "prior_precision": prior_precision, "rho": rho, "damping": damping}
+        self.groups = groups or {}
         self.m: Arrays = {}
         self.s: Arrays = {}
         self.draws = 0
+
+    def values(self, name: str) -> dict[str, float]:
+        return {**self.own, **self.groups.get(name, {})}
 
     def sam_step(self, params: Arrays, grad_fn: GradFn) -> Any:
         for k in params:
@@ -348,11 +353,13 @@ class RefBSAM:
                  / np.sqrt(self.n * self.s[k]) for k in params}
         loss, g = grad_fn(noisy)
         g = {k: np.asarray(g[k], dtype=np.float64) for k in params}
-        _, ge = grad_fn({k: w[k] + self.rho * g[k] / self.s[k] for k in params})
+        _, ge = grad_fn({k: w[k] + self.values(k)["rho"] * g[k] / self.s[k] for k in params})
         for k in params:
-            self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * (ge[k] + self.delta * w[k])
-            params[k] = w[k] - self.lr * self.m[k] / self.s[k]
-            self.s[k] = self.b2 * self.s[k] + (1 - self.b2) * (
-                np.sqrt(self.s[k]) * np.abs(g[k]) + self.damping + self.delta)
+            v = self.values(k)
+            delta = v["prior_precision"] / self.n
+            self.m[k] = v["beta1"] * self.m[k] + (1 - v["beta1"]) * (ge[k] + delta * w[k])
+            params[k] = w[k] - v["lr"] * self.m[k] / self.s[k]
+            self.s[k] = v["beta2"] * self.s[k] + (1 - v["beta2"]) * (
+                np.sqrt(self.s[k]) * np.abs(g[k]) + v["damping"] + delta)
         self.draws += 1
         return loss

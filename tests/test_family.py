@@ -647,16 +647,23 @@ BSAM_ARGS = dict(num_data=500, lr=0.02, beta1=0.9, beta2=0.99, prior_precision=5
                  damping=0.1, s_init=2.0, seed=8)
 
 
-def build_bsam() -> tuple[Any, Any]:
+BSAM_GROUPS = {"w": {"lr": 0.01, "rho": 0.1, "beta1": 0.5},
+               "conv": {"prior_precision": 50.0, "damping": 1.0, "beta2": 0.9}}
+
+
+def build_bsam(groups: bool = False) -> tuple[Any, Any]:
     args = dict(BSAM_ARGS)
     n = args.pop("num_data")
     lr = args.pop("lr")
-    return samopt.BsamOptimizer(n, lr, **args), F.RefBSAM(n, lr, **args)  # type: ignore[arg-type]
+    pg = [{"params": [k], **v} for k, v in BSAM_GROUPS.items()] if groups else None
+    return (samopt.BsamOptimizer(n, lr, **args, param_groups=pg),  # type: ignore[arg-type]
+            F.RefBSAM(n, lr, **args, groups=BSAM_GROUPS if groups else None))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_bsam_matches_its_reference_over_100_steps(dtype: Any) -> None:
-    opt, ref = build_bsam()
+@pytest.mark.parametrize("groups", [False, True])
+def test_bsam_matches_its_reference_over_100_steps(dtype: Any, groups: bool) -> None:
+    opt, ref = build_bsam(groups)
     params = make_params(dtype)
     ref_params = {k: v.astype(np.float64) for k, v in params.items()}
     dtypes = {k: v.dtype for k, v in params.items()}
@@ -673,15 +680,25 @@ def test_bsam_matches_its_reference_over_100_steps(dtype: Any) -> None:
     assert int(state["bsam_draws"]) == STEPS
 
 
-def test_bsam_state_dict_resumes_bit_exactly_and_pickles(tmp_path: Any) -> None:
-    straight, _ = build_bsam()
+@pytest.mark.parametrize("groups", [False, True])
+def test_bsam_state_dict_resumes_bit_exactly_and_pickles(tmp_path: Any, groups: bool) -> None:
+    """10 steps, the learning rate halved (a group's own with it), a checkpoint, 10 more:
+    as 20 steps straight, through np.savez and through pickle."""
+    straight, _ = build_bsam(groups)
     params = make_params(np.float32)
-    run(straight, params, range(20))
-    first, _ = build_bsam()
+    run(straight, params, range(10))
+    straight.set_lr(0.5 * straight.get_lr())
+    run(straight, params, range(10, 20))
+    first, _ = build_bsam(groups)
     resumed = make_params(np.float32)
     run(first, resumed, range(10))
-    np.savez(tmp_path / "b.npz", **first.state_dict())
-    second, _ = build_bsam()
+    first.set_lr(0.5 * first.get_lr())
+    saved = first.state_dict()
+    if groups:
+        assert float(saved["param_groups.0.lr"]) == 0.5 * BSAM_GROUPS["w"]["lr"]
+        assert float(saved["param_groups.1.lr"]) == 0.5 * BSAM_ARGS["lr"]  # type: ignore[operator]
+    np.savez(tmp_path / "b.npz", **saved)
+    second, _ = build_bsam(groups)
     second.load_state_dict(dict(np.load(tmp_path / "b.npz")))
     third = pickle.loads(pickle.dumps(first))
     again = {k: v.copy() for k, v in resumed.items()}
@@ -690,6 +707,29 @@ def test_bsam_state_dict_resumes_bit_exactly_and_pickles(tmp_path: Any) -> None:
     for k in params:
         assert params[k].tobytes() == resumed[k].tobytes() == again[k].tobytes(), k
     assert _bitwise_state(straight.state_dict()) == _bitwise_state(second.state_dict())
+
+
+def test_bsam_group_errors() -> None:
+    """A bad override, an unknown one, and a group lr with the optimizer's at 0, each a
+    TrainError naming it; a state dict of other groups is refused and changes nothing."""
+    for groups, key in [([{"params": ["w"], "beta1": 1.0}], "beta1"),
+                        ([{"params": ["w"], "eta": 1.0}], "eta"),
+                        ([{"params": ["w"], "rho": -0.1}], "rho")]:
+        with pytest.raises(TrainError) as info:
+            samopt.BsamOptimizer(10, param_groups=groups)
+        assert info.value.key == key
+    with pytest.raises(TrainError) as info:
+        samopt.BsamOptimizer(10, 0.0, param_groups=[{"params": ["w"], "lr": 0.1}])
+    assert info.value.key == "lr"
+    grouped, _ = build_bsam(True)
+    run(grouped, make_params(np.float64), range(2))
+    plain, _ = build_bsam()
+    run(plain, make_params(np.float64), range(2))
+    before = _bitwise_state(plain.state_dict())
+    with pytest.raises(TrainError) as info:
+        plain.load_state_dict(grouped.state_dict())
+    assert info.value.key == "param_groups.0.lr"
+    assert _bitwise_state(plain.state_dict()) == before
 
 
 @pytest.mark.parametrize("kind", ["nan", "missing", "shape", "raise"])

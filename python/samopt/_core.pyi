@@ -173,7 +173,8 @@ def bsam_update(
     momentum: _Arrays,
     sampled: _Arrays,
     precision: _Arrays,
-    hyper: tuple[float, float, float, float, float],
+    hypers: list[tuple[float, float, float, float, float]],
+    groups: dict[str, int],
 ) -> None: ...
 
 @final

@@ -22,6 +22,7 @@ from . import _core
 from ._config import check_real
 from ._directions import Buffers
 from ._errors import OptimizerError
+from ._groups import Check, ParamGroups
 from ._protocol import Grads, Optimizer, Params, StateDict
 from ._sam import GradFn, SamOptimizer, _evaluate
 from ._state import as_dict, scalar_entry, state_array, time_step_entry
@@ -534,6 +535,23 @@ def _load_kept_gradient(state: Mapping[str, Any], prefix: str) -> dict[str, NDAr
     return {name: np.array(a, order="C") for name, a in kept.items()}
 
 
+def _check_decay(key: str, value: object) -> float:
+    decay = check_real(key, value, minimum=0.0)
+    if decay >= 1.0:
+        raise OptimizerError(f"{key} must be in [0, 1), got {value!r}", key)
+    return decay
+
+
+_BSAM_GROUP_CHECKS: dict[str, Check] = {
+    "lr": lambda key, value: check_real(key, value, minimum=0.0),
+    "beta1": _check_decay,
+    "beta2": _check_decay,
+    "prior_precision": lambda key, value: check_real(key, value, minimum=0.0),
+    "rho": lambda key, value: check_real(key, value, minimum=0.0),
+    "damping": lambda key, value: check_real(key, value, minimum=0.0),
+}
+
+
 def _buffers_of(arrays: Mapping[str, NDArray[Any]]) -> Buffers:
     made = Buffers()
     made.arrays = dict(arrays)
@@ -833,7 +851,13 @@ class BsamOptimizer:
     (Box–Muller), keyed by ``seed`` and the step count (``bsam_seed``, ``bsam_draws`` in
     the state dict). Two gradient evaluations per step; returns the loss at the sample.
     ``step(params, grads)`` is the update with ``grads`` as both gradients (no sample, no
-    ascent). No parameter groups.
+    ascent).
+
+    ``param_groups=[{"params": selector, **overrides}]`` may override ``lr``, ``beta1``,
+    ``beta2``, ``prior_precision``, ``rho`` and ``damping`` (the posterior's ``num_data``
+    and ``s_init`` are the model's). A group's ``lr`` and ``rho`` keep their ratio to the
+    optimizer's when ``set_lr`` or the ``rho`` setter changes it, as in SamOptimizer and
+    the base optimizers; the state dict holds each group's ``param_groups.<i>.lr``.
     """
 
     def __init__(
@@ -848,26 +872,74 @@ class BsamOptimizer:
         damping: float = 0.1,
         s_init: float = 1.0,
         seed: int = 0,
+        param_groups: object = None,
     ) -> None:
         if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
             raise OptimizerError(f"num_data must be an int >= 1, got {num_data!r}", "num_data")
         self.num_data = num_data
         self._lr = check_real("lr", lr, minimum=0.0)
-        for key, value in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= check_real(key, value, minimum=0.0) < 1.0:
-                raise OptimizerError(f"{key} must be in [0, 1), got {value!r}", key)
-        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.beta1, self.beta2 = _check_decay("beta1", beta1), _check_decay("beta2", beta2)
         self.prior_precision = check_real("prior_precision", prior_precision, minimum=0.0)
         self._rho = check_real("rho", rho, minimum=0.0)
         self.damping = check_real("damping", damping, minimum=0.0)
         self.s_init = check_real("s_init", s_init, above=0.0)
         self._seed = _check_seed(seed)
+        self.param_groups = ParamGroups.parse(param_groups, _BSAM_GROUP_CHECKS)
+        for key, own in (("lr", self._lr), ("rho", self._rho)):
+            if own == 0.0 and any(key in o for o in self.param_groups.overrides):
+                raise OptimizerError(
+                    f"a parameter group's {key} keeps its ratio to the optimizer's, which is 0",
+                    key,
+                )
+        self._configured = (self._lr, self._rho)
+        self._lrs = self._scaled_lrs(self._lr)
+        self._group_of: dict[Any, int] = {}
         self._draws = 0
         self._momentum = Buffers()
         self._precision = Buffers()
         self._direction = Buffers()
-        self._engine = _core.SamEngine(False, [(1.0, False, 0.0, True)], None)
         self._lock = threading.RLock()
+        self._new_engines()
+
+    def _new_engines(self) -> None:
+        """The posterior sample moves every parameter as drawn (one engine, no groups); the
+        ascent moves each by its group's rho (another, each group's rho as a multiple of
+        the optimizer's)."""
+        self._engine = _core.SamEngine(False, [(1.0, False, 0.0, True)], None)
+        ascents = [(1.0, False, 0.0, True)]
+        for values in self.param_groups.overrides:
+            ratio = values["rho"] / self._configured[1] if "rho" in values else 1.0
+            ascents.append((ratio, False, 0.0, True))
+        assign = self.param_groups.assign if len(self.param_groups) else None
+        self._ascent_engine = _core.SamEngine(False, ascents, assign)
+
+    def _scaled_lrs(self, lr: float) -> list[float]:
+        configured = self._configured[0]
+        return [lr] + [
+            values["lr"] * (lr / configured) if "lr" in values else lr
+            for values in self.param_groups.overrides
+        ]
+
+    def _hypers(self) -> list[tuple[float, float, float, float, float]]:
+        """Each group's ``(lr, beta1, beta2, delta, damping)``, the optimizer's own first."""
+        own = {
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "prior_precision": self.prior_precision,
+            "damping": self.damping,
+        }
+        return [
+            (lr, v["beta1"], v["beta2"], v["prior_precision"] / self.num_data, v["damping"])
+            for lr, v in zip(self._lrs, self.param_groups.resolved(own))
+        ]
+
+    def _groups_for(self, params: dict[Any, Any]) -> dict[Any, int]:
+        """Each parameter's group, asked of the groups once per set of names."""
+        if not len(self.param_groups):
+            return {}
+        if self._group_of.keys() != params.keys():
+            self._group_of = {name: self.param_groups.assign(name) for name in params}
+        return self._group_of
 
     @property
     def rho(self) -> float:
@@ -882,10 +954,14 @@ class BsamOptimizer:
         return False
 
     def get_lr(self) -> float:
-        return self._lr
+        return self._lrs[0]
 
     def set_lr(self, lr: float) -> None:
-        self._lr = check_real("lr", lr, minimum=0.0)
+        """Sets the learning rate; every parameter group's that sets its own is scaled by
+        the same factor."""
+        lrs = self._scaled_lrs(check_real("lr", lr, minimum=0.0))
+        with self._lock:
+            self._lrs = lrs
 
     def zero_grad(self) -> None:
         """Nothing: the gradients are the caller's arrays."""
@@ -914,26 +990,26 @@ class BsamOptimizer:
     ) -> None:
         momentum, precision = state
         weights = self._direction  # only its names' order
-        delta = self.prior_precision / self.num_data
-        hyper = (self._lr, self.beta1, self.beta2, delta, self.damping)
         _core.bsam_update(
             (weights.names, momentum.names, precision.names),
-            params, ascended, momentum.arrays, sampled, precision.arrays, hyper,
+            params, ascended, momentum.arrays, sampled, precision.arrays, self._hypers(),
+            self._groups_for(params),
         )
         self._momentum, self._precision = momentum, precision
 
-    def _moved(self, params: dict[Any, Any], direction: dict[Any, Any], radius: float,
+    def _moved(self, engine: _core.SamEngine, params: dict[Any, Any],
+               direction: dict[Any, Any], radius: float,
                grad_fn: GradFn) -> tuple[Any, dict[Any, Any]]:
-        """The loss and gradients at ``w + radius·d/‖d‖`` (at w when d = 0); w is put back
-        exactly whatever happens."""
+        """The loss and gradients at ``w + radius·d`` (each group's radius under the ascent
+        engine; at w when d = 0); w is put back exactly whatever happens."""
         if not radius:
             return _evaluate(grad_fn, params)
         norm = _core.gradient_norm(direction)
-        _core.first_step(self._engine, params, direction, radius * norm, 0.0)
+        _core.first_step(engine, params, direction, radius * norm, 0.0)
         try:
             return _evaluate(grad_fn, params)
         finally:
-            _core.restore(self._engine, params)
+            _core.restore(engine, params)
 
     def sam_step(self, params: Params, grad_fn: GradFn) -> Any:
         params_dict = as_dict(params, "params")
@@ -944,9 +1020,11 @@ class BsamOptimizer:
             names = self._direction.names
             _core.noise(names, direction, precision.arrays, self._seed, self._draws,
                         float(self.num_data))
-            loss, sampled = self._moved(params_dict, direction, 1.0, grad_fn)
+            loss, sampled = self._moved(self._engine, params_dict, direction, 1.0, grad_fn)
             _core.divide((names, precision.names), direction, sampled, precision.arrays)
-            _, ascended = self._moved(params_dict, direction, self._rho, grad_fn)
+            _, ascended = self._moved(
+                self._ascent_engine, params_dict, direction, self._rho, grad_fn
+            )
             self._update(params_dict, ascended, sampled, state)
             self._draws += 1
             return loss
@@ -961,10 +1039,12 @@ class BsamOptimizer:
         ``s_<name>``."""
         with self._lock:
             state: StateDict = {
-                "lr": np.array(self._lr),
+                "lr": np.array(self._lrs[0]),
                 "bsam_seed": np.array(self._seed, dtype=np.int64),
                 "bsam_draws": np.array(self._draws, dtype=np.int64),
             }
+            for index, lr in enumerate(self._lrs[1:]):
+                state[f"param_groups.{index}.lr"] = np.array(lr)
             for name in sorted(self._momentum.arrays):
                 state["m_" + name] = self._momentum.arrays[name].copy()
                 state["s_" + name] = self._precision.arrays[name].copy()
@@ -973,13 +1053,14 @@ class BsamOptimizer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
             raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
+        group_lrs = [f"param_groups.{i}.lr" for i in range(len(self.param_groups))]
         for key in state:
-            known = key in ("lr", "bsam_seed", "bsam_draws") or (
+            known = key in ("lr", "bsam_seed", "bsam_draws", *group_lrs) or (
                 isinstance(key, str) and key.startswith(("m_", "s_"))
             )
             if not known:
                 raise OptimizerError(f"unknown state dict key {key!r}", str(key))
-        lr = scalar_entry(state, "lr")
+        lrs = [scalar_entry(state, key) for key in ("lr", *group_lrs)]
         seed = _seed_entry(state, "bsam_seed")
         draws = time_step_entry(state, "bsam_draws")
         keys = sorted(k for k in state if isinstance(k, str))
@@ -1002,7 +1083,7 @@ class BsamOptimizer:
             if not (s > 0).all():
                 raise OptimizerError(f"state 's_{name}' must be positive", "s_" + name)
         with self._lock:
-            self._lr, self._seed, self._draws = lr, seed, draws
+            self._lrs, self._seed, self._draws = lrs, seed, draws
             self._momentum = _buffers_of({k: np.array(v, order="C") for k, v in momentum.items()})
             self._precision = _buffers_of(
                 {k: np.array(v, order="C") for k, v in precision.items()}
@@ -1011,17 +1092,17 @@ class BsamOptimizer:
     def __getstate__(self) -> dict[str, Any]:
         with self._lock:
             state = self.__dict__.copy()
-        del state["_lock"], state["_engine"]
+        del state["_lock"], state["_engine"], state["_ascent_engine"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
-        self._engine = _core.SamEngine(False, [(1.0, False, 0.0, True)], None)
+        self._new_engines()
 
     def __repr__(self) -> str:
         return (
-            f"BsamOptimizer({self.num_data!r}, lr={self._lr!r}, beta1={self.beta1!r}, "
+            f"BsamOptimizer({self.num_data!r}, lr={self._lrs[0]!r}, beta1={self.beta1!r}, "
             f"beta2={self.beta2!r}, prior_precision={self.prior_precision!r}, "
             f"rho={self._rho!r}, damping={self.damping!r}, s_init={self.s_init!r}, "
             f"seed={self._seed!r})"

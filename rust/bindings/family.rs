@@ -10,7 +10,9 @@ use super::api::{borrow, prepare_stateless, Names};
 use super::arrays::{self, norm_gradient, norm_source, sorted_entries, Float, NormSource};
 use super::driver::{Entry, Prepared};
 use crate::claims::{self, CallClaims};
-use crate::family::{self, BsamHyper, CentreSource, FisherSource, MaskSource, NoiseSource, Rows};
+use crate::family::{
+    self, BsamHyper, CentreSource, FisherSource, MaskSource, NoiseSource, Rows, Whole,
+};
 use crate::norm::{self, DotItem, NormItem};
 use crate::parallel::ByDtype;
 use crate::phases;
@@ -247,7 +249,9 @@ fn combine(
 
 /// One bSAM update of the parameters, the momentum and the precision
 /// (`family::bsam_update`): `ascended` is the gradient at the ascent's point, `sampled`
-/// the gradient at the noisy sample.
+/// the gradient at the noisy sample; `hypers[k]` is parameter group k's
+/// `(lr, beta1, beta2, delta, damping)`, the optimizer's own first, and `groups` maps a
+/// parameter's name to its group (a name it lacks is in group 0).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn bsam_update(
@@ -258,17 +262,37 @@ fn bsam_update(
     momentum: &Bound<'_, PyDict>,
     sampled: &Bound<'_, PyDict>,
     precision: &Bound<'_, PyDict>,
-    hyper: (f64, f64, f64, f64, f64),
+    hypers: Vec<(f64, f64, f64, f64, f64)>,
+    groups: &Bound<'_, PyDict>,
 ) -> PyResult<()> {
-    let (lr, beta1, beta2, delta, damping) = hyper;
-    let hyper = BsamHyper {
-        lr,
-        beta1,
-        beta2,
-        delta,
-        damping,
-    };
+    let hypers: Vec<BsamHyper> = hypers
+        .into_iter()
+        .map(|(lr, beta1, beta2, delta, damping)| BsamHyper {
+            lr,
+            beta1,
+            beta2,
+            delta,
+            damping,
+        })
+        .collect();
     let mut weights = prepare_stateless(&mut *borrow(&names.0)?, params, Some(ascended))?;
+    let group_of = weights
+        .names
+        .iter()
+        .map(|name| -> PyResult<u32> {
+            let group = match groups.get_item(&name.0)? {
+                Some(group) => group.extract::<u32>()?,
+                None => 0,
+            };
+            match (group as usize) < hypers.len() {
+                true => Ok(group),
+                false => Err(super::optimizer_error(
+                    &name.text(),
+                    format!("'{}' is in group {group}, which has no values", name.text()),
+                )),
+            }
+        })
+        .collect::<PyResult<Vec<u32>>>()?;
     let mut moments = prepare_stateless(&mut *borrow(&names.1)?, momentum, Some(sampled))?;
     let mut precisions = prepare_stateless(&mut *borrow(&names.2)?, precision, None)?;
     same_layout(&[&weights, &moments, &precisions])?;
@@ -291,18 +315,20 @@ fn bsam_update(
     let ms = moments.lanes(pair::<f32>, pair::<f64>);
     let ss = precisions.lanes(alone::<f32>, alone::<f64>);
     let mut items = Vec::with_capacity(ws.len());
-    for ((w, m), s) in ws.into_iter().zip(ms).zip(ss) {
+    // The lanes are in name order, as `group_of`.
+    for (((w, m), s), group) in ws.into_iter().zip(ms).zip(ss).zip(group_of) {
+        let group = Whole(group);
         items.push(match (w, m, s) {
             (ByDtype::Single((w, ge)), ByDtype::Single((m, g)), ByDtype::Single(s)) => {
-                ByDtype::Single((w, ge, m, g, s))
+                ByDtype::Single((w, ge, m, g, s, group))
             }
             (ByDtype::Double((w, ge)), ByDtype::Double((m, g)), ByDtype::Double(s)) => {
-                ByDtype::Double((w, ge, m, g, s))
+                ByDtype::Double((w, ge, m, g, s, group))
             }
             _ => unreachable!("dtypes checked by same_layout"),
         });
     }
-    py.detach(move || family::bsam_update(items, hyper));
+    py.detach(move || family::bsam_update(items, &hypers));
     weights.commit(&mut []);
     moments.commit(&mut []);
     precisions.commit(&mut []);
