@@ -565,6 +565,8 @@ makers = {
     "fisher": lambda: samopt.FisherSamOptimizer(sgd(), 0.1),
     "friendly": lambda: samopt.FriendlySamOptimizer(sgd(), 0.1),
     "bsam": lambda: samopt.BsamOptimizer(1000, 0.05, seed=2),
+    "bsam_groups": lambda: samopt.BsamOptimizer(
+        1000, 0.05, seed=2, param_groups=[{"params": ["a"], "lr": 0.1, "rho": 0.2}]),
 }
 out = {}
 for name, make in makers.items():
@@ -734,8 +736,9 @@ def test_bsam_group_errors() -> None:
 
 @pytest.mark.parametrize("kind", ["nan", "missing", "shape", "raise"])
 @pytest.mark.parametrize("at_call", [1, 2])
-def test_bsam_errors_change_nothing(kind: str, at_call: int) -> None:
-    opt, _ = build_bsam()
+@pytest.mark.parametrize("groups", [False, True])
+def test_bsam_errors_change_nothing(kind: str, at_call: int, groups: bool) -> None:
+    opt, _ = build_bsam(groups)
     params = make_params(np.float32)
     run(opt, params, range(3))
     before, state = R.snapshot(params), _bitwise_state(opt.state_dict())
