@@ -258,7 +258,7 @@ pub fn noise(items: Vec<NoiseItem<'_>>, data: f64) {
 }
 
 /// An output buffer, the gradient and bSAM's precision `s`.
-pub type DivideLanes<'a, T> = (&'a mut [T], &'a [T], &'a mut [T]);
+pub type DivideLanes<'a, T> = (&'a mut [T], &'a [T], &'a [T]);
 pub type DivideItem<'a> = ByDtype<DivideLanes<'a, f32>, DivideLanes<'a, f64>>;
 
 fn divide_pass<T: Real>((out, g, s): DivideLanes<'_, T>) {

@@ -15,7 +15,7 @@ use crate::family::{
 };
 use crate::norm::{self, DotItem, NormItem};
 use crate::parallel::ByDtype;
-use crate::phases;
+use crate::phases::{self, CombineItem};
 
 fn centre_source<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> CentreSource<'a, T> {
     let rows = Rows::of(entry.param.shape(), entry.param.order().fortran());
@@ -154,31 +154,35 @@ fn alone<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> &'a mut [T] {
     entry.lanes().0
 }
 
-/// bSAM's ascent direction: `out[k] ← g[k]/s[k]`.
-#[pyfunction]
-fn divide(
+/// A call over `out`, read from `x` (converted to `out`'s dtypes as a gradient is) and
+/// from `y`, a buffer of the optimizer's own laid out as `out`: the kernel gets
+/// `(out, x, y)` per parameter.
+fn with_buffer(
     py: Python<'_>,
     names: (Bound<'_, Names>, Bound<'_, Names>),
     out: &Bound<'_, PyDict>,
-    grads: &Bound<'_, PyDict>,
-    precision: &Bound<'_, PyDict>,
+    x: &Bound<'_, PyDict>,
+    y: &Bound<'_, PyDict>,
+    kernel: impl FnOnce(Vec<CombineItem<'_>>) + Send,
 ) -> PyResult<()> {
-    let mut outs = prepare_stateless(&mut *borrow(&names.0)?, out, Some(grads))?;
-    let mut precisions = prepare_stateless(&mut *borrow(&names.1)?, precision, None)?;
-    same_layout(&[&outs, &precisions])?;
+    let mut outs = prepare_stateless(&mut *borrow(&names.0)?, out, Some(x))?;
+    let mut ys = prepare_stateless(&mut *borrow(&names.1)?, y, None)?;
+    same_layout(&[&outs, &ys])?;
+    same_shapes(&outs.singles, &ys.singles, &outs.names)?;
+    same_shapes(&outs.doubles, &ys.doubles, &outs.names)?;
     let firsts = outs.lanes(pair::<f32>, pair::<f64>);
-    let seconds = precisions.lanes(alone::<f32>, alone::<f64>);
+    let seconds = ys.lanes(alone::<f32>, alone::<f64>);
     let mut items = Vec::with_capacity(firsts.len());
     for (first, second) in firsts.into_iter().zip(seconds) {
         items.push(match (first, second) {
-            (ByDtype::Single((o, g)), ByDtype::Single(s)) => ByDtype::Single((o, g, s)),
-            (ByDtype::Double((o, g)), ByDtype::Double(s)) => ByDtype::Double((o, g, s)),
+            (ByDtype::Single((o, x)), ByDtype::Single(y)) => ByDtype::Single((o, x, &*y)),
+            (ByDtype::Double((o, x)), ByDtype::Double(y)) => ByDtype::Double((o, x, &*y)),
             _ => unreachable!("dtypes checked by same_layout"),
         });
     }
-    py.detach(move || family::divide(items));
+    py.detach(move || kernel(items));
     outs.commit(&mut []);
-    precisions.commit(&mut []);
+    ys.commit(&mut []);
     Ok(())
 }
 
@@ -205,17 +209,21 @@ fn same_shapes<T: Float>(
     Ok(())
 }
 
-fn triple<'a, T: Float>(
-    (out, x): (&'a mut [T], &'a [T]),
-    y: &'a mut [T],
-) -> (&'a mut [T], &'a [T], &'a [T]) {
-    (out, x, y)
+/// bSAM's ascent direction: `out[k] ← g[k]/s[k]`.
+#[pyfunction]
+fn divide(
+    py: Python<'_>,
+    names: (Bound<'_, Names>, Bound<'_, Names>),
+    out: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+    precision: &Bound<'_, PyDict>,
+) -> PyResult<()> {
+    with_buffer(py, names, out, grads, precision, family::divide)
 }
 
 /// The SAM family's mixes of two gradients in one pass: `out[k] ← a·x[k] + b·y[k]`
-/// (`phases::combine`), `x` converted to `out`'s dtypes as a gradient is, `y` a buffer of
-/// the optimizer's own laid out as `out`. Nothing is checked finite: the callers have
-/// (the norms and cosines they scale by), or write a buffer they only keep on success.
+/// (`phases::combine`). Nothing is checked finite: the callers have (the norms and
+/// cosines they scale by), or write a buffer they only keep on success.
 #[pyfunction]
 fn combine(
     py: Python<'_>,
@@ -226,25 +234,9 @@ fn combine(
     y: &Bound<'_, PyDict>,
     b: f64,
 ) -> PyResult<()> {
-    let mut outs = prepare_stateless(&mut *borrow(&names.0)?, out, Some(x))?;
-    let mut ys = prepare_stateless(&mut *borrow(&names.1)?, y, None)?;
-    same_layout(&[&outs, &ys])?;
-    same_shapes(&outs.singles, &ys.singles, &outs.names)?;
-    same_shapes(&outs.doubles, &ys.doubles, &outs.names)?;
-    let firsts = outs.lanes(pair::<f32>, pair::<f64>);
-    let seconds = ys.lanes(alone::<f32>, alone::<f64>);
-    let mut items = Vec::with_capacity(firsts.len());
-    for (first, second) in firsts.into_iter().zip(seconds) {
-        items.push(match (first, second) {
-            (ByDtype::Single(f), ByDtype::Single(s)) => ByDtype::Single(triple(f, s)),
-            (ByDtype::Double(f), ByDtype::Double(s)) => ByDtype::Double(triple(f, s)),
-            _ => unreachable!("dtypes checked by same_layout"),
-        });
-    }
-    py.detach(move || phases::combine(items, a, b));
-    outs.commit(&mut []);
-    ys.commit(&mut []);
-    Ok(())
+    with_buffer(py, names, out, x, y, move |items| {
+        phases::combine(items, a, b)
+    })
 }
 
 /// One bSAM update of the parameters, the momentum and the precision
