@@ -40,7 +40,10 @@ pub fn average_offset(beta1: f64) -> f64 {
 /// Each group's offset of a move to the average (`to_average`) or back to `y`.
 pub fn shift_offsets(groups: &[Hyper], to_average: bool) -> Vec<f64> {
     let sign = if to_average { 1.0 } else { -1.0 };
-    groups.iter().map(|hyper| sign * average_offset(hyper.beta1)).collect()
+    groups
+        .iter()
+        .map(|hyper| sign * average_offset(hyper.beta1))
+        .collect()
 }
 
 /// Moves parameters between `y` and `x` (`eval` and `train`): `p ← p + offset·(z − y)`
@@ -163,8 +166,14 @@ mod tests {
             carried = ScheduleFreeAdamW::carry(&carried, t);
             assert!(close(carried.weight_sum, sum));
             y = ScheduleFreeAdamW::at_step(&carried, t).element(y, g, &mut state);
-            assert!((state[0] - (z - ((1.0 - b1) * z + b1 * x))).abs() <= 1e-15, "t={t}");
-            assert!((y + average_offset(b1) * state[0] - x).abs() <= 1e-14, "t={t}");
+            assert!(
+                (state[0] - (z - ((1.0 - b1) * z + b1 * x))).abs() <= 1e-15,
+                "t={t}"
+            );
+            assert!(
+                (y + average_offset(b1) * state[0] - x).abs() <= 1e-14,
+                "t={t}"
+            );
         }
     }
 

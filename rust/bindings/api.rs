@@ -24,8 +24,8 @@ use crate::norm::NormItem;
 use crate::parallel::ByDtype;
 use crate::phases::{self, AscentGroup, GsamInputs};
 use crate::specs::{
-    AdaBelief, AdaMax, Adagrad, Adam, Hyper, Kind, Lion, NAdam, RAdam, RmsProp,
-    ScheduleFreeAdamW, Sgd, Spec,
+    AdaBelief, AdaMax, Adagrad, Adam, Hyper, Kind, Lion, NAdam, RAdam, RmsProp, ScheduleFreeAdamW,
+    Sgd, Spec,
 };
 use crate::state;
 

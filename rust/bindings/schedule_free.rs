@@ -11,8 +11,8 @@ use super::driver::{prepare, Entry, Groups, Policy, TableRef, Use};
 use super::engine::Engine;
 use super::optimizer_error;
 use crate::kernels::CopyLanes;
-use crate::specs::{Kind, ScheduleFreeAdamW, Spec};
 use crate::parallel::ByDtype;
+use crate::specs::{Kind, ScheduleFreeAdamW, Spec};
 use crate::specs_schedule_free::{shift, shift_offsets};
 
 fn shift_lanes<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> (CopyLanes<'a, T>, u32) {
