@@ -1,9 +1,9 @@
 """samopt: Sharpness-Aware Minimization for NumPy training loops.
 
 SAM (Foret et al., ICLR 2021), adaptive SAM and GSAM over SGD, Adam, AdamW, Adagrad, RMSprop,
-NAdam, AdaMax, RAdam, AdaBelief, Lion, Schedule-Free AdamW or any optimizer that follows the ``Optimizer``
-protocol, with parameter groups, tensorlogic-train's learning-rate schedulers and gradient
-accumulation; the element-wise work is in Rust.
+NAdam, AdaMax, RAdam, AdaBelief, Lion, Schedule-Free AdamW or any optimizer that follows the
+``Optimizer`` protocol, with parameter groups, tensorlogic-train's learning-rate schedulers
+and gradient accumulation; the element-wise work is in Rust.
 """
 
 from ._accumulate import GradAccumulator

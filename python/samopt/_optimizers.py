@@ -391,6 +391,12 @@ def _weight_sum_key(index: int | None) -> str:
 
 _TRAINING_MODE = "training_mode"
 
+# β1 = 0 would leave Schedule-Free's average unrecoverable from y and z.
+_SCHEDULE_FREE_CHECKS: dict[str, Check] = {
+    **_GROUP_CHECKS,
+    "beta1": lambda key, value: check_real(key, value, above=0.0, below=1.0),
+}
+
 
 class ScheduleFreeAdamW(NativeOptimizer):
     """Schedule-Free AdamW (Defazio et al., NeurIPS 2024, "The Road Less Scheduled",
@@ -411,10 +417,7 @@ class ScheduleFreeAdamW(NativeOptimizer):
     _kind = "schedule_free_adamw"
     _config_class = ScheduleFreeConfig
     _non_negative = ("v_",)
-    _group_checks = {
-        **_GROUP_CHECKS,
-        "beta1": lambda key, value: check_real(key, value, above=0.0, below=1.0),
-    }
+    _group_checks = _SCHEDULE_FREE_CHECKS
 
     def __init__(
         self, config: ScheduleFreeConfig | None = None, *, param_groups: object = None
