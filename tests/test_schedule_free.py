@@ -523,3 +523,44 @@ def test_bitwise_identical_across_thread_counts() -> None:
     assert len(set(runs["1"].values())) == len(runs["1"]), "two runs ended alike"
     for threads, digests in runs.items():
         assert digests == runs["1"], f"RAYON_NUM_THREADS={threads} differs from 1"
+
+
+def test_set_lr_changes_the_weights_of_the_average() -> None:
+    """A learning rate changed mid-run (a scheduler's set_lr) enters γ_t and so both the
+    step and the average's weights γ_t²/Σγ_i², as the reference computes them."""
+    rng = np.random.default_rng(9)
+    specs = [dict(s) for s in MIXED_SPECS]
+    holders, ref_params = build_params(specs, rng)
+    params = {k: h.array for k, h in holders.items()}
+    c = dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, wd=0.01, warmup=3, clip_mode=None,
+             clip=None)
+    opt, ref = ScheduleFreeAdamW(make_config(c)), make_reference(c)
+    scales = R.ScaleTracker()
+    dts = dtypes_of(params)
+    for t in range(40):
+        if t in (10, 25):
+            opt.set_lr(opt.get_lr() * (0.2 if t == 10 else 4.0))
+            ref.lr = opt.get_lr()
+        g = build_grads(specs, rng)
+        ref.step(ref_params, R.to_ref_grads(g, dts))
+        track(scales, ref_params, ref)
+        opt.step(params, g)
+    assert_close(params, opt.state_dict(), ref_params, ref.state_dict(), "set_lr", scales,
+                 R.FLOAT64_TOL)
+
+
+def test_pickle_keeps_the_state_and_the_mode() -> None:
+    import pickle
+
+    opt, params = trained()
+    opt.eval(params)
+    copy = pickle.loads(pickle.dumps(opt))
+    assert not copy.training
+    assert R.state_snapshot(copy.state_dict()) == R.state_snapshot(opt.state_dict())
+    twin = {k: v.copy() for k, v in params.items()}
+    opt.train(params)
+    copy.train(twin)
+    long_run(opt, params, 10, 12)
+    long_run(copy, twin, 10, 12)
+    for k in params:
+        assert params[k].tobytes() == twin[k].tobytes(), k
