@@ -314,12 +314,26 @@ def test_eval_train_round_trip() -> None:
 
 
 def test_eval_of_names_never_stepped_is_a_no_op() -> None:
+    """x = y = z before a parameter's first step: eval and train leave it, and its state is
+    the zeros a first step would start from (a state dict that loads, and resumes alike)."""
     opt = ScheduleFreeAdamW()
     params = {"w": np.array([1.0, 2.0], np.float32)}
     opt.eval(params)
     assert params["w"].tolist() == [1.0, 2.0]
+    state = opt.state_dict()
+    assert state["z_minus_y_w"].tolist() == [0.0, 0.0] and state["v_w"].tolist() == [0.0, 0.0]
+    fresh = ScheduleFreeAdamW()
+    fresh.load_state_dict(state)
     opt.train(params)
     assert params["w"].tolist() == [1.0, 2.0]
+    twin = {"w": params["w"].copy()}
+    fresh.train(twin)
+    grads = {"w": np.array([0.5, -1.0], np.float32)}
+    opt.step(params, grads)
+    fresh.step(twin, grads)
+    untouched = {"w": np.array([1.0, 2.0], np.float32)}
+    ScheduleFreeAdamW().step(untouched, grads)
+    assert params["w"].tobytes() == twin["w"].tobytes() == untouched["w"].tobytes()
 
 
 # ----------------------------------------------------------------------------- state

@@ -412,7 +412,9 @@ class ScheduleFreeAdamW(NativeOptimizer):
     an error. State: ``t``, ``weight_sum`` (``Σγ_i²``; each parameter group's as
     ``param_groups.<i>.weight_sum``), ``training_mode`` (1 or 0), ``z_minus_y_<name>``
     (``z − y``) and ``v_<name>``. Wrapped in SamOptimizer, the perturbation is taken at
-    ``y``, the point the gradients are for."""
+    ``y``, the point the gradients are for; call ``eval``/``train`` between SAM steps, not
+    between a ``first_step`` and its ``second_step`` (SAM's ascent does not know the
+    mode: a first_step in eval mode perturbs ``x``, and its second_step is refused)."""
 
     _kind = "schedule_free_adamw"
     _config_class = ScheduleFreeConfig

@@ -23,7 +23,8 @@ fn shift_lanes<'a, T: Float>(entry: &'a mut Entry<'_, T>) -> (CopyLanes<'a, T>, 
 }
 
 /// Puts the parameters at the average `x` (`to_average`) or back at `y`; nothing when
-/// they are there already. Parameters never stepped have `x = y = z`.
+/// they are there already. Parameters never stepped have `x = y = z`: they do not move,
+/// and get zero state.
 #[pyfunction]
 fn schedule_free_shift(
     py: Python<'_>,
@@ -49,12 +50,16 @@ fn schedule_free_shift(
     if *averaged == to_average {
         return Ok(());
     }
-    let uses = [Use {
-        table: 0,
-        slot: 0,
-        prefix: ScheduleFreeAdamW::SLOTS[0],
-        policy: Policy::Lazy,
-    }];
+    // Both slots, so that a parameter never stepped gets the whole state it would have at
+    // its first step (zeros: z = y, v = 0) and its entry stays complete for a state dict.
+    let uses: Vec<Use> = (0..ScheduleFreeAdamW::SLOTS.len())
+        .map(|slot| Use {
+            table: 0,
+            slot,
+            prefix: ScheduleFreeAdamW::SLOTS[slot],
+            policy: Policy::Lazy,
+        })
+        .collect();
     let mut tables = [TableRef { table, cache }];
     let assigned = Groups {
         assign: assign.as_ref().map(|assign| assign.bind(py)),
