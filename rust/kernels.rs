@@ -365,6 +365,8 @@ mod tests {
         epsilon: 1e-8,
         weight_decay: 0.0,
         nesterov: false,
+        warmup_steps: 0,
+        weight_sum: 0.0,
     };
 
     fn step<U>(spec: U) -> GroupStep<U> {

@@ -725,6 +725,8 @@ mod tests {
             epsilon: 1e-8,
             weight_decay: 0.1,
             nesterov: false,
+            warmup_steps: 0,
+            weight_sum: 0.0,
         },
         trust_coef: 0.001,
         sophia_rho: 0.04,

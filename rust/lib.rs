@@ -18,6 +18,7 @@ pub mod parallel;
 pub mod phases;
 pub mod specs;
 pub mod specs_elementwise;
+pub mod specs_schedule_free;
 pub mod state;
 
 #[cfg(feature = "python")]

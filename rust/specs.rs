@@ -5,6 +5,7 @@
 
 use crate::float::Real;
 pub use crate::specs_elementwise::{AdaBelief, AdaMax, Adagrad, Lion, NAdam, RAdam, RmsProp};
+pub use crate::specs_schedule_free::ScheduleFreeAdamW;
 
 /// The update of one element: the parameter's new value from its value `p0` at the start
 /// of the step and its (clipped, mixed) gradient `g`, updating the element's state `s`
@@ -24,6 +25,11 @@ pub struct Hyper {
     pub epsilon: f64,
     pub weight_decay: f64,
     pub nesterov: bool,
+    /// Schedule-Free's linear warmup of the learning rate (0: none).
+    pub warmup_steps: u64,
+    /// Schedule-Free's `Σ γ_i²` over the steps taken: scalar state that travels with the
+    /// group's hyperparameters (see `Spec::carry`).
+    pub weight_sum: f64,
 }
 
 /// A base optimizer with `N` state slots per parameter.
@@ -36,6 +42,11 @@ pub trait Spec<const N: usize>: Update<f32, N> + Update<f64, N> {
     /// Adam); optimizers that decay the weights otherwise return 0.
     fn l2(hyper: &Hyper) -> f64 {
         hyper.weight_decay
+    }
+    /// The group's hyperparameters once step `t` is committed, for specs that carry
+    /// scalar state in them (Schedule-Free's weight sum); `at_step` is given these.
+    fn carry(hyper: &Hyper, _t: u64) -> Hyper {
+        *hyper
     }
 }
 
@@ -150,6 +161,7 @@ pub enum Kind {
     RAdam,
     AdaBelief,
     Lion,
+    ScheduleFreeAdamW,
 }
 
 impl Kind {
@@ -165,6 +177,7 @@ impl Kind {
             "radam" => Some(Kind::RAdam),
             "adabelief" => Some(Kind::AdaBelief),
             "lion" => Some(Kind::Lion),
+            "schedule_free_adamw" => Some(Kind::ScheduleFreeAdamW),
             _ => None,
         }
     }
@@ -181,6 +194,7 @@ impl Kind {
             Kind::RAdam => &RAdam::SLOTS,
             Kind::AdaBelief => &AdaBelief::SLOTS,
             Kind::Lion => &Lion::SLOTS,
+            Kind::ScheduleFreeAdamW => &ScheduleFreeAdamW::SLOTS,
         }
     }
 
@@ -202,6 +216,8 @@ mod tests {
         epsilon: 1e-8,
         weight_decay: 0.1,
         nesterov: false,
+        warmup_steps: 0,
+        weight_sum: 0.0,
     };
 
     #[test]

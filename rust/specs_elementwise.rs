@@ -388,6 +388,8 @@ mod tests {
         epsilon: 1e-8,
         weight_decay: 0.1,
         nesterov: false,
+        warmup_steps: 0,
+        weight_sum: 0.0,
     };
 
     fn close(x: f64, y: f64) -> bool {

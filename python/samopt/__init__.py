@@ -1,13 +1,13 @@
 """samopt: Sharpness-Aware Minimization for NumPy training loops.
 
 SAM (Foret et al., ICLR 2021), adaptive SAM and GSAM over SGD, Adam, AdamW, Adagrad, RMSprop,
-NAdam, AdaMax, RAdam, AdaBelief, Lion or any optimizer that follows the ``Optimizer``
-protocol, with parameter groups, tensorlogic-train's learning-rate schedulers and gradient
-accumulation; the element-wise work is in Rust.
+NAdam, AdaMax, RAdam, AdaBelief, Lion, Schedule-Free AdamW or any optimizer that follows the
+``Optimizer`` protocol, with parameter groups, tensorlogic-train's learning-rate schedulers
+and gradient accumulation; the element-wise work is in Rust.
 """
 
 from ._accumulate import GradAccumulator
-from ._config import GradClipMode, LionConfig, OptimizerConfig
+from ._config import GradClipMode, LionConfig, OptimizerConfig, ScheduleFreeConfig
 from ._errors import NonFiniteGradientError, OptimizerError, OutOfMemoryError, TrainError
 from ._family import (
     BsamOptimizer,
@@ -36,6 +36,7 @@ from ._optimizers import (
     NAdamOptimizer,
     RAdamOptimizer,
     RMSpropOptimizer,
+    ScheduleFreeAdamW,
     SgdOptimizer,
     compute_gradient_norm,
 )
@@ -100,6 +101,8 @@ __all__ = [
     "RandomizedSam",
     "ReduceLROnPlateauScheduler",
     "SamOptimizer",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeConfig",
     "SgdOptimizer",
     "SgdrScheduler",
     "SophiaConfig",

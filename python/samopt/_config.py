@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ._errors import OptimizerError
 
-__all__ = ["GradClipMode", "LionConfig", "OptimizerConfig"]
+__all__ = ["GradClipMode", "LionConfig", "OptimizerConfig", "ScheduleFreeConfig"]
 
 
 class GradClipMode(enum.Enum):
@@ -141,6 +141,49 @@ class LionConfig:
             "learning_rate": check_learning_rate(self.learning_rate),
             "beta1": check_real("beta1", self.beta1, minimum=0.0, below=1.0),
             "beta2": check_real("beta2", self.beta2, minimum=0.0, below=1.0),
+            "weight_decay": check_real("weight_decay", self.weight_decay, minimum=0.0),
+            "grad_clip": _check_clipping(self.grad_clip, self.grad_clip_mode),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def clip_bounds(self) -> tuple[float | None, float | None]:
+        """``(clip_value, clip_norm)`` as the kernels take them."""
+        return clip_bounds_of(self.grad_clip, self.grad_clip_mode)
+
+
+@dataclass(frozen=True)
+class ScheduleFreeConfig:
+    """Schedule-Free AdamW's hyperparameters (the crate's ``ScheduleFreeConfig``, its
+    defaults; the crate's ``lr`` and ``eps`` are ``learning_rate`` and ``epsilon`` here, as
+    in every samopt config). ``beta1`` interpolates between the iterate ``z`` and its
+    average ``x`` (it must be > 0: at 0 the average cannot be recovered), ``beta2`` is
+    Adam's; ``weight_decay`` is decoupled and taken at the gradient point ``y``;
+    ``warmup_steps`` ramps the learning rate linearly. The crate's ``gamma`` has no
+    counterpart: the average's weights are the paper's (README, difference 19). Every
+    field is checked here, so a bad value fails at construction."""
+
+    learning_rate: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    grad_clip_mode: GradClipMode = GradClipMode.NORM
+
+    def __post_init__(self) -> None:
+        steps = self.warmup_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= 2**62:
+            raise OptimizerError(
+                f"warmup_steps must be an int >= 0, got {steps!r}", "warmup_steps"
+            )
+        fields: dict[str, object] = {
+            "learning_rate": check_learning_rate(self.learning_rate),
+            "beta1": check_real("beta1", self.beta1, above=0.0, below=1.0),
+            "beta2": check_real("beta2", self.beta2, minimum=0.0, below=1.0),
+            "epsilon": check_real("epsilon", self.epsilon, above=0.0),
             "weight_decay": check_real("weight_decay", self.weight_decay, minimum=0.0),
             "grad_clip": _check_clipping(self.grad_clip, self.grad_clip_mode),
         }

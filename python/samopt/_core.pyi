@@ -35,6 +35,7 @@ __all__ = [
     "restore",
     "sam_step",
     "scale",
+    "schedule_free_shift",
     "second_step",
     "step",
     "update_hessian",
@@ -50,6 +51,8 @@ class Engine:
     per-parameter slots."""
 
     lrs: list[float]
+    weight_sums: list[float]
+    averaged: bool
     @property
     def steps(self) -> int: ...
     @property
@@ -130,6 +133,7 @@ def second_step(
     count: bool = False,
 ) -> None: ...
 def restore(sam: SamEngine, params: _Arrays) -> None: ...
+def schedule_free_shift(engine: Engine, params: _Arrays, to_average: bool) -> None: ...
 def sam_step(
     sam: SamEngine,
     base: Any,

@@ -1,6 +1,6 @@
 """The base optimizers over dicts of NumPy arrays: SGD with momentum, Adam and AdamW, and
 tensorlogic-train's element-wise others (Adagrad, RMSprop, NAdam, AdaMax, RAdam, AdaBelief,
-Lion).
+Lion, ScheduleFreeAdamW).
 
 Each is a thin facade over a native engine (``samopt._core.Engine``) that holds the
 optimizer's state — its per-parameter slots and step count — and commits every step inside
@@ -20,6 +20,7 @@ from . import _core
 from ._config import (
     LionConfig,
     OptimizerConfig,
+    ScheduleFreeConfig,
     check_bool,
     check_learning_rate,
     check_real,
@@ -27,7 +28,7 @@ from ._config import (
 from ._errors import OptimizerError
 from ._groups import Check, ParamGroups
 from ._protocol import Grads, Params, StateDict
-from ._state import as_dict, scalar_entry, state_mapping, time_step_entry
+from ._state import as_dict, scalar_entry, scalar_value, state_mapping, time_step_entry
 
 __all__ = [
     "AdaBeliefOptimizer",
@@ -40,6 +41,7 @@ __all__ = [
     "NativeOptimizer",
     "RAdamOptimizer",
     "RMSpropOptimizer",
+    "ScheduleFreeAdamW",
     "SgdOptimizer",
     "compute_gradient_norm",
 ]
@@ -89,7 +91,9 @@ class NativeOptimizer:
 
     _kind = ""
     """The engine's optimizer kind."""
-    _config_class: type[OptimizerConfig] | type[LionConfig] = OptimizerConfig
+    _config_class: type[OptimizerConfig] | type[LionConfig] | type[ScheduleFreeConfig] = (
+        OptimizerConfig
+    )
     """The configuration the optimizer is built from."""
     _counts_steps = True
     """Whether the step count ``t`` is part of the state."""
@@ -99,9 +103,14 @@ class NativeOptimizer:
     """What ``weight_decay=None`` means for this optimizer."""
     _group_keys: tuple[str, ...] = ("lr", "beta1", "beta2", "epsilon", "weight_decay")
     """What a parameter group may override."""
+    _group_checks: Mapping[str, Check] = _GROUP_CHECKS
+    """How each of those overrides is checked."""
 
     def __init__(
-        self, config: OptimizerConfig | LionConfig | None = None, *, param_groups: object = None
+        self,
+        config: OptimizerConfig | LionConfig | ScheduleFreeConfig | None = None,
+        *,
+        param_groups: object = None,
     ) -> None:
         if config is None:
             config = self._config_class()
@@ -118,7 +127,7 @@ class NativeOptimizer:
                 "nesterov",
             )
         self.config = config
-        checks = {key: _GROUP_CHECKS[key] for key in self._group_keys}
+        checks = {key: self._group_checks[key] for key in self._group_keys}
         self.param_groups = ParamGroups.parse(param_groups, checks)
         if config.learning_rate == 0.0 and any("lr" in o for o in self.param_groups.overrides):
             raise OptimizerError(
@@ -365,3 +374,124 @@ class LionOptimizer(NativeOptimizer):
             "nesterov": False,
         }
         return self.param_groups.resolved(defaults)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleFreeState(LoadedState):
+    """A Schedule-Free state dict, checked: also each group's weight sum (the optimizer's
+    own first) and whether the parameters were at the average."""
+
+    weight_sums: list[float]
+    averaged: bool
+
+
+def _weight_sum_key(index: int | None) -> str:
+    return "weight_sum" if index is None else f"param_groups.{index}.weight_sum"
+
+
+_TRAINING_MODE = "training_mode"
+
+# β1 = 0 would leave Schedule-Free's average unrecoverable from y and z.
+_SCHEDULE_FREE_CHECKS: dict[str, Check] = {
+    **_GROUP_CHECKS,
+    "beta1": lambda key, value: check_real(key, value, above=0.0, below=1.0),
+}
+
+
+class ScheduleFreeAdamW(NativeOptimizer):
+    """Schedule-Free AdamW (Defazio et al., NeurIPS 2024, "The Road Less Scheduled",
+    Algorithm 1), built from a ``ScheduleFreeConfig``: no learning-rate schedule; with
+    ``y = (1−β1)·z + β1·x`` the point where gradients are taken,
+    ``γ_t = lr·√(1−β2^t)·min(1, t/warmup_steps)``, ``v ← β2·v + (1−β2)·g² ;
+    z ← z − γ_t·(g/(√v + ε) + wd·y) ; c = γ_t²/Σγ_i² ; x ← (1−c)·x + c·z``.
+
+    The arrays in ``params`` hold ``y`` while training (the authors' code does the same):
+    compute gradients there. ``eval(params)`` moves them to the average ``x``, which is what
+    to evaluate, test or ship; ``train(params)`` moves them back (equal to before up to one
+    rounding of each element) and must come before the next step — a step in eval mode is
+    an error. State: ``t``, ``weight_sum`` (``Σγ_i²``; each parameter group's as
+    ``param_groups.<i>.weight_sum``), ``training_mode`` (1 or 0), ``z_minus_y_<name>``
+    (``z − y``) and ``v_<name>``. Wrapped in SamOptimizer, the perturbation is taken at
+    ``y``, the point the gradients are for; call ``eval``/``train`` between SAM steps, not
+    between a ``first_step`` and its ``second_step`` (SAM's ascent does not know the
+    mode: a first_step in eval mode perturbs ``x``, and its second_step is refused)."""
+
+    _kind = "schedule_free_adamw"
+    _config_class = ScheduleFreeConfig
+    _non_negative = ("v_",)
+    _group_checks = _SCHEDULE_FREE_CHECKS
+
+    def __init__(
+        self, config: ScheduleFreeConfig | None = None, *, param_groups: object = None
+    ) -> None:
+        super().__init__(config, param_groups=param_groups)
+
+    def _hyperparameters(self) -> list[dict[str, Any]]:
+        config = self.config
+        assert isinstance(config, ScheduleFreeConfig)
+        defaults = {
+            "lr": config.learning_rate,
+            "beta1": config.beta1,
+            "beta2": config.beta2,
+            "epsilon": config.epsilon,
+            "weight_decay": config.weight_decay,
+            "warmup_steps": config.warmup_steps,
+            # What Schedule-Free does not read, for the engine's one set of hyperparameters.
+            "momentum": 0.0,
+            "nesterov": False,
+        }
+        return self.param_groups.resolved(defaults)
+
+    @property
+    def training(self) -> bool:
+        """Whether the parameters are at ``y`` (train mode, the default) rather than at the
+        average ``x``."""
+        return not self._engine.averaged
+
+    def eval(self, params: Params) -> None:
+        """Moves every array of ``params`` in place to the average ``x``:
+        ``p ← p − (1−β1)/β1·(z − y)``, each with its group's β1 (nothing if already there)."""
+        params_dict = as_dict(params, "params")
+        with self._lock:
+            _core.schedule_free_shift(self._engine, params_dict, True)
+
+    def train(self, params: Params) -> None:
+        """Moves every array of ``params`` in place back to ``y``, where gradients are taken:
+        ``p ← p + (1−β1)/β1·(z − y)`` (nothing if already there)."""
+        params_dict = as_dict(params, "params")
+        with self._lock:
+            _core.schedule_free_shift(self._engine, params_dict, False)
+
+    def state_dict(self) -> StateDict:
+        with self._lock:
+            state = super().state_dict()
+            sums = self._engine.weight_sums
+            for index, weight_sum in enumerate(sums):
+                state[_weight_sum_key(index - 1 if index else None)] = np.array(weight_sum)
+            state[_TRAINING_MODE] = np.array(0.0 if self._engine.averaged else 1.0)
+        return state
+
+    def _parse_state(
+        self, state: Mapping[str, Any], ignore: tuple[list[str], list[str]] = ([], [])
+    ) -> LoadedState:
+        state = state_mapping(state)
+        keys = [_weight_sum_key(None)]
+        keys += [_weight_sum_key(i) for i in range(len(self.param_groups))]
+        sums = [scalar_entry(state, key) for key in keys]
+        mode = scalar_value(state, _TRAINING_MODE)
+        if isinstance(mode, bool) or not isinstance(mode, (int, float, np.number)) or float(
+            mode
+        ) not in (0.0, 1.0):
+            raise OptimizerError(
+                f"state '{_TRAINING_MODE}' must be 1 (train) or 0 (eval), got {mode!r}",
+                _TRAINING_MODE,
+            )
+        loaded = super()._parse_state(state, ([*ignore[0], *keys, _TRAINING_MODE], ignore[1]))
+        return ScheduleFreeState(loaded.lrs, loaded.t, loaded.entries, sums, float(mode) == 0.0)
+
+    def _install(self, loaded: LoadedState) -> None:
+        assert isinstance(loaded, ScheduleFreeState)
+        with self._lock:
+            super()._install(loaded)
+            self._engine.weight_sums = loaded.weight_sums
+            self._engine.averaged = loaded.averaged

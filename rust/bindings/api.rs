@@ -24,7 +24,8 @@ use crate::norm::NormItem;
 use crate::parallel::ByDtype;
 use crate::phases::{self, AscentGroup, GsamInputs};
 use crate::specs::{
-    AdaBelief, AdaMax, Adagrad, Adam, Kind, Lion, NAdam, RAdam, RmsProp, Sgd, Spec,
+    AdaBelief, AdaMax, Adagrad, Adam, Hyper, Kind, Lion, NAdam, RAdam, RmsProp, ScheduleFreeAdamW,
+    Sgd, Spec,
 };
 use crate::state;
 
@@ -116,7 +117,14 @@ fn base_step_of<const N: usize, S: Spec<N>>(
         table,
         order,
         cache,
+        averaged,
     } = base;
+    if *averaged {
+        return Err(protocol_error(
+            "the parameters hold Schedule-Free's average (eval() was called): call train() \
+             before stepping",
+        ));
+    }
     let mut uses: Vec<Use> = (0..N)
         .map(|slot| Use {
             table: 0,
@@ -181,7 +189,11 @@ fn base_step_of<const N: usize, S: Spec<N>>(
     )?;
     let counted = kind.counts_steps() && !prepared.names.is_empty();
     let t = *steps + u64::from(counted);
-    let specs: Vec<GroupStep<S>> = groups
+    let carried: Vec<Hyper> = match counted {
+        true => groups.iter().map(|hyper| S::carry(hyper, t)).collect(),
+        false => groups.clone(),
+    };
+    let specs: Vec<GroupStep<S>> = carried
         .iter()
         .map(|hyper| GroupStep {
             spec: S::at_step(hyper, t),
@@ -206,6 +218,7 @@ fn base_step_of<const N: usize, S: Spec<N>>(
     prepared.commit(&mut tables);
     drop(tables);
     *steps = t;
+    *groups = carried;
     if let Some((pending, calls, counts)) = count {
         if restart {
             *pending = None;
@@ -233,6 +246,9 @@ fn base_step(
         Kind::RAdam => base_step_of::<2, RAdam>(py, base, sam, params, grads),
         Kind::AdaBelief => base_step_of::<2, AdaBelief>(py, base, sam, params, grads),
         Kind::Lion => base_step_of::<1, Lion>(py, base, sam, params, grads),
+        Kind::ScheduleFreeAdamW => {
+            base_step_of::<2, ScheduleFreeAdamW>(py, base, sam, params, grads)
+        }
     }
 }
 

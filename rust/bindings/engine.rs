@@ -30,6 +30,9 @@ pub struct Engine {
     pub table: Table,
     pub order: NameOrder,
     pub cache: EntryCache,
+    /// Whether the parameters hold Schedule-Free's average `x` (after `eval`) rather than
+    /// the point `y` a step starts from.
+    pub averaged: bool,
 }
 
 /// The refusal of a call into an optimizer whose previous call has not returned (a
@@ -86,6 +89,15 @@ pub fn hyper_of(group: &Bound<'_, PyDict>) -> PyResult<Hyper> {
             .get_item(key)?
             .ok_or_else(|| optimizer_error(key, format!("a parameter group needs '{key}'")))
     };
+    // Schedule-Free's own: the other optimizers need not give them.
+    let warmup_steps = match group.get_item("warmup_steps")? {
+        Some(steps) => steps.extract()?,
+        None => 0,
+    };
+    let weight_sum = match group.get_item("weight_sum")? {
+        Some(sum) => sum.extract()?,
+        None => 0.0,
+    };
     Ok(Hyper {
         lr: get("lr")?.extract()?,
         momentum: get("momentum")?.extract()?,
@@ -94,6 +106,8 @@ pub fn hyper_of(group: &Bound<'_, PyDict>) -> PyResult<Hyper> {
         epsilon: get("epsilon")?.extract()?,
         weight_decay: get("weight_decay")?.extract()?,
         nesterov: get("nesterov")?.extract()?,
+        warmup_steps,
+        weight_sum,
     })
 }
 
@@ -132,7 +146,38 @@ impl Engine {
             table: Table::new(slots),
             order: NameOrder::default(),
             cache: EntryCache::default(),
+            averaged: false,
         })
+    }
+
+    /// Schedule-Free's `Σ γ_i²` of each group, the optimizer's own first.
+    #[getter]
+    fn weight_sums(&self) -> Vec<f64> {
+        self.groups.iter().map(|g| g.weight_sum).collect()
+    }
+
+    #[setter]
+    fn set_weight_sums(&mut self, sums: Vec<f64>) -> PyResult<()> {
+        if sums.len() != self.groups.len() {
+            let message = format!("{} groups need as many weight sums", self.groups.len());
+            return Err(optimizer_error("weight_sum", message));
+        }
+        for (group, sum) in self.groups.iter_mut().zip(sums) {
+            group.weight_sum = sum;
+        }
+        Ok(())
+    }
+
+    /// Whether the parameters hold Schedule-Free's average (set by `schedule_free_shift`;
+    /// settable for a loaded state).
+    #[getter]
+    fn averaged(&self) -> bool {
+        self.averaged
+    }
+
+    #[setter]
+    fn set_averaged(&mut self, averaged: bool) {
+        self.averaged = averaged;
     }
 
     /// Each group's learning rate, the optimizer's own first.
