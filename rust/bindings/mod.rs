@@ -22,6 +22,7 @@ mod engine;
 mod family;
 mod layerwise;
 mod lookahead;
+mod prodigy;
 mod statedict;
 
 use pyo3::prelude::*;
@@ -52,5 +53,6 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     family::register(module)?;
     statedict::register(module)?;
     lookahead::register(module)?;
+    prodigy::register(module)?;
     layerwise::register(module)
 }
