@@ -1,7 +1,7 @@
 """samopt: Sharpness-Aware Minimization for NumPy training loops.
 
 SAM (Foret et al., ICLR 2021), adaptive SAM and GSAM over SGD, Adam, AdamW, Adagrad, RMSprop,
-NAdam, AdaMax, RAdam, AdaBelief, Lion or any optimizer that follows the ``Optimizer``
+NAdam, AdaMax, RAdam, AdaBelief, Lion, Prodigy or any optimizer that follows the ``Optimizer``
 protocol, with parameter groups, tensorlogic-train's learning-rate schedulers and gradient
 accumulation; the element-wise work is in Rust.
 """
@@ -39,6 +39,7 @@ from ._optimizers import (
     SgdOptimizer,
     compute_gradient_norm,
 )
+from ._prodigy import ProdigyConfig, ProdigyOptimizer
 from ._protocol import Optimizer
 from ._sam import GradFn, GsamOptimizer, SamOptimizer
 from ._schedulers import (
@@ -95,6 +96,8 @@ __all__ = [
     "OutOfMemoryError",
     "PlateauMode",
     "PolynomialDecayLrScheduler",
+    "ProdigyConfig",
+    "ProdigyOptimizer",
     "RAdamOptimizer",
     "RMSpropOptimizer",
     "RandomizedSam",
