@@ -175,49 +175,108 @@ kernel_body!(piece_body[T: Real](
     let grad = &grad[..n];
     let grad0 = grad0.map_or(grad, |g0| &g0[..n]);
     let [m, v, s, delta] = slots.map(|slot| &mut slot[..n]);
+    let mut acc = [[0.0f64; 4]; 2];
+    // Each block is updated in a loop that vectorises, its terms kept; then they are added
+    // into the running sums of their lane (`i % 4`: blocks are multiples of four long).
+    let mut terms = [[0.0f64; BLOCK]; 2];
+    let mut begin = 0;
+    while begin < n {
+        let end = n.min(begin + BLOCK);
+        let block = Block {
+            param: &mut param[begin..end],
+            grad: &grad[begin..end],
+            grad0: &grad0[begin..end],
+            slots: [&mut m[begin..end], &mut v[begin..end], &mut s[begin..end], &mut delta[begin..end]],
+            start: start.map(|start| &start[begin..end]),
+        };
+        let len = end - begin;
+        block_update(block, step, plan, &mut terms);
+        let whole = len - len % 4;
+        for k in 0..2 {
+            for quad in (0..whole).step_by(4) {
+                for lane in 0..4 {
+                    acc[k][lane] += terms[k][quad + lane];
+                }
+            }
+            for j in whole..len {
+                acc[k][j % 4] += terms[k][j];
+            }
+        }
+        begin = end;
+    }
+    let [products, sizes] = acc.map(|sums| (sums[0] + sums[1]) + (sums[2] + sums[3]));
+    [step.weight * products, sizes]
+});
+
+/// Elements per block of a piece (a multiple of four).
+const BLOCK: usize = 256;
+
+/// One block's streams, all of one length.
+struct Block<'a, T> {
+    param: &'a mut [T],
+    grad: &'a [T],
+    grad0: &'a [T],
+    slots: [&'a mut [T]; 4],
+    start: Option<&'a [T]>,
+}
+
+/// Updates one block, writing each element's `g·(x0 − x)` and `|s|` into `terms`.
+#[inline(always)]
+fn block_update<T: Real>(
+    block: Block<'_, T>,
+    step: &Step,
+    plan: GradientPlan,
+    terms: &mut [[f64; BLOCK]; 2],
+) {
+    let Block {
+        param,
+        grad,
+        grad0,
+        slots,
+        start,
+    } = block;
+    let n = param.len();
+    let (grad, grad0) = (&grad[..n], &grad0[..n]);
     // Without clipping or a mix the gradient is `g` itself: skip those operations.
-    let sums = match plan == GradientPlan::PLAIN {
-        true => piece_loop(param, [m, v, s, delta], start, |i| grad[i].to_f64(), step),
+    match plan == GradientPlan::PLAIN {
+        true => block_loop(param, slots, start, |i| grad[i].to_f64(), step, terms),
         false => {
             let g = |i: usize| plan.gradient(grad[i], grad0[i]);
-            piece_loop(param, [m, v, s, delta], start, g, step)
+            block_loop(param, slots, start, g, step, terms)
         }
-    };
-    [step.weight * sums[0], sums[1]]
-});
+    }
+}
 
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn piece_loop<T: Real>(
+fn block_loop<T: Real>(
     param: &mut [T],
     [m, v, s, delta]: [&mut [T]; 4],
     start: Option<&[T]>,
     gradient: impl Fn(usize) -> f64,
     step: &Step,
-) -> [f64; 2] {
-    let n = param.len();
-    let mut acc = [[0.0f64; 4]; 2];
-    let mut one = |i: usize, p0: T| -> T {
-        let lanes = [&mut m[i], &mut v[i], &mut s[i], &mut delta[i]];
-        let (p, product, size) = step.element(p0, gradient(i), lanes);
-        acc[0][i % 4] += product;
-        acc[1][i % 4] += size;
-        p
-    };
+    terms: &mut [[f64; BLOCK]; 2],
+) {
+    let n = param.len().min(BLOCK);
+    let (m, v, s, delta) = (&mut m[..n], &mut v[..n], &mut s[..n], &mut delta[..n]);
+    let [products, sizes] = terms;
+    let (products, sizes) = (&mut products[..n], &mut sizes[..n]);
+    let param = &mut param[..n];
     match start {
         Some(start) => {
             let start = &start[..n];
             for i in 0..n {
-                param[i] = one(i, start[i]);
+                let lanes = [&mut m[i], &mut v[i], &mut s[i], &mut delta[i]];
+                (param[i], products[i], sizes[i]) = step.element(start[i], gradient(i), lanes);
             }
         }
         None => {
             for i in 0..n {
-                param[i] = one(i, param[i]);
+                let lanes = [&mut m[i], &mut v[i], &mut s[i], &mut delta[i]];
+                (param[i], products[i], sizes[i]) = step.element(param[i], gradient(i), lanes);
             }
         }
     }
-    acc.map(|sums| (sums[0] + sums[1]) + (sums[2] + sums[3]))
 }
 
 /// One Prodigy step over every item, each with its group's scalars; returns the step's
