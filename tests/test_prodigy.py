@@ -311,13 +311,21 @@ def test_defaults_follow_the_crate() -> None:
     assert params["w"].tolist() == [2.0 - 1e-6 * 0.1 * 2.0, -3.0 - 1e-6 * 0.1 * -3.0]
     for name in ("ProdigyConfig", "ProdigyOptimizer"):
         assert name in samopt.__all__
-    # SamOptimizer runs it natively, the restore fused into the step.
-    sam = SamOptimizer(opt)
+    # SamOptimizer (and GSAM) run it natively, the restore fused into its step: its Python
+    # step is never called (the path that calls it keeps a parameter-sized copy).
     assert isinstance(opt, NativeOptimizer) and type(opt).step is NativeOptimizer.step
-    params = {"w": np.array([1.0, 2.0])}
-    sam.first_step(params, {"w": np.array([0.5, -0.5])})
-    sam.second_step(params, {"w": np.array([0.25, 0.25])})
-    assert opt.get_step() == 1
+
+    def refuse(*_: Any) -> None:
+        raise AssertionError("the Python step ran")
+
+    for wrapper in (SamOptimizer, GsamOptimizer):
+        base = ProdigyOptimizer()
+        base.step = refuse  # type: ignore[method-assign]
+        sam = wrapper(base)
+        params = {"w": np.array([1.0, 2.0])}
+        sam.first_step(params, {"w": np.array([0.5, -0.5])})
+        sam.second_step(params, {"w": np.array([0.25, 0.25])})
+        assert base.get_step() == 1 and not sam.pending
 
 
 # ----------------------------------------------------------------------------- state
