@@ -1846,11 +1846,13 @@ ELEMENTWISE_SLOTS = {
     "adagrad": 1, "rmsprop": 1, "lion": 1, "nadam": 2, "adamax": 2, "radam": 2, "adabelief": 2,
     "schedulefree": 2,  # ScheduleFreeAdamW: z - y and v
     "adam": 2,  # the yardstick: issue 3's Adam, in the same minutes
+    "prodigy": 4,  # exp_avg, exp_avg_sq, s, x0 − x; its two sums ride on the same pass
 }
 ELEMENTWISE_ROWS = (
     *ELEMENTWISE_SLOTS, "sam_rmsprop", "sam_lion", "sam_adam", "sam_schedulefree",
     "numpy_rmsprop", "numpy_lion",
     "numpy_sam_lion",
+    "sam_prodigy",
 )
 LION_LR, LION_BETA1, LION_BETA2, LION_WD = 1e-4, 0.9, 0.99, 0.01
 
@@ -1869,7 +1871,8 @@ def elementwise_samopt(row: str) -> Any:
         names = {"adagrad": "AdagradOptimizer", "rmsprop": "RMSpropOptimizer",
                  "nadam": "NAdamOptimizer", "adamax": "AdaMaxOptimizer",
                  "radam": "RAdamOptimizer", "adabelief": "AdaBeliefOptimizer",
-                 "adam": "AdamOptimizer", "schedulefree": "ScheduleFreeAdamW"}
+                 "adam": "AdamOptimizer", "schedulefree": "ScheduleFreeAdamW",
+                 "prodigy": "ProdigyOptimizer"}
         opt = getattr(samopt, names[base])()
     return samopt.SamOptimizer(opt, rho=RHO) if row.startswith("sam_") else opt
 

@@ -16,6 +16,7 @@ pub mod lookahead;
 pub mod norm;
 pub mod parallel;
 pub mod phases;
+pub mod prodigy;
 pub mod specs;
 pub mod specs_elementwise;
 pub mod specs_schedule_free;

@@ -1,9 +1,9 @@
 """samopt: Sharpness-Aware Minimization for NumPy training loops.
 
 SAM (Foret et al., ICLR 2021), adaptive SAM and GSAM over SGD, Adam, AdamW, Adagrad, RMSprop,
-NAdam, AdaMax, RAdam, AdaBelief, Lion, Schedule-Free AdamW or any optimizer that follows the
-``Optimizer`` protocol, with parameter groups, tensorlogic-train's learning-rate schedulers
-and gradient accumulation; the element-wise work is in Rust.
+NAdam, AdaMax, RAdam, AdaBelief, Lion, Prodigy, Schedule-Free AdamW or any optimizer that
+follows the ``Optimizer`` protocol, with parameter groups, tensorlogic-train's learning-rate
+schedulers and gradient accumulation; the element-wise work is in Rust.
 """
 
 from ._accumulate import GradAccumulator
@@ -40,6 +40,7 @@ from ._optimizers import (
     SgdOptimizer,
     compute_gradient_norm,
 )
+from ._prodigy import ProdigyConfig, ProdigyOptimizer
 from ._protocol import Optimizer
 from ._sam import GradFn, GsamOptimizer, SamOptimizer
 from ._schedulers import (
@@ -96,6 +97,8 @@ __all__ = [
     "OutOfMemoryError",
     "PlateauMode",
     "PolynomialDecayLrScheduler",
+    "ProdigyConfig",
+    "ProdigyOptimizer",
     "RAdamOptimizer",
     "RMSpropOptimizer",
     "RandomizedSam",

@@ -13,6 +13,7 @@ __all__ = [
     "LayerEngine",
     "LookaheadEngine",
     "Names",
+    "ProdigyEngine",
     "SamEngine",
     "StagedLookahead",
     "StagedSamState",
@@ -120,7 +121,9 @@ def parse_table(
 class StagedSamState:
     """A SAM state read from a state dict, checked and copied, not yet in force."""
 
-def step(engine: Engine | LayerEngine, params: _Arrays, grads: _Arrays) -> None: ...
+def step(
+    engine: Engine | LayerEngine | ProdigyEngine, params: _Arrays, grads: _Arrays
+) -> None: ...
 def first_step(
     sam: SamEngine, params: _Arrays, grads: _Arrays, rho: float, eps: float
 ) -> float: ...
@@ -234,3 +237,36 @@ class LayerEngine:
     def load(self, steps: int, entries: StagedTable, since_hessian: int = 0) -> None: ...
 
 def update_hessian(engine: LayerEngine, params: _Arrays, estimates: _Arrays) -> None: ...
+
+@final
+class ProdigyEngine:
+    """Prodigy's native state: its hyperparameters, step count, estimate of d and
+    per-parameter slots."""
+
+    def __new__(
+        cls,
+        groups: list[tuple[float, float]],
+        *,
+        beta1: float,
+        beta2: float,
+        beta3: float,
+        epsilon: float,
+        d0: float,
+        d_coef: float,
+        d_growth_rate: float,
+        bias_correction: bool,
+        clip_value: float | None = None,
+        clip_norm: float | None = None,
+        assign: Callable[[str], int] | None = None,
+    ) -> ProdigyEngine: ...
+    lrs: list[float]
+    @property
+    def steps(self) -> int: ...
+    @property
+    def slots(self) -> list[str]: ...
+    @property
+    def estimate(self) -> tuple[float, float, float]: ...
+    def state_dict(self, into: _State | None = None) -> _State: ...
+    def load(
+        self, steps: int, estimate: tuple[float, float, float], entries: StagedTable
+    ) -> None: ...

@@ -15,6 +15,7 @@ use super::arrays::{
 use super::driver::{prepare, Entry, Groups, Pending, Policy, Prepared, TableRef, Use};
 use super::engine::{busy, Engine, SamEngine, StagedSamState, SAM_SLOTS};
 use super::layerwise::{self, LayerEngine};
+use super::prodigy::{self, ProdigyEngine};
 use super::{optimizer_error, OptimizerError};
 use crate::claims::{self, CallClaims};
 use crate::kernels::{
@@ -262,6 +263,9 @@ fn step(
 ) -> PyResult<()> {
     if let Ok(layered) = engine.cast::<LayerEngine>() {
         return layerwise::layer_step(py, &mut *borrow(layered)?, None, params, grads);
+    }
+    if let Ok(prodigy) = engine.cast::<ProdigyEngine>() {
+        return prodigy::prodigy_step(py, &mut *borrow(prodigy)?, None, params, grads);
     }
     base_step(
         py,
@@ -660,6 +664,18 @@ fn second_step_over(
             count,
         };
         return layerwise::layer_step(py, &mut engine, Some(part), params, grads);
+    }
+    if let Ok(prodigy) = base.cast::<ProdigyEngine>() {
+        let mut sam = borrow(sam_object)?;
+        let mut engine = borrow(prodigy)?;
+        let restart = sam.state.pending.is_some();
+        let part = SamPart {
+            sam: &mut sam,
+            restart,
+            alpha,
+            count,
+        };
+        return prodigy::prodigy_step(py, &mut engine, Some(part), params, grads);
     }
     let Ok(engine) = base.cast::<Engine>() else {
         return foreign_second_step(py, sam_object, base, params, grads, alpha, count);

@@ -121,9 +121,9 @@ pub struct TableRef<'a> {
     pub cache: &'a mut EntryCache,
 }
 
-/// The most state streams an entry has: a base optimizer's slots, SAM's saved values and
-/// GSAM's g0.
-const MAX_STATES: usize = 4;
+/// The most state streams an entry has: a base optimizer's slots (Prodigy's four), SAM's
+/// saved values and GSAM's g0.
+const MAX_STATES: usize = 6;
 
 /// Up to `MAX_STATES` values of one entry, without a heap allocation per entry and call.
 pub struct Slots<X> {

@@ -22,6 +22,7 @@ mod engine;
 mod family;
 mod layerwise;
 mod lookahead;
+mod prodigy;
 mod schedule_free;
 mod statedict;
 
@@ -53,6 +54,7 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     family::register(module)?;
     statedict::register(module)?;
     lookahead::register(module)?;
+    prodigy::register(module)?;
     schedule_free::register(module)?;
     layerwise::register(module)
 }
