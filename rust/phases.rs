@@ -141,8 +141,9 @@ pub fn base_step<S: Spec<N>, const N: usize>(
     Ok(())
 }
 
-/// SAM's ascent for one parameter group (davda54/sam's groups): its radius, whether it is
-/// adaptive and with which eta, and whether it is perturbed at all.
+/// SAM's ascent for one parameter group (davda54/sam's groups): its radius as a multiple
+/// of the optimizer's (so a rho schedule scales every group), whether it is adaptive and
+/// with which eta, and whether it is perturbed at all.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AscentGroup {
     pub rho: f64,
@@ -183,11 +184,13 @@ fn renumber(error: NormError, indices: &[usize]) -> NormError {
 
 /// SAM's first phase: `n = ‖g‖` over the perturbed groups (adaptive groups weighted,
 /// `‖T⊙g‖`), then `saved ← p ; p ← p + ρ·g/(n + eps)` (adaptive: `ρ·T²⊙g/(n + eps)`) with
-/// each group's `ρ`, keeping `g` where the lanes have room for it. Groups left out of the
-/// perturbation are only saved. Returns `n`; when it is zero nothing is written.
+/// each group's `ρ` (`rho` times the group's multiple of it), keeping `g` where the lanes
+/// have room for it. Groups left out of the perturbation are only saved. Returns `n`; when
+/// it is zero nothing is written.
 pub fn perturb(
     items: Vec<PerturbItem<'_>>,
     groups: &[AscentGroup],
+    rho: f64,
     eps: f64,
 ) -> Result<f64, NormError> {
     // The norm runs over the perturbed groups; the gradients of the others must be finite
@@ -207,7 +210,8 @@ pub fn perturb(
     if parts.mantissa == 0.0 {
         return Ok(0.0);
     }
-    let scale = |rho: f64| {
+    let scale = |multiple: f64| {
+        let rho = rho * multiple;
         if eps > 0.0 {
             WideFactor::ratio(rho, norm + eps)
         } else {
@@ -301,6 +305,23 @@ pub fn gsam_direction(items: Vec<MixItem<'_>>, gsam: GsamInputs) -> Result<(), N
         ByDtype::Double(lanes) => kernels::mix_into(lanes, mix),
     });
     Ok(())
+}
+
+/// `(cos, ‖a‖, ‖b‖)` of two gradient sets given as their streams (`a`'s, `b`'s, and the
+/// pairs for the dot product); `cos` is 0 when either norm is.
+pub fn cosine(
+    a: &[NormItem<'_>],
+    b: &[NormItem<'_>],
+    pairs: &[DotItem<'_>],
+) -> Result<(f64, f64, f64), NormError> {
+    let na = norm::global_norm_parts(a)?;
+    let nb = norm::global_norm(b)?;
+    let cos = if na.mantissa > 0.0 && nb > 0.0 {
+        norm::normalised_dot(pairs, na, nb)
+    } else {
+        0.0
+    };
+    Ok((cos, na.value(), nb))
 }
 
 /// `compute_gradient_norm`: the global L2 norm, NaN if any element is NaN, infinity if any

@@ -1,5 +1,5 @@
 """Subprocess worker of tests/test_interrupts.py (issue 12): interrupts one kind of long
-native call with SIGALRM -> KeyboardInterrupt at several offsets and reports, per offset,
+call with SIGINT (raised by a SIGALRM timer) at several offsets and reports, per offset,
 which consistent state (if any) the interrupt left behind.
 
 Usage: python interrupt_worker.py <scenario>
@@ -15,6 +15,12 @@ state_dict, params copied back in place), arms `setitimer(ITIMER_REAL, offset)` 
 params, state_dict() and pending bitwise with old and with new. When they are one of the
 two, it continues one more step and compares with the precomputed continuation.
 
+The SAM family's calls are several native calls and Python updates in a row (held against
+Ctrl-C by samopt's InterruptHold, which defers SIGINT): the SIGALRM handler raises a real
+SIGINT, as Ctrl-C does, and for those scenarios ("phased") every native `samopt._core`
+call of the uninterrupted run is timed, so that offsets aim at each of them and at each
+gap between the gradient function's calls.
+
 One JSON object per trial is printed on stdout (the test asserts on them); anything the
 worker itself did not expect makes it exit non-zero with a traceback.
 """
@@ -26,7 +32,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import numpy as np
 import samopt
@@ -40,6 +46,7 @@ SHAPES: dict[str, tuple[tuple[int, ...], Any]] = {
 FRACTIONS = (0.0, 0.3, 0.6, 0.9, 1.2)  # offsets, as fractions of the call's duration
 SAM_STEP_FRACTIONS = (0.0, 1.2)  # sam_step: plus offsets aimed at each of its phases
 TINY = 1e-6  # setitimer(…, 0) would disarm: "offset 0" is the smallest delay
+SHORTEST_AIMED = 5e-4  # gaps shorter than this (seconds) are not aimed at
 
 
 def make_params(seed: int) -> dict[str, np.ndarray]:
@@ -206,6 +213,41 @@ class GradFn:
 GRAD_FN = GradFn()
 
 
+class NativeTimes:
+    """Times every native `samopt._core` function call (for the phased scenarios' aimed
+    offsets): each function of the module replaced by a wrapper that records it, and that
+    raises SIGINT as the `interrupt_after`-th call returns — where a SIGINT that arrived
+    while that call ran is handled (Python runs handlers between bytecodes), on cue."""
+
+    def __init__(self) -> None:
+        self.times: list[tuple[str, float, float]] = []
+        self.calls = 0
+        self.interrupt_after: int | None = None
+
+    def install(self) -> None:
+        core = samopt._core
+        for name in dir(core):
+            function = getattr(core, name)
+            if type(function).__name__ == "builtin_function_or_method":
+                setattr(core, name, self._timed(name, function))
+
+    def _timed(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.times.append((name, start, time.perf_counter()))
+                self.calls += 1
+                if self.calls == self.interrupt_after:
+                    signal.raise_signal(signal.SIGINT)
+
+        return timed
+
+
+NATIVE = NativeTimes()
+
+
 def sam_step_call(opt: Any, p: dict) -> None:
     opt.sam_step(p, GRAD_FN)
 
@@ -213,6 +255,55 @@ def sam_step_call(opt: Any, p: dict) -> None:
 def sam_step_prepare(opt: Any, p: dict) -> None:
     opt.sam_step(p, GRAD_FN)
 
+
+def sgd() -> samopt.SgdOptimizer:
+    return samopt.SgdOptimizer(CFG)
+
+
+def adam() -> samopt.AdamOptimizer:
+    return samopt.AdamOptimizer(CFG)
+
+
+def splits_call(opt: Any, p: dict) -> None:
+    opt.sam_step_splits(p, [GRAD_FN, GRAD_FN])
+
+
+# The SAM family's phases made of several native calls (timed and aimed at one by one).
+PHASED = {
+    "wsam-second_step": Scenario(lambda: samopt.WsamOptimizer(sgd(), 0.05), sam_prepare_pending,
+                                 lambda o, p: o.second_step(p, G1), cont_after_second_step),
+    "wsam-sam_step": Scenario(lambda: samopt.WsamOptimizer(adam(), 0.05), sam_step_prepare,
+                              sam_step_call, sam_step_call),
+    # restore undoes the EMA update of a first_step of this process only: no restore here
+    "fsam-first_step": Scenario(lambda: samopt.FriendlySamOptimizer(sgd(), 0.05), sam_prepare,
+                                lambda o, p: o.first_step(p, G1), cont_after_second_step),
+    "fsam-sam_step": Scenario(lambda: samopt.FriendlySamOptimizer(sgd(), 0.05),
+                              sam_step_prepare, sam_step_call, sam_step_call),
+    "looksam-second_step": Scenario(lambda: samopt.LookSamOptimizer(sgd(), 0.05, k=2),
+                                    sam_prepare_pending, lambda o, p: o.second_step(p, G1),
+                                    cont_after_second_step),
+    "esam-first_step": Scenario(lambda: samopt.EsamOptimizer(sgd(), 0.05), sam_prepare,
+                                lambda o, p: o.first_step(p, G1), cont_after_first_step),
+    "fisher-sam_step": Scenario(lambda: samopt.FisherSamOptimizer(sgd(), 0.05),
+                                sam_step_prepare, sam_step_call, sam_step_call),
+    "bsam-sam_step": Scenario(lambda: samopt.BsamOptimizer(1000), sam_step_prepare,
+                              sam_step_call, sam_step_call),
+    # p = 1: every call a SAM step (of the native SamOptimizer); p = 0: every one a base step
+    "randomized-sam_step": Scenario(
+        lambda: samopt.RandomizedSam(samopt.SamOptimizer(sgd(), 0.05), 1.0),
+        sam_step_prepare, sam_step_call, sam_step_call),
+    "randomized-base_step": Scenario(
+        lambda: samopt.RandomizedSam(samopt.SamOptimizer(sgd(), 0.05), 0.0),
+        sam_step_prepare, sam_step_call, sam_step_call),
+    "sam-sam_step_splits": Scenario(lambda: samopt.SamOptimizer(sgd(), 0.05), splits_call,
+                                    splits_call, splits_call),
+    # each split's ascent updates F-SAM's EMA: an interrupted step must keep none of them
+    "fsam-sam_step_splits": Scenario(lambda: samopt.FriendlySamOptimizer(sgd(), 0.05),
+                                     splits_call, splits_call, splits_call),
+    # and ESAM's draw count, once per split
+    "esam-sam_step_splits": Scenario(lambda: samopt.EsamOptimizer(sgd(), 0.05),
+                                     splits_call, splits_call, splits_call),
+}
 
 SCENARIOS = {
     "sgd-step": Scenario(lambda: samopt.SgdOptimizer(CFG), warm_base, base_step, base_step),
@@ -230,6 +321,7 @@ SCENARIOS = {
                              sam_step_prepare, sam_step_call, sam_step_call),
     "sam_step-adam": Scenario(lambda: samopt.SamOptimizer(samopt.AdamOptimizer(CFG), 0.05),
                               sam_step_prepare, sam_step_call, sam_step_call),
+    **PHASED,
 }
 
 
@@ -238,8 +330,10 @@ SCENARIOS = {
 
 def interrupted_call(call: Callable[[], None], offset: float | None) -> bool:
     """Runs `call` with SIGALRM armed `offset` seconds ahead (None: not armed; the call
-    may raise SIGALRM itself). True when a KeyboardInterrupt was caught."""
-    signal.signal(signal.SIGALRM, signal.default_int_handler)
+    may raise SIGALRM itself); SIGALRM raises SIGINT, which `signal.default_int_handler`
+    (or a hold of samopt's) turns into KeyboardInterrupt. True when one was caught."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGALRM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     try:
         if offset is not None:
             signal.setitimer(signal.ITIMER_REAL, max(offset, TINY))
@@ -250,6 +344,31 @@ def interrupted_call(call: Callable[[], None], offset: float | None) -> bool:
     except KeyboardInterrupt:
         return True
     return False
+
+
+Trial = tuple[str, Union[float, None], Union[int, None], Union[int, None]]
+"""label, timer offset, the grad_fn call to interrupt inside, the native call to interrupt
+as it returns"""
+
+
+def aimed_trials(windows: list[tuple[float, float]], natives: list[tuple[str, float, float]],
+                 end: float) -> list[Trial]:
+    """A SIGINT as each native call returns; timer offsets at the middle of each grad_fn
+    call and of each gap after one (the native phases of a native sam_step); and an
+    interrupt raised inside each grad_fn call."""
+    trials: list[Trial] = [(f"as {native} #{i + 1} returns", None, None, i + 1)
+                           for i, (native, _, _) in enumerate(natives)]
+    if not windows:
+        return trials
+    for i, (s, e) in enumerate(windows):
+        trials.append((f"grad_fn #{i + 1} (timer)", 0.5 * (s + e), None, None))
+    bounds = [t for w in windows for t in w]
+    gaps = [(f"after grad_fn #{i + 1} (timer)", bounds[2 * i + 1], b)
+            for i, b in enumerate([*bounds[2::2], end])]
+    trials += [(label, 0.5 * (a + b), None, None)
+               for label, a, b in gaps if b - a >= SHORTEST_AIMED]
+    trials += [(f"inside grad_fn #{i + 1}", None, i + 1, None) for i in range(len(windows))]
+    return trials
 
 
 def load(sc: Scenario, params: dict[str, np.ndarray], snap: Snapshot) -> Any:
@@ -264,6 +383,9 @@ def load(sc: Scenario, params: dict[str, np.ndarray], snap: Snapshot) -> Any:
 def main() -> int:
     name = sys.argv[1]
     sc = SCENARIOS[name]
+    phased = name in PHASED
+    if phased:
+        NATIVE.install()
     params = make_params(0)
     opt = sc.make()
     sc.prepare(opt, params)
@@ -279,6 +401,7 @@ def main() -> int:
     for _ in range(2):
         ref = load(sc, params, old)
         GRAD_FN.times.clear()
+        NATIVE.times.clear()
         t0 = time.perf_counter()
         sc.call(ref, params)
         t1 = time.perf_counter()
@@ -288,6 +411,7 @@ def main() -> int:
             assert classify(snap.params, ref, old, new)[0] == "new", "call not deterministic"
         new = snap
         windows = [(a - t0, b - t0) for a, b in GRAD_FN.times]
+        natives = [(n, a - t0, b - t0) for n, a, b in NATIVE.times if a < t1]
     assert new is not None
     duration = min(durations)
     assert classify(new.params, ref, old, new)[0] == "new"
@@ -301,23 +425,26 @@ def main() -> int:
     # offsets: fractions of the duration; for sam_step also aimed at its phases: inside each
     # grad_fn call, and the native calls between and after them
     sam_step = name.startswith("sam_step")
-    fractions = SAM_STEP_FRACTIONS if sam_step else FRACTIONS
-    trials: list[tuple[str, float | None, int | None]] = [
-        (f"{f:.1f}x", f * duration, None) for f in fractions]
+    fractions = SAM_STEP_FRACTIONS if sam_step or phased else FRACTIONS
+    trials: list[Trial] = [(f"{f:.1f}x", f * duration, None, None) for f in fractions]
+    if phased:
+        trials += aimed_trials(windows, natives, durations[-1])
     if sam_step:
         (_, e1), (s2, e2) = windows
-        trials += [("grad_fn #1 (timer)", windows[0][0] + 0.5 * (e1 - windows[0][0]), None),
-                   ("first_step (timer)", e1 + 0.5 * (s2 - e1), None),
-                   ("grad_fn #2 (timer)", s2 + 0.5 * (e2 - s2), None),
-                   ("second_step (timer)", e2 + 0.5 * (durations[-1] - e2), None),
-                   ("inside grad_fn #1", None, 1), ("inside grad_fn #2", None, 2)]
-    print(json.dumps({"scenario": name, "duration": duration, "windows": windows}), flush=True)
+        trials += [("grad_fn #1 (timer)", windows[0][0] + 0.5 * (e1 - windows[0][0]), None, None),
+                   ("first_step (timer)", e1 + 0.5 * (s2 - e1), None, None),
+                   ("grad_fn #2 (timer)", s2 + 0.5 * (e2 - s2), None, None),
+                   ("second_step (timer)", e2 + 0.5 * (durations[-1] - e2), None, None),
+                   ("inside grad_fn #1", None, 1, None), ("inside grad_fn #2", None, 2, None)]
+    print(json.dumps({"scenario": name, "duration": duration, "windows": windows,
+                      "natives": natives}), flush=True)
 
-    for label, offset, inside in trials:
+    for label, offset, inside, after_native in trials:
         opt = load(sc, params, old)
         GRAD_FN.calls, GRAD_FN.interrupt_on = 0, inside
+        NATIVE.calls, NATIVE.interrupt_after = 0, after_native
         interrupted = interrupted_call(lambda o=opt: sc.call(o, params), offset)
-        GRAD_FN.interrupt_on = None
+        GRAD_FN.interrupt_on = NATIVE.interrupt_after = None
         outcome, detail = classify(params, opt, old, new)
         cont_ok, cont_detail = None, ""
         if outcome in ("old", "new"):

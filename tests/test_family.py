@@ -513,7 +513,8 @@ def test_esam_splits_draw_a_mask_each() -> None:
 
 
 @pytest.mark.parametrize("make", [lambda: SamOptimizer(sgd(), RHO),
-                                  lambda: samopt.EsamOptimizer(sgd(), RHO, seed=1)])
+                                  lambda: samopt.EsamOptimizer(sgd(), RHO, seed=1),
+                                  lambda: samopt.FriendlySamOptimizer(sgd(), RHO)])
 @pytest.mark.parametrize("at", [(0, 1), (0, 2), (1, 1), (1, 2)])
 def test_a_failing_split_changes_nothing(at: tuple[int, int],
                                          make: Callable[[], Any]) -> None:

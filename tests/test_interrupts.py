@@ -6,10 +6,17 @@ AdamOptimizer.step, AdamWOptimizer's first step (which also creates m and v),
 SgdOptimizer.step, SamOptimizer.first_step, SamOptimizer.second_step (after a first_step),
 and SamOptimizer.sam_step over SGD and over Adam — on ~22M elements over three arrays
 (float32 and float64). The worker measures the call's duration, then interrupts it with
-SIGALRM -> `signal.default_int_handler` -> KeyboardInterrupt at offsets from 0 to 1.2x the
-duration (for sam_step also aimed at each of its phases, and raised inside grad_fn's first
-and second call), and compares params, state_dict() and `pending` bitwise with the state
-before the call ("old") and after an uninterrupted call from the same point ("new").
+SIGALRM -> SIGINT -> `signal.default_int_handler` -> KeyboardInterrupt at offsets from 0
+to 1.2x the duration (for sam_step also aimed at each of its phases, and raised inside
+grad_fn's first and second call), and compares params, state_dict() and `pending` bitwise
+with the state before the call ("old") and after an uninterrupted call from the same point
+("new").
+
+The SAM family's calls (WSAM, F-SAM, LookSAM, ESAM, Fisher SAM, bSAM, RandomizedSam,
+sam_step_splits) are several native calls and Python updates each, held against Ctrl-C by
+samopt._signals.InterruptHold: for them SIGINT is also raised as each native call returns
+(where a SIGINT that arrived during the call is handled), and inside and after each
+grad_fn call. Without the holds every one of these scenarios left torn states.
 
 Asserted: every trial left exactly one of the two (a pending first_step restores the
 original params bitwise; an interrupt inside grad_fn leaves the old state), and one more
@@ -37,6 +44,20 @@ SCENARIOS = [
     "sam-second_step",
     "sam_step-sgd",
     "sam_step-adam",
+    # the SAM family: phases of several native calls and Python updates (InterruptHold)
+    "wsam-second_step",
+    "wsam-sam_step",
+    "fsam-first_step",
+    "fsam-sam_step",
+    "looksam-second_step",
+    "esam-first_step",
+    "fisher-sam_step",
+    "bsam-sam_step",
+    "randomized-sam_step",
+    "randomized-base_step",
+    "sam-sam_step_splits",
+    "fsam-sam_step_splits",
+    "esam-sam_step_splits",
 ]
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"),
@@ -79,3 +100,74 @@ def test_interrupted_call_leaves_one_consistent_state(scenario: str) -> None:
     # the interrupt did arrive inside (or right after) the call at the early offsets
     assert all(t["interrupted"] for t in trials if t["trial"] in ("0.0x", "0.3x")), \
         report
+
+
+# ----------------------------------------------------------------------------- InterruptHold
+
+
+def test_hold_defers_sigint_to_its_end() -> None:
+    from samopt._signals import InterruptHold
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with InterruptHold():
+            signal.raise_signal(signal.SIGINT)
+            done.append("the rest of the block")
+    assert done == ["the rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with InterruptHold():  # nothing received: nothing raised
+        pass
+
+
+def test_hold_raises_its_sigint_over_an_error_of_the_block() -> None:
+    from samopt._signals import InterruptHold
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        with InterruptHold():
+            signal.raise_signal(signal.SIGINT)
+            raise ValueError("the block's own error")
+    assert isinstance(caught.value.__context__, ValueError)
+
+
+def test_released_code_inside_a_hold_is_interruptible() -> None:
+    from samopt._signals import InterruptHold
+
+    after = []
+    with InterruptHold() as hold, InterruptHold():  # the inner hold does nothing
+        with pytest.raises(KeyboardInterrupt):
+            with hold.released():
+                signal.raise_signal(signal.SIGINT)
+                after.append("not reached")
+        # a SIGINT held before user code starts is raised as it starts
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            with InterruptHold().released():
+                after.append("not reached either")
+    assert after == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_hold_leaves_other_handlers_and_threads_alone() -> None:
+    import threading
+
+    from samopt._signals import InterruptHold
+
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        with InterruptHold():
+            signal.raise_signal(signal.SIGINT)  # the program's own handler runs at once
+            assert received == [signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    seen = []
+
+    def in_a_thread() -> None:
+        with InterruptHold():  # signal.signal would raise ValueError off the main thread
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == [signal.default_int_handler]

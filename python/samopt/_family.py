@@ -6,7 +6,10 @@ nothing, state dicts that resume bit-exactly (random draws included: a counter-b
 generator keyed by seed, draw number, parameter name and element index), parameter groups
 (``rho`` and ``perturb``) and ``sam_step``. The element-wise work is native
 (``samopt._core``: ``mask``, ``cosine``, ``scale``, ``accumulate``); the Python layer only
-chooses scalars and which call comes next.
+chooses scalars and which call comes next. A phase made of several native calls and
+Python updates runs under an ``InterruptHold``, so that Ctrl-C finds it done whole or not
+at all, as a single native call is; the user's gradient function stays interruptible, and
+an interrupt inside it puts the parameters back as they were.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ._errors import OptimizerError
 from ._groups import Check, ParamGroups
 from ._protocol import Grads, Optimizer, Params, StateDict
 from ._sam import GradFn, SamOptimizer, _evaluate
+from ._signals import InterruptHold
 from ._state import as_dict, scalar_entry, state_array, time_step_entry
 
 __all__ = [
@@ -94,7 +98,7 @@ class _FamilyStep(SamOptimizer):
 
     def second_step(self, params: Params, grads: Grads) -> None:
         params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
-        with self._lock:
+        with self._lock, InterruptHold():
             self._finish(params_dict, grads_dict, False)
 
     step = second_step
@@ -110,14 +114,19 @@ class _FamilyStep(SamOptimizer):
                 )
             loss, grads = _evaluate(grad_fn, params_dict)
             if self._engine.calls % self._interval != 0:
-                self._between(params_dict, grads, True)
+                with InterruptHold():
+                    self._between(params_dict, grads, True)
                 return loss
-            self.first_step(params_dict, grads)
+            # first_step inside the try: a Ctrl-C it defers to its end is raised with the
+            # parameters perturbed, and must find them restored.
             try:
+                self.first_step(params_dict, grads)
                 _, grads = _evaluate(grad_fn, params_dict)
-                self._finish(params_dict, grads, True)
+                with InterruptHold():
+                    self._finish(params_dict, grads, True)
             except BaseException:
-                self.restore(params_dict)
+                with InterruptHold():
+                    self.restore(params_dict)
                 raise
             return loss
 
@@ -177,7 +186,7 @@ class EsamOptimizer(_FamilyStep):
 
     def first_step(self, params: Params, grads: Grads) -> None:
         params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
-        with self._lock:
+        with self._lock, InterruptHold():
             if self.pending:
                 _core.first_step(self._engine, params_dict, grads_dict, self.rho, self._eps)
             masked = self._masked.like(params_dict)
@@ -190,7 +199,7 @@ class EsamOptimizer(_FamilyStep):
 
     def restore(self, params: Params) -> None:
         """Abandons a pending perturbation, and the draw of its mask with it."""
-        with self._lock:
+        with self._lock, InterruptHold():
             pending = self.pending
             super().restore(params)
             if pending:
@@ -200,11 +209,14 @@ class EsamOptimizer(_FamilyStep):
         """m-sharpness: each sub-batch's ascent draws its own mask (none is kept if the
         step fails)."""
         with self._lock:
-            draws = self._draws
+            draws, calls = self._draws, self._engine.calls
             try:
                 return super().sam_step_splits(params, grad_fns)
             except BaseException:
-                self._draws = draws
+                # A Ctrl-C raised as the base step returns finds the step (and its draws)
+                # taken: only a step not taken gives its draws back.
+                if self._engine.calls == calls:
+                    self._draws = draws
                 raise
 
     def _own_keys(self) -> tuple[list[str], list[str]]:
@@ -224,7 +236,7 @@ class EsamOptimizer(_FamilyStep):
             raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
         seed = _seed_entry(state, "esam_seed")
         draws = time_step_entry(state, "esam_draws")
-        with self._lock:
+        with self._lock, InterruptHold():
             super().load_state_dict(state)
             self._seed, self._draws = seed, draws
 
@@ -283,7 +295,7 @@ class LookSamOptimizer(_FamilyStep):
     def first_step(self, params: Params, grads: Grads) -> None:
         """SAM's ascent, keeping g (converted to the parameters' dtypes) for g_v."""
         params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
-        with self._lock:
+        with self._lock, InterruptHold():
             if self.pending:
                 _core.first_step(self._engine, params_dict, grads_dict, self.rho, self._eps)
             grad0 = self._grad0.like(params_dict)
@@ -370,7 +382,7 @@ class LookSamOptimizer(_FamilyStep):
                     f"but 'saved_{name}' has dtype {other.dtype} and shape {other.shape}",
                     _GRAD0 + name,
                 )
-        with self._lock:
+        with self._lock, InterruptHold():
             super().load_state_dict(state)
             self._kept = Buffers()
             self._kept.arrays = {name: np.array(a, order="C") for name, a in kept.items()}
@@ -446,12 +458,21 @@ class RandomizedSam:
                     None,
                 )
             probability = self._probability()
-            if _uniform(self._seed, self._calls) < probability:
-                loss = self.sam.sam_step(params_dict, grad_fn)
-            else:
-                loss, grads = _evaluate(grad_fn, params_dict)
-                self.sam.second_step(params_dict, grads)
-            self._calls += 1
+            # The step and its count commit together: Ctrl-C is held from the draw to the
+            # count, except inside grad_fn, where the step in progress handles it as any
+            # error of grad_fn (and a Ctrl-C held before is raised as grad_fn starts).
+            with InterruptHold() as hold:
+
+                def interruptible(at: dict[str, NDArray[Any]]) -> tuple[Any, Grads]:
+                    with hold.released():
+                        return grad_fn(at)
+
+                if _uniform(self._seed, self._calls) < probability:
+                    loss = self.sam.sam_step(params_dict, interruptible)
+                else:
+                    loss, grads = _evaluate(interruptible, params_dict)
+                    self.sam.second_step(params_dict, grads)
+                self._calls += 1
             return loss
 
     def first_step(self, params: Params, grads: Grads) -> None:
@@ -488,7 +509,7 @@ class RandomizedSam:
         seed = _seed_entry(state, "randomized_seed")
         calls = time_step_entry(state, "randomized_calls")
         own = ("randomized_seed", "randomized_calls")
-        with self._lock:
+        with self._lock, InterruptHold():
             self.sam.load_state_dict({k: v for k, v in state.items() if k not in own})
             self._seed, self._calls = seed, calls
 
@@ -608,7 +629,7 @@ class WsamOptimizer(_FamilyStep):
 
     def first_step(self, params: Params, grads: Grads) -> None:
         params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
-        with self._lock:
+        with self._lock, InterruptHold():
             if self.pending:
                 _core.first_step(self._engine, params_dict, grads_dict, self.rho, self._eps)
             grad0 = self._grad0.like(params_dict)
@@ -663,7 +684,7 @@ class WsamOptimizer(_FamilyStep):
         if not isinstance(state, Mapping):
             raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
         grad0 = _load_kept_gradient(state, self._grad0_prefix)
-        with self._lock:
+        with self._lock, InterruptHold():
             super().load_state_dict(state)
             self._grad0 = _buffers_of(grad0)
 
@@ -707,7 +728,7 @@ class FisherSamOptimizer(_FamilyStep):
 
     def first_step(self, params: Params, grads: Grads) -> None:
         params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
-        with self._lock:
+        with self._lock, InterruptHold():
             if self.pending:
                 _core.first_step(self._engine, params_dict, grads_dict, self.rho, self._eps)
             direction = self._direction.like(params_dict)
@@ -769,7 +790,7 @@ class FriendlySamOptimizer(_FamilyStep):
 
     def first_step(self, params: Params, grads: Grads) -> None:
         params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
-        with self._lock:
+        with self._lock, InterruptHold():
             if self.pending:
                 _core.first_step(self._engine, params_dict, grads_dict, self.rho, self._eps)
             ema = self._spare.like(params_dict)
@@ -798,12 +819,27 @@ class FriendlySamOptimizer(_FamilyStep):
         self._undoable = False
 
     def restore(self, params: Params) -> None:
-        with self._lock:
+        with self._lock, InterruptHold():
             undo = self._undoable and self.pending
             super().restore(params)
             if undo:
                 self._ema, self._spare = self._spare, self._ema
             self._undoable = False
+
+    def sam_step_splits(self, params: Params, grad_fns: Iterable[GradFn]) -> list[Any]:
+        """m-sharpness: each sub-batch's ascent updates the EMA in turn. A failed step
+        (Ctrl-C included) leaves the EMA as it was, from a copy taken as the step starts:
+        the swap that ``restore`` undoes goes back one update only."""
+        with self._lock:
+            ema = {name: array.copy() for name, array in self._ema.arrays.items()}
+            calls = self._engine.calls
+            try:
+                return super().sam_step_splits(params, grad_fns)
+            except BaseException:
+                if self._engine.calls == calls:  # the step was not taken (as ESAM's)
+                    with InterruptHold():
+                        self._ema, self._undoable = _buffers_of(ema), False
+                raise
 
     def _own_keys(self) -> tuple[list[str], list[str]]:
         exact, prefixes = super()._own_keys()
@@ -821,7 +857,7 @@ class FriendlySamOptimizer(_FamilyStep):
             raise OptimizerError(f"state must be a mapping, got {type(state).__name__}", None)
         keys = sorted(k for k in state if isinstance(k, str) and k.startswith(_EMA))
         ema = {k[len(_EMA):]: np.array(state_array(state, k), order="C") for k in keys}
-        with self._lock:
+        with self._lock, InterruptHold():
             super().load_state_dict(state)
             self._ema = _buffers_of(ema)
             self._undoable = False
@@ -877,7 +913,7 @@ class BsamOptimizer:
         if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
             raise OptimizerError(f"num_data must be an int >= 1, got {num_data!r}", "num_data")
         self.num_data = num_data
-        self._lr = check_real("lr", lr, minimum=0.0)
+        own_lr = check_real("lr", lr, minimum=0.0)
         self.beta1, self.beta2 = _check_decay("beta1", beta1), _check_decay("beta2", beta2)
         self.prior_precision = check_real("prior_precision", prior_precision, minimum=0.0)
         self._rho = check_real("rho", rho, minimum=0.0)
@@ -885,14 +921,14 @@ class BsamOptimizer:
         self.s_init = check_real("s_init", s_init, above=0.0)
         self._seed = _check_seed(seed)
         self.param_groups = ParamGroups.parse(param_groups, _BSAM_GROUP_CHECKS)
-        for key, own in (("lr", self._lr), ("rho", self._rho)):
+        for key, own in (("lr", own_lr), ("rho", self._rho)):
             if own == 0.0 and any(key in o for o in self.param_groups.overrides):
                 raise OptimizerError(
                     f"a parameter group's {key} keeps its ratio to the optimizer's, which is 0",
                     key,
                 )
-        self._configured = (self._lr, self._rho)
-        self._lrs = self._scaled_lrs(self._lr)
+        self._configured = (own_lr, self._rho)
+        self._lrs = self._scaled_lrs(own_lr)
         self._group_of: dict[Any, int] = {}
         self._draws = 0
         self._momentum = Buffers()
@@ -1005,8 +1041,8 @@ class BsamOptimizer:
         if not radius:
             return _evaluate(grad_fn, params)
         norm = _core.gradient_norm(direction)
-        _core.first_step(engine, params, direction, radius * norm, 0.0)
         try:
+            _core.first_step(engine, params, direction, radius * norm, 0.0)
             return _evaluate(grad_fn, params)
         finally:
             _core.restore(engine, params)
@@ -1025,13 +1061,14 @@ class BsamOptimizer:
             _, ascended = self._moved(
                 self._ascent_engine, params_dict, direction, self._rho, grad_fn
             )
-            self._update(params_dict, ascended, sampled, state)
-            self._draws += 1
+            with InterruptHold():
+                self._update(params_dict, ascended, sampled, state)
+                self._draws += 1
             return loss
 
     def step(self, params: Params, grads: Grads) -> None:
         params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
-        with self._lock:
+        with self._lock, InterruptHold():
             self._update(params_dict, grads_dict, grads_dict, self._state_for(params_dict))
 
     def state_dict(self) -> StateDict:
@@ -1082,12 +1119,11 @@ class BsamOptimizer:
                 )
             if not (s > 0).all():
                 raise OptimizerError(f"state 's_{name}' must be positive", "s_" + name)
-        with self._lock:
+        loaded_momentum = _buffers_of({k: np.array(v, order="C") for k, v in momentum.items()})
+        loaded_precision = _buffers_of({k: np.array(v, order="C") for k, v in precision.items()})
+        with self._lock, InterruptHold():
             self._lrs, self._seed, self._draws = lrs, seed, draws
-            self._momentum = _buffers_of({k: np.array(v, order="C") for k, v in momentum.items()})
-            self._precision = _buffers_of(
-                {k: np.array(v, order="C") for k, v in precision.items()}
-            )
+            self._momentum, self._precision = loaded_momentum, loaded_precision
 
     def __getstate__(self) -> dict[str, Any]:
         with self._lock:

@@ -18,6 +18,7 @@ from ._errors import OptimizerError
 from ._groups import Check, ParamGroups
 from ._optimizers import LoadedState, NativeOptimizer
 from ._protocol import Grads, Optimizer, Params, StateDict
+from ._signals import InterruptHold
 from ._state import as_dict, scalar_entry, state_mapping, time_step_entry
 
 __all__ = ["GradFn", "GsamOptimizer", "SamOptimizer"]
@@ -274,8 +275,10 @@ class SamOptimizer:
                 loss, grads = _evaluate(grad_fn, params_dict)
                 losses.append(loss)
                 if sam_call:
-                    self.first_step(params_dict, grads)
+                    # first_step inside the try: a variant's first_step holds Ctrl-C to its
+                    # end, and raises it with the parameters perturbed.
                     try:
+                        self.first_step(params_dict, grads)
                         _, grads = _evaluate(grad_fn, params_dict)
                     finally:
                         # The native restore: a variant's own (ESAM's) also undoes its draw.
@@ -337,15 +340,16 @@ class SamOptimizer:
         if isinstance(base, NativeOptimizer):
             loaded = base._parse_state(state, ignore=self._own_keys())
             staged = self._stage(state, loaded)
-            with self._lock:
+            with self._lock, InterruptHold():
                 base._install(loaded)
                 self._rho = rho
                 self._engine.install(staged)
             return
         _, base_state = _core.partition_state(state, *self._own_keys())
         staged = self._stage(state, None)
-        with self._lock:
-            base.load_state_dict(base_state)
+        with self._lock, InterruptHold() as hold:
+            with hold.released():  # the base's own code, interruptible
+                base.load_state_dict(base_state)
             self._rho = rho
             self._engine.install(staged)
 

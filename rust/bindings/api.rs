@@ -23,7 +23,7 @@ use crate::kernels::{
 };
 use crate::norm::NormItem;
 use crate::parallel::ByDtype;
-use crate::phases::{self, AscentGroup, GsamInputs};
+use crate::phases::{self, GsamInputs};
 use crate::specs::{
     AdaBelief, AdaMax, Adagrad, Adam, Hyper, Kind, Lion, NAdam, RAdam, RmsProp, ScheduleFreeAdamW,
     Sgd, Spec,
@@ -328,15 +328,8 @@ fn perturb(
         pending,
         &assigned,
     )?;
-    let ascents: Vec<AscentGroup> = groups
-        .iter()
-        .map(|group| AscentGroup {
-            rho: rho * group.rho,
-            ..*group
-        })
-        .collect();
     let items = prepared.lanes(perturb_lanes::<f32>, perturb_lanes::<f64>);
-    let norm = match py.detach(move || phases::perturb(items, &ascents, eps)) {
+    let norm = match py.detach(move || phases::perturb(items, groups, rho, eps)) {
         Ok(norm) if norm > 0.0 => norm,
         Ok(_) => {
             prepared.release(&mut tables);

@@ -1,6 +1,6 @@
 //! The SAM family's entry points: each a validated, claimed call over every array of a
 //! dict that writes a variant's direction into the variant's own buffers (the formulas are
-//! in `crate::family`), and the cosine between two dicts of gradients (`crate::norm`).
+//! in `crate::family`), and the cosine between two dicts of gradients (`crate::phases`).
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -392,16 +392,7 @@ fn cosine(
             ByDtype::Double((x, y)) => ByDtype::Double((x.slice(), y.slice())),
         })
         .collect();
-    let outcome = py.detach(|| -> Result<(f64, f64, f64), norm::NormError> {
-        let na = norm::global_norm_parts(&first)?;
-        let nb = norm::global_norm(&second)?;
-        let cos = if na.mantissa > 0.0 && nb > 0.0 {
-            norm::normalised_dot(&dots, na, nb)
-        } else {
-            0.0
-        };
-        Ok((cos, na.value(), nb))
-    });
+    let outcome = py.detach(|| phases::cosine(&first, &second, &dots));
     outcome.map_err(|error| {
         let index = match error {
             norm::NormError::NonFiniteGradient(i) | norm::NormError::NonFiniteParameter(i) => i,
