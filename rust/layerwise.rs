@@ -218,9 +218,9 @@ pub struct AdamP {
     beta2: f64,
     epsilon: f64,
     nesterov: bool,
-    /// `lr/(1−β1^t)` and `√(1−β2^t)`.
+    /// `lr/(1−β1^t)` and `1/√(1−β2^t)`.
     step_size: f64,
-    root_correction2: f64,
+    correction2: f64,
     /// `lr·wd`.
     decay: f64,
     delta: f64,
@@ -241,7 +241,7 @@ impl AdamP {
             true => self.beta1 * m + (1.0 - self.beta1) * g,
             false => m,
         };
-        numerator / (v.sqrt() / self.root_correction2 + self.epsilon)
+        numerator / (v.sqrt() * self.correction2 + self.epsilon)
     }
 }
 
@@ -258,7 +258,7 @@ impl LayerSpec<2> for AdamP {
             epsilon: h.epsilon,
             nesterov: h.nesterov,
             step_size: h.lr / (1.0 - h.beta1.powf(power)),
-            root_correction2: (1.0 - h.beta2.powf(power)).sqrt(),
+            correction2: 1.0 / (1.0 - h.beta2.powf(power)).sqrt(),
             decay: h.lr * h.weight_decay,
             delta: hyper.adamp_delta,
             wd_ratio: hyper.adamp_wd_ratio,
@@ -1003,6 +1003,46 @@ mod tests {
         for threads in [2, 3] {
             assert_eq!(run(threads).map(f64::to_bits), norms.map(f64::to_bits));
         }
+    }
+
+    #[test]
+    fn adamp_removes_the_radial_part_of_a_weight_orthogonal_to_its_gradient() {
+        let spec = AdamP::at_step(&HYPER, 1);
+        let groups = [GroupStep { spec, l2: 0.0 }];
+        // g ⟂ p: cosine 0 < δ/√2, so the weight is projected; the same values as a vector
+        // (left out of the adaptation) are not.
+        let (p0, g) = ([3.0f64, 4.0], [4.0f64, -3.0]);
+        let run = |adapt: bool| {
+            let (mut p, mut m, mut v) = (p0, [0.0f64; 2], [0.0f64; 2]);
+            let item = ByDtype::Double(LayerLanes {
+                param: &mut p,
+                grad: &g,
+                slots: [&mut m, &mut v],
+                start: None,
+                grad0: None,
+                group: 0,
+                item: 0,
+                adapt,
+            });
+            layer_step(vec![item], 1, &groups, Clipping::Off, None).unwrap();
+            p
+        };
+        let step_size = 0.01 / (1.0 - 0.9);
+        let u = g.map(|g| 0.1 * g / ((0.001 * g * g).sqrt() / 0.001f64.sqrt() + 1e-8));
+        let unit = p0.map(|p| p / (5.0 + 1e-8));
+        let along = unit[0] * u[0] + unit[1] * u[1];
+        let decay = 0.01 * 0.1;
+        let projected = run(true);
+        let vector = run(false);
+        for i in 0..2 {
+            let expected = p0[i] * (1.0 - decay * 0.5) - step_size * (u[i] - unit[i] * along);
+            assert!((projected[i] - expected).abs() < 1e-15, "{projected:?}");
+            let expected = p0[i] * (1.0 - decay) - step_size * u[i];
+            assert!((vector[i] - expected).abs() < 1e-15, "{vector:?}");
+        }
+        let radial = |p: [f64; 2]| (p[0] - p0[0]) * p0[0] + (p[1] - p0[1]) * p0[1];
+        assert!((radial(projected) + decay * 0.5 * 25.0).abs() < 1e-8);
+        assert!((radial(vector) + decay * 25.0).abs() > 1e-3);
     }
 
     #[test]
