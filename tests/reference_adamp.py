@@ -62,7 +62,7 @@ class RefAdamP:
             perturb = (b1 * m + (1 - b1) * grad) / denom if h["nesterov"] else m / denom
             ratio = 1.0
             projected = False
-            if p.ndim > 1:
+            if p.ndim > 1 and p.size > 0:
                 cosine = abs(float(np.sum(grad * p))) / (max(l2(grad), eps) * max(l2(p), eps))
                 if cosine < self.delta / math.sqrt(p.size):
                     unit = p / (l2(p) + eps)
