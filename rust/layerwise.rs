@@ -565,19 +565,21 @@ kernel_body!(measure_body[T: Real, U: LayerUpdate<T, N>, const N: usize](
         let state: [T; N] = std::array::from_fn(|k| slots[k][i]);
         spec.measure(start[i], grad[i].to_f64(), &state)
     };
+    let raw = |i: usize| grad[i].to_f64();
     match (how, U::FACTOR) {
         // Without clipping or a mix the gradient is `g` itself: skip those operations.
-        (Measure::Sums, LayerFactor::Norms) if plan == GradientPlan::PLAIN => {
-            pad(sum_products(n, |i| first_two(products(U::FACTOR, plain(i)))))
-        }
-        (Measure::Sums, LayerFactor::Norms) => {
-            pad(sum_products(n, |i| first_two(products(U::FACTOR, terms(i)))))
-        }
+        (Measure::Sums, LayerFactor::Norms) if plan == GradientPlan::PLAIN => pad(sum_products(
+            n,
+            |i| probed(first_two(products(U::FACTOR, plain(i))), raw(i)),
+        )),
+        (Measure::Sums, LayerFactor::Norms) => pad(sum_products(n, |i| {
+            probed(first_two(products(U::FACTOR, terms(i))), raw(i))
+        })),
         (Measure::Sums, LayerFactor::Cosines) if plan == GradientPlan::PLAIN => {
-            sum_products(n, |i| products(U::FACTOR, plain(i)))
+            sum_products(n, |i| probed(products(U::FACTOR, plain(i)), raw(i)))
         }
         (Measure::Sums, LayerFactor::Cosines) => {
-            sum_products(n, |i| products(U::FACTOR, terms(i)))
+            sum_products(n, |i| probed(products(U::FACTOR, terms(i)), raw(i)))
         }
         (Measure::Largest, _) => {
             let largest = (0..n).fold([0.0f64; 3], |acc, i| {
@@ -601,6 +603,15 @@ kernel_body!(measure_body[T: Real, U: LayerUpdate<T, N>, const N: usize](
         }
     }
 });
+
+/// The products with `0·g` added to the first (a square): the same value for a finite
+/// gradient as it arrived (before clipping), NaN for a non-finite one, so the fast sums
+/// double as the gradients' finiteness check.
+#[inline(always)]
+fn probed<const M: usize>(mut products: [f64; M], raw: f64) -> [f64; M] {
+    products[0] += raw * 0.0;
+    products
+}
 
 #[inline(always)]
 fn first_two([a, b, _, _]: [f64; 4]) -> [f64; 2] {
@@ -692,13 +703,15 @@ where
 }
 
 /// The measures of every item (in the call's item order), reproducibly and without
-/// spurious overflow or underflow.
+/// spurious overflow or underflow. `unchecked`: the gradients' finiteness is still to be
+/// checked, which a non-finite fast sum then does.
 fn array_measures<U, const N: usize>(
     items: &[LayerItem<'_, N>],
     count: usize,
     groups: &[GroupStep<U>],
     plan: GradientPlan,
-) -> Vec<ArrayMeasures>
+    unchecked: bool,
+) -> Result<Vec<ArrayMeasures>, NormError>
 where
     U: LayerUpdate<f32, N> + LayerUpdate<f64, N>,
 {
@@ -719,6 +732,9 @@ where
     }
     let add = |a: f64, b: f64| a + b;
     let sums = per_item(&reads, count, groups, plan, |_| Some(Measure::Sums), add);
+    if unchecked && !sums.iter().flatten().all(|s| s.is_finite()) {
+        phases::check_gradients(items)?;
+    }
     let safe = |s: f64| s.is_finite() && s >= SMALLEST_SAFE_SUM;
     // By Cauchy-Schwarz a dot product is finite when the norms are, and an underflow in
     // it is small beside their product: only the squares decide.
@@ -728,7 +744,7 @@ where
         measure.dots = [s[2], s[3]];
     }
     if !rescue.iter().any(|&r| r) {
-        return measures;
+        return Ok(measures);
     }
     let pick = |item: usize, how: Measure| rescue[item].then_some(how);
     let largest = per_item(
@@ -773,7 +789,7 @@ where
             };
         }
     }
-    measures
+    Ok(measures)
 }
 
 /// One layer-wise step over every item (`count` of them, numbered by `item`), each with
@@ -786,9 +802,16 @@ pub fn layer_step<S: LayerSpec<N>, const N: usize>(
     clipping: Clipping,
     gsam: Option<GsamInputs>,
 ) -> Result<(), NormError> {
-    let plan = phases::plan_update(&items, clipping, gsam)?;
+    // The read pass checks the gradients itself when no global norm is needed first.
+    let unread = S::MEASURES
+        .then(|| phases::plan_unread(clipping, gsam))
+        .flatten();
+    let plan = match unread {
+        Some(plan) => plan,
+        None => phases::plan_update(&items, clipping, gsam)?,
+    };
     let measures = match S::MEASURES {
-        true => array_measures(&items, count, groups, plan),
+        true => array_measures(&items, count, groups, plan, unread.is_some())?,
         false => vec![ArrayMeasures::default(); count],
     };
     let factor = |group: u32, item: u32, adapt: bool| {
@@ -992,8 +1015,8 @@ mod tests {
                 .unwrap();
             let items = vec![lanes(&mut p, &g, [&mut v], None, 0)];
             let plan = GradientPlan::PLAIN;
-            let measures = pool.install(|| array_measures(&items, 1, &groups, plan));
-            measures[0].norms
+            let measures = pool.install(|| array_measures(&items, 1, &groups, plan, false));
+            measures.unwrap()[0].norms
         };
         let norms = run(1);
         let exact_p = p.iter().map(|x| (x / 1e200).powi(2)).sum::<f64>().sqrt() * 1e200;

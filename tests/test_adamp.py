@@ -21,6 +21,8 @@ from samopt import (
     AdamPOptimizer,
     GradClipMode,
     GsamOptimizer,
+    LambOptimizer,
+    LarsOptimizer,
     LookaheadOptimizer,
     NonFiniteGradientError,
     OptimizerConfig,
@@ -389,3 +391,28 @@ def test_adamp_is_deterministic_over_thread_counts() -> None:
                              capture_output=True, text=True, check=True)
         found.add(run.stdout.strip())
     assert len(found) == 1, found
+
+
+@pytest.mark.parametrize("kind", ["adamp", "lamb", "lars"])
+@pytest.mark.parametrize("clip_mode", [None, "value", "norm"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_the_read_pass_refuses_a_non_finite_gradient_even_one_clipping_would_bound(
+        kind: str, clip_mode: str | None, bad: float) -> None:
+    """Without norm clipping the layer-wise read pass is also the finiteness check: an
+    infinite gradient that value clipping would clamp to ±c is refused like a NaN, with the
+    parameter's name, and nothing changes."""
+    cfg = OptimizerConfig(
+        learning_rate=0.01, grad_clip=None if clip_mode is None else 1.0,
+        grad_clip_mode=GradClipMode.NORM if clip_mode == "norm" else GradClipMode.VALUE)
+    opt = {"adamp": lambda: AdamPOptimizer(cfg), "lamb": lambda: LambOptimizer(cfg),
+           "lars": lambda: LarsOptimizer(cfg)}[kind]()
+    params = small_params()
+    grads = {k: np.ones_like(v) for k, v in params.items()}
+    opt.step(params, grads)
+    grads["b"] = grads["b"].copy()
+    grads["b"][2] = bad
+    before = snapshot_all(params, grads, opt)
+    with pytest.raises(NonFiniteGradientError) as info:
+        opt.step(params, grads)
+    assert info.value.key == "b"
+    assert_unchanged(before, params, grads, opt)
