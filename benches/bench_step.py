@@ -1722,7 +1722,8 @@ def check_mode(args: argparse.Namespace) -> int:
 # v, write p, m, v; LARS: read p, g, v, write p, v). SAM adds its norm (g) and perturb-and-save
 # (read p, g, write p, saved), and its restore reads saved instead of p. Lookahead's
 # synchronisation reads and writes the fast and the slow weights (4), here every step (k=1)
-# on top of Adam's 7. samopt reads g once more (the finiteness check) than these count.
+# on top of Adam's 7. samopt reads g once more (the finiteness check) than these count for
+# Lookahead(Adam) and Sophia; the read pass of LAMB, LARS and AdamP is their check.
 # Sophia is element-wise: read p, g, m, h, write p, m (and h on the one step in
 # hessian_update_freq = 10 that refreshes it from g²). AdamP counts as LAMB: its read pass
 # (p, g, m, v) sums the norms and dot products, its update reads p, g, m, v and writes p, m,
