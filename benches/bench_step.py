@@ -1722,10 +1722,15 @@ def check_mode(args: argparse.Namespace) -> int:
 # v, write p, m, v; LARS: read p, g, v, write p, v). SAM adds its norm (g) and perturb-and-save
 # (read p, g, write p, saved), and its restore reads saved instead of p. Lookahead's
 # synchronisation reads and writes the fast and the slow weights (4), here every step (k=1)
-# on top of Adam's 7. samopt reads g once more (the finiteness check) than these count.
+# on top of Adam's 7. samopt reads g once more (the finiteness check) than these count for
+# Lookahead(Adam) and Sophia; the read pass of LAMB, LARS and AdamP is their check.
 # Sophia is element-wise: read p, g, m, h, write p, m (and h on the one step in
-# hessian_update_freq = 10 that refreshes it from g²).
+# hessian_update_freq = 10 that refreshes it from g²). AdamP counts as LAMB: its read pass
+# (p, g, m, v) sums the norms and dot products, its update reads p, g, m, v and writes p, m,
+# v; its arrays are 2-d (x 1000 columns), so the projection is decided on each.
 LAYERWISE_STREAMS = {
+    "adamp": 11,
+    "sam_adamp": 16,
     "lamb": 11,
     "sam_lamb": 16,
     "lars": 7,
@@ -1790,15 +1795,21 @@ def layerwise_mode(args: argparse.Namespace) -> int:
         ),
         "lookahead_adam": lambda: samopt.LookaheadOptimizer(samopt.AdamOptimizer(cfg), 0.5, 1),
         "sophia": lambda: samopt.SophiaOptimizer(),
+        "adamp": lambda: samopt.AdamPOptimizer(cfg),
+        "sam_adamp": lambda: samopt.SamOptimizer(samopt.AdamPOptimizer(cfg), RHO),
     }
+    matrices = {k: g.reshape(-1, 1000) for k, g in grads.items()}
     fns: dict[str, Callable[[], None]] = {}
     for kind, make in makers.items():
         opt, p = make(), copy_params(params)
+        g = grads
+        if kind.endswith("adamp"):
+            p, g = {k: v.reshape(-1, 1000) for k, v in p.items()}, matrices
         if kind.startswith("sam_"):
-            fns[f"samopt/{kind}"] = lambda o=opt, p=p: (o.first_step(p, grads),
-                                                        o.second_step(p, grads)) and None
+            fns[f"samopt/{kind}"] = lambda o=opt, p=p, g=g: (o.first_step(p, g),
+                                                             o.second_step(p, g)) and None
         else:
-            fns[f"samopt/{kind}"] = lambda o=opt, p=p: o.step(p, grads)
+            fns[f"samopt/{kind}"] = lambda o=opt, p=p, g=g: o.step(p, g)
     numpy_params = copy_params(params)
     numpy_lamb = NumpyLamb(numpy_params)
     fns["numpy/lamb"] = lambda: numpy_lamb.step(numpy_params, grads)

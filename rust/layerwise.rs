@@ -1,16 +1,16 @@
-//! Layer-wise optimizers (LAMB, LARS), and Sophia on the same engine without the read
-//! pass. LAMB's and LARS's step of each array is scaled by a factor made of
-//! norms over that array, so a step is two passes. The read pass computes, without
-//! writing anything, two per-element quantities of every array and their L2 norms over
-//! the array (LAMB: the parameter and its Adam update; LARS: the parameter and its
-//! gradient); the write pass then updates every element with its array's factor. Both
-//! passes read the step's starting values — SAM's saved values when the restore is fused
-//! in — never the perturbed parameters.
+//! Layer-wise optimizers (LAMB, LARS, AdamP), and Sophia on the same engine without the
+//! read pass. LAMB's, LARS's and AdamP's step of each array is scaled by a factor made of
+//! sums over that array, so a step is two passes. The read pass computes, without
+//! writing anything, per-element quantities of every array and their sums over the array
+//! (LAMB: the norms of the parameter and its Adam update; LARS: of the parameter and its
+//! gradient; AdamP: those of the parameter and its gradient, and the parameter's dot
+//! products with its gradient and its Adam update); the write pass then updates every
+//! element with its array's factor. Both passes read the step's starting values — SAM's
+//! saved values when the restore is fused in — never the perturbed parameters.
 //!
-//! The norms are reproducible (pieces of `CHUNK_LEN` elements, partial sums combined in
+//! The sums are reproducible (pieces of `CHUNK_LEN` elements, partial sums combined in
 //! piece order whatever the thread count) and free of spurious overflow or underflow: an
-//! array whose sum of squares leaves the safe range is summed again, rescaled by powers of
-//! two.
+//! array whose sums leave the safe range is summed again, rescaled by powers of two.
 
 use crate::float::{pow2, Real};
 use crate::kernels::{GradientPlan, GroupStep};
@@ -29,16 +29,41 @@ pub struct LayerHyper {
     /// estimate from the step's own gradient (`h ← β2·h + (1−β2)·g²`).
     pub sophia_rho: f64,
     pub refresh_hessian: bool,
+    /// AdamP's projection threshold δ and the weight-decay ratio of a projected array.
+    pub adamp_delta: f64,
+    pub adamp_wd_ratio: f64,
+}
+
+/// What the read pass sums over an array for its factor, from an element's three
+/// quantities `[a, b, c]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerFactor {
+    /// `‖a‖` and `‖b‖` (LAMB, LARS).
+    Norms,
+    /// `‖a‖`, `‖b‖`, `a·b` and `a·c` (AdamP: the parameter, its gradient, its update).
+    Cosines,
+}
+
+/// An array's sums from the read pass: the norms, the dot products (0 for
+/// `LayerFactor::Norms`) and its element count.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ArrayMeasures {
+    pub norms: [f64; 2],
+    pub dots: [f64; 2],
+    pub len: usize,
 }
 
 /// One element of a layer-wise optimizer. `measure` and `element` get the same starting
 /// value `p0`, (clipped, mixed) gradient `g` and state.
 pub trait LayerUpdate<T: Real, const N: usize>: Copy + Send + Sync {
-    /// The two quantities whose norms over the array make its factor. Reads the state only.
-    fn measure(&self, p0: T, g: f64, s: &[T; N]) -> [f64; 2];
-    /// The array's factor from those two norms; `adapt` false: the array is left out of
-    /// the layer-wise adaptation (LARS's excluded biases).
-    fn factor(&self, norms: [f64; 2], adapt: bool) -> f64;
+    /// What the read pass sums.
+    const FACTOR: LayerFactor = LayerFactor::Norms;
+    /// The quantities whose sums over the array make its factor (the third only for
+    /// `LayerFactor::Cosines`). Reads the state only.
+    fn measure(&self, p0: T, g: f64, s: &[T; N]) -> [f64; 3];
+    /// The array's factor from those sums; `adapt` false: the array is left out of the
+    /// layer-wise adaptation (LARS's excluded biases, AdamP's arrays of fewer than two axes).
+    fn factor(&self, measures: &ArrayMeasures, adapt: bool) -> f64;
     /// The element's new value with its array's factor, updating its state.
     fn element(&self, p0: T, g: f64, s: &mut [T; N], factor: f64) -> T;
 }
@@ -52,6 +77,8 @@ pub trait LayerSpec<const N: usize>: LayerUpdate<f32, N> + LayerUpdate<f64, N> {
     /// Whether the factor needs the read pass (false: every factor is 1 and `measure` is
     /// never called).
     const MEASURES: bool = true;
+    /// The fewest axes an array needs to take part in the adaptation.
+    const MIN_AXES: usize = 0;
 }
 
 /// LAMB (You et al., ICLR 2020, Algorithm 2 with φ the identity), the crate's form:
@@ -105,13 +132,14 @@ impl LayerSpec<2> for Lamb {
 
 impl<T: Real> LayerUpdate<T, 2> for Lamb {
     #[inline(always)]
-    fn measure(&self, p0: T, g: f64, s: &[T; 2]) -> [f64; 2] {
+    fn measure(&self, p0: T, g: f64, s: &[T; 2]) -> [f64; 3] {
         let (m, v) = self.moments(g, s);
         let p0 = p0.to_f64();
-        [p0, self.direction(p0, m, v)]
+        [p0, self.direction(p0, m, v), 0.0]
     }
 
-    fn factor(&self, [param, update]: [f64; 2], adapt: bool) -> f64 {
+    fn factor(&self, measures: &ArrayMeasures, adapt: bool) -> f64 {
+        let [param, update] = measures.norms;
         let trust = match adapt && param > 0.0 && update > 0.0 {
             true => param / update,
             false => 1.0,
@@ -155,11 +183,12 @@ impl LayerSpec<1> for Lars {
 
 impl<T: Real> LayerUpdate<T, 1> for Lars {
     #[inline(always)]
-    fn measure(&self, p0: T, g: f64, _: &[T; 1]) -> [f64; 2] {
-        [p0.to_f64(), g]
+    fn measure(&self, p0: T, g: f64, _: &[T; 1]) -> [f64; 3] {
+        [p0.to_f64(), g, 0.0]
     }
 
-    fn factor(&self, [param, grad]: [f64; 2], adapt: bool) -> f64 {
+    fn factor(&self, measures: &ArrayMeasures, adapt: bool) -> f64 {
+        let [param, grad] = measures.norms;
         match adapt && param > 0.0 && grad > 0.0 {
             true => self.lr * self.trust_coef * param / (grad + self.weight_decay * param),
             false => self.lr,
@@ -172,6 +201,103 @@ impl<T: Real> LayerUpdate<T, 1> for Lars {
         let velocity = self.momentum * v.to_f64() + factor * (g + self.weight_decay * p0);
         *v = T::from_f64(velocity);
         T::from_f64(p0 - velocity)
+    }
+}
+
+/// AdamP (Heo et al., ICLR 2021, Algorithm 2 as the authors' code writes it), the layer
+/// view: `m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g² ;
+/// u = m_n/(√v/√(1−β2^t) + ε)` with `m_n = β1·m + (1−β1)·g` (Nesterov) or `m` ; an array
+/// of two or more axes whose `|cos(g, p)| < δ/√len` is scale-invariant: its update loses
+/// its radial part, `u ← u − p̂·(p̂·u)` with `p̂ = p/(‖p‖ + ε)`, and its weight decay is
+/// scaled by `wd_ratio` ; `p ← p·(1 − lr·wd·r) − lr/(1−β1^t)·u` (`r` = `wd_ratio` or 1).
+/// The weight decay is decoupled, from the step's starting value. An array's factor is
+/// its decay coefficient with the projection folded in: `p ← p·(1 − factor) − step·u`.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamP {
+    beta1: f64,
+    beta2: f64,
+    epsilon: f64,
+    nesterov: bool,
+    /// `lr/(1−β1^t)` and `1/√(1−β2^t)`.
+    step_size: f64,
+    correction2: f64,
+    /// `lr·wd`.
+    decay: f64,
+    delta: f64,
+    wd_ratio: f64,
+}
+
+impl AdamP {
+    #[inline(always)]
+    fn moments<T: Real>(&self, g: f64, [m, v]: &[T; 2]) -> (f64, f64) {
+        let m = self.beta1 * m.to_f64() + (1.0 - self.beta1) * g;
+        let v = self.beta2 * v.to_f64() + (1.0 - self.beta2) * g * g;
+        (m, v)
+    }
+
+    #[inline(always)]
+    fn direction(&self, g: f64, m: f64, v: f64) -> f64 {
+        let numerator = match self.nesterov {
+            true => self.beta1 * m + (1.0 - self.beta1) * g,
+            false => m,
+        };
+        numerator / (v.sqrt() * self.correction2 + self.epsilon)
+    }
+}
+
+impl LayerSpec<2> for AdamP {
+    const SLOTS: [&'static str; 2] = ["m_", "v_"];
+    // The paper projects weights only (`len(p.shape) > 1`): never biases or gains.
+    const MIN_AXES: usize = 2;
+    fn at_step(hyper: &LayerHyper, t: u64) -> AdamP {
+        let h = &hyper.base;
+        let power = t as f64;
+        AdamP {
+            beta1: h.beta1,
+            beta2: h.beta2,
+            epsilon: h.epsilon,
+            nesterov: h.nesterov,
+            step_size: h.lr / (1.0 - h.beta1.powf(power)),
+            correction2: 1.0 / (1.0 - h.beta2.powf(power)).sqrt(),
+            decay: h.lr * h.weight_decay,
+            delta: hyper.adamp_delta,
+            wd_ratio: hyper.adamp_wd_ratio,
+        }
+    }
+}
+
+impl<T: Real> LayerUpdate<T, 2> for AdamP {
+    const FACTOR: LayerFactor = LayerFactor::Cosines;
+
+    #[inline(always)]
+    fn measure(&self, p0: T, g: f64, s: &[T; 2]) -> [f64; 3] {
+        let (m, v) = self.moments(g, s);
+        [p0.to_f64(), g, self.direction(g, m, v)]
+    }
+
+    fn factor(&self, measures: &ArrayMeasures, adapt: bool) -> f64 {
+        let [param, grad] = measures.norms;
+        let [param_grad, param_update] = measures.dots;
+        let eps = self.epsilon;
+        // PyTorch's cosine_similarity, which the authors' code calls.
+        let cosine = param_grad.abs() / (param.max(eps) * grad.max(eps));
+        match adapt && cosine < self.delta / (measures.len as f64).sqrt() {
+            true => {
+                // Divided twice: the square of a norm near f64's limit would overflow.
+                let unit = param + eps;
+                self.decay * self.wd_ratio - self.step_size * (param_update / unit) / unit
+            }
+            false => self.decay,
+        }
+    }
+
+    #[inline(always)]
+    fn element(&self, p0: T, g: f64, s: &mut [T; 2], factor: f64) -> T {
+        let (m, v) = self.moments(g, s);
+        s[0] = T::from_f64(m);
+        s[1] = T::from_f64(v);
+        let p0 = p0.to_f64();
+        T::from_f64(p0 - factor * p0 - self.step_size * self.direction(g, m, v))
     }
 }
 
@@ -208,11 +334,11 @@ impl LayerSpec<2> for Sophia {
 }
 
 impl<T: Real> LayerUpdate<T, 2> for Sophia {
-    fn measure(&self, _: T, _: f64, _: &[T; 2]) -> [f64; 2] {
-        [0.0, 0.0]
+    fn measure(&self, _: T, _: f64, _: &[T; 2]) -> [f64; 3] {
+        [0.0; 3]
     }
 
-    fn factor(&self, _: [f64; 2], _: bool) -> f64 {
+    fn factor(&self, _: &ArrayMeasures, _: bool) -> f64 {
         1.0
     }
 
@@ -392,13 +518,23 @@ fn gradient<T: Real>(plan: GradientPlan, g: T, g0: T) -> f64 {
     plan.gradient(g, g0)
 }
 
-/// How one piece's elements are measured: by the fast sum of squares, or, in the rescue
-/// pass, by the largest magnitude and then the sum of squares scaled by `2^-exponent`.
+/// How one piece's elements are measured: by the fast sums of products, or, in the rescue
+/// pass, by the largest magnitude of each quantity and then the sums of products of the
+/// quantities scaled by `2^-exponent`.
 #[derive(Clone, Copy)]
 enum Measure {
-    Squares,
+    Sums,
     Largest,
-    Scaled([i32; 2]),
+    Scaled([i32; 3]),
+}
+
+/// The products `kind` sums, padded to four: `[a², b², a·b, a·c]`.
+#[inline(always)]
+fn products(kind: LayerFactor, [a, b, c]: [f64; 3]) -> [f64; 4] {
+    match kind {
+        LayerFactor::Norms => [a * a, b * b, 0.0, 0.0],
+        LayerFactor::Cosines => [a * a, b * b, a * b, a * c],
+    }
 }
 
 fn measure_piece<T: Real, U: LayerUpdate<T, N>, const N: usize>(
@@ -406,7 +542,7 @@ fn measure_piece<T: Real, U: LayerUpdate<T, N>, const N: usize>(
     groups: &[GroupStep<U>],
     plan: GradientPlan,
     how: Measure,
-) -> [f64; 2] {
+) -> [f64; 4] {
     widest!(measure_body(lanes, groups, plan, how))
 }
 
@@ -415,7 +551,7 @@ kernel_body!(measure_body[T: Real, U: LayerUpdate<T, N>, const N: usize](
     groups: &[GroupStep<U>],
     plan: GradientPlan,
     how: Measure
-) -> [f64; 2] {
+) -> [f64; 4] {
     let spec = &groups[lanes.group as usize].spec;
     let n = lanes.start.len();
     let (start, grad, grad0) = (lanes.start, &lanes.grad[..n], &lanes.grad0[..n]);
@@ -425,25 +561,42 @@ kernel_body!(measure_body[T: Real, U: LayerUpdate<T, N>, const N: usize](
         let g = gradient(plan, grad[i], grad0[i]);
         spec.measure(start[i], g, &state)
     };
-    match how {
+    let plain = |i: usize| {
+        let state: [T; N] = std::array::from_fn(|k| slots[k][i]);
+        spec.measure(start[i], grad[i].to_f64(), &state)
+    };
+    let raw = |i: usize| grad[i].to_f64();
+    match (how, U::FACTOR) {
         // Without clipping or a mix the gradient is `g` itself: skip those operations.
-        Measure::Squares if plan == GradientPlan::PLAIN => sum_squares(n, |i| {
-            let state: [T; N] = std::array::from_fn(|k| slots[k][i]);
-            spec.measure(start[i], grad[i].to_f64(), &state)
-        }),
-        Measure::Squares => sum_squares(n, terms),
-        Measure::Largest => (0..n).fold([0.0f64; 2], |[x, y], i| {
-            let [a, b] = terms(i);
-            [x.max(a.abs()), y.max(b.abs())]
-        }),
-        Measure::Scaled(exponents) => {
+        (Measure::Sums, LayerFactor::Norms) if plan == GradientPlan::PLAIN => pad(sum_products(
+            n,
+            |i| probed(first_two(products(U::FACTOR, plain(i))), raw(i)),
+        )),
+        (Measure::Sums, LayerFactor::Norms) => pad(sum_products(n, |i| {
+            probed(first_two(products(U::FACTOR, terms(i))), raw(i))
+        })),
+        (Measure::Sums, LayerFactor::Cosines) if plan == GradientPlan::PLAIN => {
+            sum_products(n, |i| probed(products(U::FACTOR, plain(i)), raw(i)))
+        }
+        (Measure::Sums, LayerFactor::Cosines) => {
+            sum_products(n, |i| probed(products(U::FACTOR, terms(i)), raw(i)))
+        }
+        (Measure::Largest, _) => {
+            let largest = (0..n).fold([0.0f64; 3], |acc, i| {
+                let q = terms(i);
+                std::array::from_fn(|k| acc[k].max(q[k].abs()))
+            });
+            [largest[0], largest[1], largest[2], 0.0]
+        }
+        (Measure::Scaled(exponents), kind) => {
             let scales = exponents.map(|e| (pow2(-(e / 2)), pow2(e / 2 - e)));
-            let mut acc = [0.0f64; 2];
+            let mut acc = [0.0f64; 4];
             for i in 0..n {
-                let terms = terms(i);
-                for k in 0..2 {
-                    let x = terms[k] * scales[k].0 * scales[k].1;
-                    acc[k] += x * x;
+                let q = terms(i);
+                let scaled = std::array::from_fn(|k| q[k] * scales[k].0 * scales[k].1);
+                let p = products(kind, scaled);
+                for k in 0..4 {
+                    acc[k] += p[k];
                 }
             }
             acc
@@ -451,30 +604,57 @@ kernel_body!(measure_body[T: Real, U: LayerUpdate<T, N>, const N: usize](
     }
 });
 
-/// `Σ a²` and `Σ b²` over `n` elements' `[a, b]`: element i goes to running sum i % 4 of
-/// its quantity, a fixed grouping (so a fixed result) in blocks of four that vectorise.
+/// The products with `0·g` added to the first (a square): the same value for a finite
+/// gradient as it arrived (before clipping), NaN for a non-finite one, so the fast sums
+/// double as the gradients' finiteness check.
+#[inline(always)]
+fn probed<const M: usize>(mut products: [f64; M], raw: f64) -> [f64; M] {
+    products[0] += raw * 0.0;
+    products
+}
+
+#[inline(always)]
+fn first_two([a, b, _, _]: [f64; 4]) -> [f64; 2] {
+    [a, b]
+}
+
+#[inline(always)]
+fn pad([a, b]: [f64; 2]) -> [f64; 4] {
+    [a, b, 0.0, 0.0]
+}
+
+/// The sums of `M` products over `n` elements: element i goes to running sum i % 4 of
+/// each, a fixed grouping (so a fixed result) in blocks of four that vectorise.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn sum_squares(n: usize, terms: impl Fn(usize) -> [f64; 2]) -> [f64; 2] {
-    let mut acc = [[0.0f64; 4]; 2];
+fn sum_products<const M: usize>(n: usize, terms: impl Fn(usize) -> [f64; M]) -> [f64; M] {
+    let mut acc = [[0.0f64; 4]; M];
     let whole = n - n % 4;
     for block in (0..whole).step_by(4) {
         for k in 0..4 {
-            let [a, b] = terms(block + k);
-            acc[0][k] += a * a;
-            acc[1][k] += b * b;
+            let p = terms(block + k);
+            for j in 0..M {
+                acc[j][k] += p[j];
+            }
         }
     }
     for i in whole..n {
-        let [a, b] = terms(i);
-        acc[0][i % 4] += a * a;
-        acc[1][i % 4] += b * b;
+        let p = terms(i);
+        for j in 0..M {
+            acc[j][i % 4] += p[j];
+        }
     }
     acc.map(|s| (s[0] + s[1]) + (s[2] + s[3]))
 }
 
 /// Below this a sum of squares may have lost bits to underflow (as in `norm`).
 const SMALLEST_SAFE_SUM: f64 = 1.0e-270;
+
+/// `x·2^e` for any exponent of a finite double's magnitude, in two steps that stay in range.
+#[inline]
+fn unscale(x: f64, e: i32) -> f64 {
+    x * pow2(e / 2) * pow2(e - e / 2)
+}
 
 /// Per-item sums of `how` over the pieces, combined in piece order.
 fn per_item<U, const N: usize>(
@@ -484,7 +664,7 @@ fn per_item<U, const N: usize>(
     plan: GradientPlan,
     how: impl Fn(usize) -> Option<Measure> + Sync,
     combine: fn(f64, f64) -> f64,
-) -> Vec<[f64; 2]>
+) -> Vec<[f64; 4]>
 where
     U: LayerUpdate<f32, N> + LayerUpdate<f64, N>,
 {
@@ -513,23 +693,25 @@ where
         })
         .collect::<Vec<_>>()
     });
-    let mut totals = vec![[0.0f64; 2]; count];
+    let mut totals = vec![[0.0f64; 4]; count];
     for (item, sums) in partials.into_iter().flatten() {
-        for k in 0..2 {
+        for k in 0..4 {
             totals[item][k] = combine(totals[item][k], sums[k]);
         }
     }
     totals
 }
 
-/// The two norms of every item (in the call's item order), reproducibly and without
-/// spurious overflow or underflow.
-fn array_norms<U, const N: usize>(
+/// The measures of every item (in the call's item order), reproducibly and without
+/// spurious overflow or underflow. `unchecked`: the gradients' finiteness is still to be
+/// checked, which a non-finite fast sum then does.
+fn array_measures<U, const N: usize>(
     items: &[LayerItem<'_, N>],
     count: usize,
     groups: &[GroupStep<U>],
     plan: GradientPlan,
-) -> Vec<[f64; 2]>
+    unchecked: bool,
+) -> Result<Vec<ArrayMeasures>, NormError>
 where
     U: LayerUpdate<f32, N> + LayerUpdate<f64, N>,
 {
@@ -540,13 +722,29 @@ where
             ByDtype::Double(l) => ByDtype::Double(reading(l)),
         })
         .collect();
+    let mut measures = vec![ArrayMeasures::default(); count];
+    for read in &reads {
+        let (item, len) = match read {
+            ByDtype::Single(l) => (l.item, l.len()),
+            ByDtype::Double(l) => (l.item, l.len()),
+        };
+        measures[item as usize].len += len;
+    }
     let add = |a: f64, b: f64| a + b;
-    let sums = per_item(&reads, count, groups, plan, |_| Some(Measure::Squares), add);
+    let sums = per_item(&reads, count, groups, plan, |_| Some(Measure::Sums), add);
+    if unchecked && !sums.iter().flatten().all(|s| s.is_finite()) {
+        phases::check_gradients(items)?;
+    }
     let safe = |s: f64| s.is_finite() && s >= SMALLEST_SAFE_SUM;
+    // By Cauchy-Schwarz a dot product is finite when the norms are, and an underflow in
+    // it is small beside their product: only the squares decide.
     let rescue: Vec<bool> = sums.iter().map(|s| !(safe(s[0]) && safe(s[1]))).collect();
-    let mut norms: Vec<[f64; 2]> = sums.iter().map(|s| s.map(f64::sqrt)).collect();
+    for (measure, s) in measures.iter_mut().zip(&sums) {
+        measure.norms = [s[0].sqrt(), s[1].sqrt()];
+        measure.dots = [s[2], s[3]];
+    }
     if !rescue.iter().any(|&r| r) {
-        return norms;
+        return Ok(measures);
     }
     let pick = |item: usize, how: Measure| rescue[item].then_some(how);
     let largest = per_item(
@@ -557,17 +755,13 @@ where
         |i| pick(i, Measure::Largest),
         f64::max,
     );
-    let exponents: Vec<[i32; 2]> = largest
+    let exponent = |x: f64| match x > 0.0 && x.is_finite() {
+        true => x.log2().floor() as i32,
+        false => 0,
+    };
+    let exponents: Vec<[i32; 3]> = largest
         .iter()
-        .map(|m| {
-            m.map(|x| {
-                if x > 0.0 && x.is_finite() {
-                    x.log2().floor() as i32
-                } else {
-                    0
-                }
-            })
-        })
+        .map(|m| [exponent(m[0]), exponent(m[1]), exponent(m[2])])
         .collect();
     let scaled = per_item(
         &reads,
@@ -577,16 +771,25 @@ where
         |i| pick(i, Measure::Scaled(exponents[i])),
         add,
     );
+    let usable = |x: f64| x > 0.0 && x.is_finite();
     for item in (0..count).filter(|&i| rescue[i]) {
+        let (max, e, s) = (largest[item], exponents[item], scaled[item]);
+        let measure = &mut measures[item];
         for k in 0..2 {
-            let max = largest[item][k];
-            norms[item][k] = match max > 0.0 && max.is_finite() {
-                true => scaled[item][k].sqrt() * pow2(exponents[item][k]),
-                false => max,
+            measure.norms[k] = match usable(max[k]) {
+                true => unscale(s[k].sqrt(), e[k]),
+                false => max[k],
+            };
+        }
+        for (k, other) in [(2, 1), (3, 2)] {
+            measure.dots[k - 2] = match (usable(max[0]), usable(max[other])) {
+                (true, true) => unscale(unscale(s[k], e[0]), e[other]),
+                _ if max[0] == 0.0 || max[other] == 0.0 => 0.0,
+                _ => f64::NAN,
             };
         }
     }
-    norms
+    Ok(measures)
 }
 
 /// One layer-wise step over every item (`count` of them, numbered by `item`), each with
@@ -599,14 +802,21 @@ pub fn layer_step<S: LayerSpec<N>, const N: usize>(
     clipping: Clipping,
     gsam: Option<GsamInputs>,
 ) -> Result<(), NormError> {
-    let plan = phases::plan_update(&items, clipping, gsam)?;
-    let norms = match S::MEASURES {
-        true => array_norms(&items, count, groups, plan),
-        false => vec![[0.0; 2]; count],
+    // The read pass checks the gradients itself when no global norm is needed first.
+    let unread = S::MEASURES
+        .then(|| phases::plan_unread(clipping, gsam))
+        .flatten();
+    let plan = match unread {
+        Some(plan) => plan,
+        None => phases::plan_update(&items, clipping, gsam)?,
+    };
+    let measures = match S::MEASURES {
+        true => array_measures(&items, count, groups, plan, unread.is_some())?,
+        false => vec![ArrayMeasures::default(); count],
     };
     let factor = |group: u32, item: u32, adapt: bool| {
         let spec = &groups[group as usize].spec;
-        <S as LayerUpdate<f64, N>>::factor(spec, norms[item as usize], adapt)
+        <S as LayerUpdate<f64, N>>::factor(spec, &measures[item as usize], adapt)
     };
     let factors: Vec<f64> = items
         .iter()
@@ -731,6 +941,8 @@ mod tests {
         trust_coef: 0.001,
         sophia_rho: 0.04,
         refresh_hessian: false,
+        adamp_delta: 0.1,
+        adamp_wd_ratio: 0.5,
     };
 
     fn lanes<'a, const N: usize>(
@@ -805,8 +1017,8 @@ mod tests {
                 .unwrap();
             let items = vec![lanes(&mut p, &g, [&mut v], None, 0)];
             let plan = GradientPlan::PLAIN;
-            let norms = pool.install(|| array_norms(&items, 1, &groups, plan));
-            norms[0]
+            let measures = pool.install(|| array_measures(&items, 1, &groups, plan, false));
+            measures.unwrap()[0].norms
         };
         let norms = run(1);
         let exact_p = p.iter().map(|x| (x / 1e200).powi(2)).sum::<f64>().sqrt() * 1e200;
@@ -816,6 +1028,46 @@ mod tests {
         for threads in [2, 3] {
             assert_eq!(run(threads).map(f64::to_bits), norms.map(f64::to_bits));
         }
+    }
+
+    #[test]
+    fn adamp_removes_the_radial_part_of_a_weight_orthogonal_to_its_gradient() {
+        let spec = AdamP::at_step(&HYPER, 1);
+        let groups = [GroupStep { spec, l2: 0.0 }];
+        // g ⟂ p: cosine 0 < δ/√2, so the weight is projected; the same values as a vector
+        // (left out of the adaptation) are not.
+        let (p0, g) = ([3.0f64, 4.0], [4.0f64, -3.0]);
+        let run = |adapt: bool| {
+            let (mut p, mut m, mut v) = (p0, [0.0f64; 2], [0.0f64; 2]);
+            let item = ByDtype::Double(LayerLanes {
+                param: &mut p,
+                grad: &g,
+                slots: [&mut m, &mut v],
+                start: None,
+                grad0: None,
+                group: 0,
+                item: 0,
+                adapt,
+            });
+            layer_step(vec![item], 1, &groups, Clipping::Off, None).unwrap();
+            p
+        };
+        let step_size = 0.01 / (1.0 - 0.9);
+        let u = g.map(|g| 0.1 * g / ((0.001 * g * g).sqrt() / 0.001f64.sqrt() + 1e-8));
+        let unit = p0.map(|p| p / (5.0 + 1e-8));
+        let along = unit[0] * u[0] + unit[1] * u[1];
+        let decay = 0.01 * 0.1;
+        let projected = run(true);
+        let vector = run(false);
+        for i in 0..2 {
+            let expected = p0[i] * (1.0 - decay * 0.5) - step_size * (u[i] - unit[i] * along);
+            assert!((projected[i] - expected).abs() < 1e-15, "{projected:?}");
+            let expected = p0[i] * (1.0 - decay) - step_size * u[i];
+            assert!((vector[i] - expected).abs() < 1e-15, "{vector:?}");
+        }
+        let radial = |p: [f64; 2]| (p[0] - p0[0]) * p0[0] + (p[1] - p0[1]) * p0[1];
+        assert!((radial(projected) + decay * 0.5 * 25.0).abs() < 1e-8);
+        assert!((radial(vector) + decay * 25.0).abs() > 1e-3);
     }
 
     #[test]

@@ -125,6 +125,28 @@ pub fn plan_update<S: WithGradient<f32>, D: WithGradient<f64>>(
     Ok(GradientPlan { mix, clip })
 }
 
+/// `plan_update`'s plan when it needs no global norm (neither norm clipping nor GSAM), for
+/// a caller whose own read pass notices a non-finite gradient and then calls
+/// `check_gradients` before writing anything: one pass over the gradients fewer.
+pub fn plan_unread(clipping: Clipping, gsam: Option<GsamInputs>) -> Option<GradientPlan> {
+    let clip = match (clipping, gsam) {
+        (Clipping::Off, None) => Clip::OFF,
+        (Clipping::Value(c), None) => Clip::value(c),
+        _ => return None,
+    };
+    Some(GradientPlan {
+        mix: Mix::PLAIN,
+        clip,
+    })
+}
+
+/// The finiteness check of `plan_update`: the error names the first non-finite gradient.
+pub fn check_gradients<S: WithGradient<f32>, D: WithGradient<f64>>(
+    items: &[ByDtype<S, D>],
+) -> Result<(), NormError> {
+    norm::check_finite(&gradient_items(items))
+}
+
 /// One step of the base optimizer over every item, each with its group's spec. Clipping
 /// and GSAM's mix are global: the norms they need run over every item.
 pub fn base_step<S: Spec<N>, const N: usize>(

@@ -19,6 +19,7 @@ from ._family import (
     WsamOptimizer,
 )
 from ._layerwise import (
+    AdamPOptimizer,
     LambOptimizer,
     LarsOptimizer,
     SophiaConfig,
@@ -66,6 +67,7 @@ __all__ = [
     "AdaMaxOptimizer",
     "AdagradOptimizer",
     "AdamOptimizer",
+    "AdamPOptimizer",
     "AdamWOptimizer",
     "BsamOptimizer",
     "CosineAnnealingLrScheduler",

@@ -222,6 +222,8 @@ class LayerEngine:
         trust_coef: float = 0.0,
         sophia_rho: float = 0.0,
         hessian_update_freq: int = 1,
+        adamp_delta: float = 0.0,
+        adamp_wd_ratio: float = 1.0,
         clip_value: float | None = None,
         clip_norm: float | None = None,
         assign: Callable[[str], int] | None = None,

@@ -1,4 +1,5 @@
-"""Layer-wise optimizers: LAMB and LARS, each array's step scaled by norms over that array.
+"""Layer-wise optimizers: LAMB, LARS and AdamP, each array's step scaled by sums over that
+array.
 
 Thin facades over a native engine (``samopt._core.LayerEngine``) like the other base
 optimizers: one native call per step runs the read pass (each array's norms) and the
@@ -15,13 +16,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 from . import _core
-from ._config import OptimizerConfig, check_real
+from ._config import OptimizerConfig, check_bool, check_real
 from ._errors import OptimizerError
 from ._optimizers import LoadedState, NativeOptimizer
 from ._protocol import Grads, Params
 from ._state import as_dict, time_step_entry
 
 __all__ = [
+    "AdamPOptimizer",
     "LambOptimizer",
     "LarsOptimizer",
     "SophiaConfig",
@@ -82,6 +84,74 @@ class LambOptimizer(_LayerwiseOptimizer):
 
     _kind = "lamb"
     _non_negative = ("v_",)
+
+
+class AdamPOptimizer(_LayerwiseOptimizer):
+    """AdamP (Heo et al., ICLR 2021, "AdamP: Slowing Down the Slowdown for Momentum
+    Optimizers on Scale-invariant Weights"), the crate's
+    ``AdamPOptimizer::with_params(config, nesterov, delta, wd_ratio)`` with the paper's
+    formula (the authors' code), per array: ``m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g² ;
+    u = m_n/(√v/√(1−β2^t) + ε)``, ``m_n = β1·m + (1−β1)·g`` with ``nesterov`` else ``m``;
+    an array of two or more axes with ``|cos(g, p)| < delta/√size`` (over the whole array,
+    the paper's layer view) loses the radial part of its update, ``u ← u − p̂·(p̂·u)`` with
+    ``p̂ = p/(‖p‖ + ε)``, and its weight decay is scaled by ``wd_ratio``;
+    ``p ← p·(1 − lr·wd·r) − lr/(1−β1^t)·u`` (``r`` = ``wd_ratio`` or 1). Weight decay is
+    decoupled (0.01 unless set, the crate's default). The defaults are the crate's
+    ``new(config)``: Nesterov on, δ = 0.1, ``wd_ratio`` = 1 (the authors' code: off, 0.1,
+    0.1). The paper's channel view (per slice of the first axis) is not implemented.
+    State: ``t``, ``m_<name>``, ``v_<name>``."""
+
+    _kind = "adamp"
+    _non_negative = ("v_",)
+    _group_keys = ("lr", "beta1", "beta2", "epsilon", "weight_decay", "nesterov")
+
+    def __init__(
+        self,
+        config: OptimizerConfig | None = None,
+        nesterov: bool = True,
+        delta: float = 0.1,
+        wd_ratio: float = 1.0,
+        *,
+        param_groups: object = None,
+    ) -> None:
+        if isinstance(config, OptimizerConfig) and config.nesterov:
+            raise OptimizerError(
+                "AdamPOptimizer takes nesterov as its own argument, not from the config",
+                "nesterov",
+            )
+        self._nesterov = check_bool("nesterov", nesterov)
+        self._delta = check_real("delta", delta, minimum=0.0)
+        self._wd_ratio = check_real("wd_ratio", wd_ratio, minimum=0.0)
+        super().__init__(config, param_groups=param_groups)
+
+    def _hyperparameters(self) -> list[dict[str, Any]]:
+        # A group that does not set its own nesterov takes the optimizer's.
+        groups = super()._hyperparameters()
+        for group, overrides in zip(groups, ({}, *self.param_groups.overrides)):
+            if "nesterov" not in overrides:
+                group["nesterov"] = self._nesterov
+        return groups
+
+    def _engine_options(self) -> dict[str, Any]:
+        return {"adamp_delta": self._delta, "adamp_wd_ratio": self._wd_ratio}
+
+    @property
+    def nesterov(self) -> bool:
+        return self._nesterov
+
+    @property
+    def delta(self) -> float:
+        return self._delta
+
+    @property
+    def wd_ratio(self) -> float:
+        return self._wd_ratio
+
+    def __repr__(self) -> str:
+        return (
+            f"AdamPOptimizer({self.config!r}, nesterov={self._nesterov!r}, "
+            f"delta={self._delta!r}, wd_ratio={self._wd_ratio!r})"
+        )
 
 
 ExcludeBias = Union[bool, Callable[[str], bool]]

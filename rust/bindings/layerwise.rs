@@ -13,7 +13,9 @@ use super::engine::{export_table, hyper_of};
 use super::optimizer_error;
 use super::statedict::StagedTable;
 use crate::kernels::GroupStep;
-use crate::layerwise::{self, HessianLanes, Lamb, Lars, LayerHyper, LayerLanes, LayerSpec, Sophia};
+use crate::layerwise::{
+    self, AdamP, HessianLanes, Lamb, Lars, LayerHyper, LayerLanes, LayerSpec, Sophia,
+};
 use crate::phases::{Clipping, GsamInputs};
 use crate::state::Table;
 
@@ -23,6 +25,7 @@ enum LayerKind {
     Lamb,
     Lars,
     Sophia,
+    AdamP,
 }
 
 impl LayerKind {
@@ -31,6 +34,7 @@ impl LayerKind {
             "lamb" => Some(LayerKind::Lamb),
             "lars" => Some(LayerKind::Lars),
             "sophia" => Some(LayerKind::Sophia),
+            "adamp" => Some(LayerKind::AdamP),
             _ => None,
         }
     }
@@ -40,6 +44,7 @@ impl LayerKind {
             LayerKind::Lamb => &Lamb::SLOTS,
             LayerKind::Lars => &Lars::SLOTS,
             LayerKind::Sophia => &Sophia::SLOTS,
+            LayerKind::AdamP => &AdamP::SLOTS,
         }
     }
 
@@ -49,7 +54,8 @@ impl LayerKind {
 }
 
 /// A layer-wise optimizer's native state. Its `assign(name)` returns `2·group + 1` for a
-/// parameter left out of the layer-wise adaptation, `2·group` otherwise.
+/// parameter left out of the layer-wise adaptation, `2·group` otherwise (AdamP also
+/// leaves out the arrays of fewer than two axes).
 #[pyclass(module = "samopt._core")]
 pub struct LayerEngine {
     kind: LayerKind,
@@ -69,7 +75,7 @@ pub struct LayerEngine {
 #[pymethods]
 impl LayerEngine {
     #[new]
-    #[pyo3(signature = (kind, groups, *, trust_coef = 0.0, sophia_rho = 0.0, hessian_update_freq = 1, clip_value = None, clip_norm = None, assign = None))]
+    #[pyo3(signature = (kind, groups, *, trust_coef = 0.0, sophia_rho = 0.0, hessian_update_freq = 1, adamp_delta = 0.0, adamp_wd_ratio = 1.0, clip_value = None, clip_norm = None, assign = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         kind: &str,
@@ -77,6 +83,8 @@ impl LayerEngine {
         trust_coef: f64,
         sophia_rho: f64,
         hessian_update_freq: u64,
+        adamp_delta: f64,
+        adamp_wd_ratio: f64,
         clip_value: Option<f64>,
         clip_norm: Option<f64>,
         assign: Option<Py<PyAny>>,
@@ -96,6 +104,8 @@ impl LayerEngine {
                     trust_coef,
                     sophia_rho,
                     refresh_hessian: false,
+                    adamp_delta,
+                    adamp_wd_ratio,
                 })
             })
             .collect::<PyResult<Vec<_>>>()?;
@@ -195,8 +205,10 @@ fn layer_lanes<'a, T: Float, const N: usize>(
     entry: &'a mut Entry<'_, T>,
     restart: bool,
     mix: bool,
+    min_axes: usize,
 ) -> LayerLanes<'a, T, N> {
     let (group, item) = (entry.group, entry.item);
+    let axes = entry.param.shape().len();
     let (param, grad, states) = entry.lanes();
     let mut states = states.into_iter();
     let slots: [&mut [T]; N] = std::array::from_fn(|_| states.next().expect("one per slot"));
@@ -210,7 +222,7 @@ fn layer_lanes<'a, T: Float, const N: usize>(
         grad0,
         group: group / 2,
         item: item as u32,
-        adapt: group % 2 == 0,
+        adapt: group % 2 == 0 && axes >= min_axes,
     }
 }
 
@@ -317,8 +329,8 @@ fn layer_step_of<const N: usize, S: LayerSpec<N>>(
     let mix = gsam.is_some();
     let count_items = prepared.names.len();
     let items = prepared.lanes(
-        |e| layer_lanes::<f32, N>(e, restart, mix),
-        |e| layer_lanes::<f64, N>(e, restart, mix),
+        |e| layer_lanes::<f32, N>(e, restart, mix, S::MIN_AXES),
+        |e| layer_lanes::<f64, N>(e, restart, mix, S::MIN_AXES),
     );
     let outcome =
         py.detach(move || layerwise::layer_step(items, count_items, &specs, clipping, gsam));
@@ -355,6 +367,7 @@ pub(super) fn layer_step(
         LayerKind::Lamb => layer_step_of::<2, Lamb>(py, base, sam, params, grads),
         LayerKind::Lars => layer_step_of::<1, Lars>(py, base, sam, params, grads),
         LayerKind::Sophia => layer_step_of::<2, Sophia>(py, base, sam, params, grads),
+        LayerKind::AdamP => layer_step_of::<2, AdamP>(py, base, sam, params, grads),
     }
 }
 
