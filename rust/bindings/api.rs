@@ -12,23 +12,23 @@ use std::sync::Arc;
 use super::arrays::{
     self, norm_gradient, norm_source, sorted_entries, Float, Key, NameOrder, NormSource,
 };
-use super::driver::{prepare, Entry, Groups, Pending, Policy, Prepared, TableRef, Use};
+use super::driver::{prepare, Entry, EntryCache, Groups, Pending, Policy, Prepared, TableRef, Use};
 use super::engine::{busy, Engine, SamEngine, StagedSamState, SAM_SLOTS};
 use super::layerwise::{self, LayerEngine};
 use super::prodigy::{self, ProdigyEngine};
 use super::{optimizer_error, OptimizerError};
-use crate::claims::{self, CallClaims};
+use crate::claims::{self, CallClaims, Registration};
 use crate::kernels::{
     CopyLanes, GroupStep, MixLanes, PerturbLanes, RestoreKeepingLanes, UpdateLanes,
 };
-use crate::norm::NormItem;
+use crate::norm::{NormError, NormItem};
 use crate::parallel::ByDtype;
 use crate::phases::{self, GsamInputs};
 use crate::specs::{
     AdaBelief, AdaMax, Adagrad, Adam, Hyper, Kind, Lion, NAdam, RAdam, RmsProp, ScheduleFreeAdamW,
     Sgd, Spec,
 };
-use crate::state;
+use crate::state::{self, Table};
 
 pub(super) fn borrow<'py, T>(object: &Bound<'py, T>) -> PyResult<PyRefMut<'py, T>>
 where
@@ -100,37 +100,49 @@ pub(super) struct SamPart<'a> {
     pub count: bool,
 }
 
-/// One base-optimizer step of spec `S`: a plain one, or SAM's second step with its restore
-/// fused in. Commits the slots, the step count, SAM's pending set and its call count.
-fn base_step_of<const N: usize, S: Spec<N>>(
-    py: Python<'_>,
-    base: &mut Engine,
-    sam: Option<SamPart<'_>>,
-    params: &Bound<'_, PyDict>,
-    grads: &Bound<'_, PyDict>,
-) -> PyResult<()> {
-    let Engine {
-        kind,
-        groups,
-        assign,
-        clipping,
-        steps,
+/// A base optimizer's own table, name order and entry cache.
+pub(super) struct BaseTable<'a> {
+    pub table: &'a mut Table,
+    pub order: &'a mut NameOrder,
+    pub cache: &'a mut EntryCache,
+}
+
+/// A base step's call, validated and claimed: its own slots (and, restarting SAM's first
+/// step, the saved values and GSAM's g0 from SAM's table), and what it owes SAM's state.
+/// It ends in `fail` or `commit`.
+pub(super) struct BaseCall<'a, 'py> {
+    pub prepared: Prepared<'py>,
+    /// Whether the lanes carry SAM's saved values (and `gsam`'s g0) after the slots.
+    pub restart: bool,
+    pub gsam: Option<GsamInputs>,
+    tables: Vec<TableRef<'a>>,
+    /// The pending first_step's claims, given back should the call fail.
+    restarting_claims: Option<&'a mut Option<Registration>>,
+    /// SAM's pending set and call count, with whether this call counts one.
+    count: Option<(&'a mut Option<Vec<usize>>, &'a mut u64, bool)>,
+}
+
+/// Prepares a base step over `slots` of the base's table, or, with `sam`, SAM's second
+/// step restarting from its saved values: the one place that decides which tables, uses
+/// and pending claims such a call has, for every kind of base engine.
+pub(super) fn prepare_base_call<'a, 'py>(
+    base: BaseTable<'a>,
+    slots: &[&'static str],
+    sam: Option<SamPart<'a>>,
+    groups: &Groups<'_, 'py>,
+    params: &Bound<'py, PyDict>,
+    grads: &Bound<'py, PyDict>,
+) -> PyResult<BaseCall<'a, 'py>> {
+    let BaseTable {
         table,
         order,
         cache,
-        averaged,
     } = base;
-    if *averaged {
-        return Err(protocol_error(
-            "the parameters hold Schedule-Free's average (eval() was called): call train() \
-             before stepping",
-        ));
-    }
-    let mut uses: Vec<Use> = (0..N)
+    let mut uses: Vec<Use> = (0..slots.len())
         .map(|slot| Use {
             table: 0,
             slot,
-            prefix: S::SLOTS[slot],
+            prefix: slots[slot],
             policy: Policy::Lazy,
         })
         .collect();
@@ -175,20 +187,87 @@ fn base_step_of<const N: usize, S: Spec<N>>(
         entries,
         claims,
     });
-    let assigned = Groups {
-        assign: assign.as_ref().map(|assign| assign.bind(py)),
-        count: groups.len(),
-    };
-    let mut prepared = prepare(
+    let prepared = prepare(
         params,
         Some(order),
         Some(grads),
         &mut tables,
         &uses,
         pending,
-        &assigned,
+        groups,
     )?;
-    let counted = kind.counts_steps() && !prepared.names.is_empty();
+    Ok(BaseCall {
+        prepared,
+        restart,
+        gsam,
+        tables,
+        restarting_claims: restarting.map(|(_, claims)| claims),
+        count,
+    })
+}
+
+impl BaseCall<'_, '_> {
+    /// Ends the call as if it had not happened (SAM's first step still pending, its
+    /// claims back), as the error its kernel reported.
+    pub fn fail(mut self, error: NormError) -> PyErr {
+        let error = self.prepared.norm_error(error);
+        self.prepared.release(&mut self.tables);
+        if let Some(claims) = self.restarting_claims {
+            *claims = self.prepared.pending_claims();
+        }
+        error
+    }
+
+    /// Commits the slots and SAM's part: its pending set ended, its call counted.
+    pub fn commit(mut self) {
+        self.prepared.commit(&mut self.tables);
+        drop(self.tables);
+        if let Some((pending, calls, counts)) = self.count {
+            if self.restart {
+                *pending = None;
+            }
+            *calls += u64::from(counts);
+        }
+    }
+}
+
+/// One base-optimizer step of spec `S`: a plain one, or SAM's second step with its restore
+/// fused in. Commits the slots, the step count, SAM's pending set and its call count.
+fn base_step_of<const N: usize, S: Spec<N>>(
+    py: Python<'_>,
+    base: &mut Engine,
+    sam: Option<SamPart<'_>>,
+    params: &Bound<'_, PyDict>,
+    grads: &Bound<'_, PyDict>,
+) -> PyResult<()> {
+    let Engine {
+        kind,
+        groups,
+        assign,
+        clipping,
+        steps,
+        table,
+        order,
+        cache,
+        averaged,
+    } = base;
+    if *averaged {
+        return Err(protocol_error(
+            "the parameters hold Schedule-Free's average (eval() was called): call train() \
+             before stepping",
+        ));
+    }
+    let assigned = Groups {
+        assign: assign.as_ref().map(|assign| assign.bind(py)),
+        count: groups.len(),
+    };
+    let base = BaseTable {
+        table,
+        order,
+        cache,
+    };
+    let mut call = prepare_base_call(base, &S::SLOTS, sam, &assigned, params, grads)?;
+    let counted = kind.counts_steps() && !call.prepared.names.is_empty();
     let t = *steps + u64::from(counted);
     let carried: Vec<Hyper> = match counted {
         true => groups.iter().map(|hyper| S::carry(hyper, t)).collect(),
@@ -202,30 +281,19 @@ fn base_step_of<const N: usize, S: Spec<N>>(
         })
         .collect();
     let clipping = *clipping;
+    let (restart, gsam) = (call.restart, call.gsam);
     let mix = gsam.is_some();
-    let items = prepared.lanes(
+    let items = call.prepared.lanes(
         |e| update_lanes::<f32, N>(e, restart, mix),
         |e| update_lanes::<f64, N>(e, restart, mix),
     );
     let outcome = py.detach(move || phases::base_step(items, &specs, clipping, gsam));
     if let Err(error) = outcome {
-        let error = prepared.norm_error(error);
-        prepared.release(&mut tables);
-        if let Some((_, claims)) = restarting {
-            *claims = prepared.pending_claims();
-        }
-        return Err(error);
+        return Err(call.fail(error));
     }
-    prepared.commit(&mut tables);
-    drop(tables);
+    call.commit();
     *steps = t;
     *groups = carried;
-    if let Some((pending, calls, counts)) = count {
-        if restart {
-            *pending = None;
-        }
-        *calls += u64::from(counts);
-    }
     Ok(())
 }
 

@@ -6,9 +6,9 @@
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::api::{sam_uses, SamPart};
+use super::api::{prepare_base_call, BaseTable, SamPart};
 use super::arrays::{self, Float, NameOrder};
-use super::driver::{prepare, Entry, EntryCache, Groups, Pending, Policy, TableRef, Use};
+use super::driver::{prepare, Entry, EntryCache, Groups, Policy, TableRef, Use};
 use super::engine::{export_table, hyper_of};
 use super::optimizer_error;
 use super::statedict::StagedTable;
@@ -16,7 +16,7 @@ use crate::kernels::GroupStep;
 use crate::layerwise::{
     self, AdamP, HessianLanes, Lamb, Lars, LayerHyper, LayerLanes, LayerSpec, Sophia,
 };
-use crate::phases::{Clipping, GsamInputs};
+use crate::phases::Clipping;
 use crate::state::Table;
 
 /// The layer-wise optimizers, by the name the Python layer gives.
@@ -247,68 +247,18 @@ fn layer_step_of<const N: usize, S: LayerSpec<N>>(
         order,
         cache,
     } = base;
-    let mut uses: Vec<Use> = (0..N)
-        .map(|slot| Use {
-            table: 0,
-            slot,
-            prefix: S::SLOTS[slot],
-            policy: Policy::Lazy,
-        })
-        .collect();
-    let mut tables = vec![TableRef { table, cache }];
-    let (mut order, mut restart, mut gsam, mut count) = (order, false, None, None);
-    let mut restarting = None;
-    if let Some(SamPart {
-        sam,
-        restart: restarts,
-        alpha,
-        count: counts,
-    }) = sam
-    {
-        let super::engine::SamEngine {
-            state,
-            order: sam_order,
-            cache: sam_cache,
-            ..
-        } = sam;
-        if restarts {
-            uses.extend(sam_uses(1, alpha.is_some(), Policy::Required));
-            gsam = alpha.map(|alpha| GsamInputs {
-                alpha,
-                grad0_norm: state.grad0_norm,
-            });
-            tables.push(TableRef {
-                table: &mut state.table,
-                cache: sam_cache,
-            });
-            order = sam_order;
-            restart = true;
-            restarting = state
-                .pending
-                .clone()
-                .map(|entries| (entries, &mut state.pending_claims));
-        }
-        count = Some((&mut state.pending, &mut state.calls, counts));
-    }
-    let pending = restarting.as_mut().map(|(entries, claims)| Pending {
-        table: 1,
-        entries,
-        claims,
-    });
     let assigned = Groups {
         assign: assign.as_ref().map(|assign| assign.bind(py)),
         count: 2 * groups.len(),
     };
-    let mut prepared = prepare(
-        params,
-        Some(order),
-        Some(grads),
-        &mut tables,
-        &uses,
-        pending,
-        &assigned,
-    )?;
-    let counted = kind.counts_steps() && !prepared.names.is_empty();
+    let base = BaseTable {
+        table,
+        order,
+        cache,
+    };
+    let mut call = prepare_base_call(base, &S::SLOTS, sam, &assigned, params, grads)?;
+    let (restart, gsam) = (call.restart, call.gsam);
+    let counted = kind.counts_steps() && !call.prepared.names.is_empty();
     let t = *steps + u64::from(counted);
     let since = *since_hessian + u64::from(counted);
     let refresh_hessian = *kind == LayerKind::Sophia && since >= *hessian_update_freq;
@@ -327,31 +277,19 @@ fn layer_step_of<const N: usize, S: LayerSpec<N>>(
         .collect();
     let clipping = *clipping;
     let mix = gsam.is_some();
-    let count_items = prepared.names.len();
-    let items = prepared.lanes(
+    let count_items = call.prepared.names.len();
+    let items = call.prepared.lanes(
         |e| layer_lanes::<f32, N>(e, restart, mix, S::MIN_AXES),
         |e| layer_lanes::<f64, N>(e, restart, mix, S::MIN_AXES),
     );
     let outcome =
         py.detach(move || layerwise::layer_step(items, count_items, &specs, clipping, gsam));
     if let Err(error) = outcome {
-        let error = prepared.norm_error(error);
-        prepared.release(&mut tables);
-        if let Some((_, claims)) = restarting {
-            *claims = prepared.pending_claims();
-        }
-        return Err(error);
+        return Err(call.fail(error));
     }
-    prepared.commit(&mut tables);
-    drop(tables);
+    call.commit();
     *steps = t;
     *since_hessian = if refresh_hessian { 0 } else { since };
-    if let Some((pending, calls, counts)) = count {
-        if restart {
-            *pending = None;
-        }
-        *calls += u64::from(counts);
-    }
     Ok(())
 }
 

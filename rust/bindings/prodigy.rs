@@ -7,14 +7,14 @@
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::api::{sam_uses, SamPart};
+use super::api::{prepare_base_call, BaseTable, SamPart};
 use super::arrays::{self, Float, NameOrder};
-use super::driver::{prepare, Entry, EntryCache, Groups, Pending, Policy, TableRef, Use};
-use super::engine::{export_table, SamEngine};
+use super::driver::{Entry, EntryCache, Groups};
+use super::engine::export_table;
 use super::optimizer_error;
 use super::statedict::StagedTable;
 use crate::kernels::UpdateLanes;
-use crate::phases::{Clipping, GsamInputs};
+use crate::phases::Clipping;
 use crate::prodigy::{self, Estimate, ProdigyGroup, ProdigyHyper, Step, SLOTS};
 use crate::state::Table;
 
@@ -224,68 +224,18 @@ pub(super) fn prodigy_step(
         order,
         cache,
     } = base;
-    let mut uses: Vec<Use> = (0..SLOTS.len())
-        .map(|slot| Use {
-            table: 0,
-            slot,
-            prefix: SLOTS[slot],
-            policy: Policy::Lazy,
-        })
-        .collect();
-    let mut tables = vec![TableRef { table, cache }];
-    let (mut order, mut restart, mut gsam, mut count) = (order, false, None, None);
-    let mut restarting = None;
-    if let Some(SamPart {
-        sam,
-        restart: restarts,
-        alpha,
-        count: counts,
-    }) = sam
-    {
-        let SamEngine {
-            state,
-            order: sam_order,
-            cache: sam_cache,
-            ..
-        } = sam;
-        if restarts {
-            uses.extend(sam_uses(1, alpha.is_some(), Policy::Required));
-            gsam = alpha.map(|alpha| GsamInputs {
-                alpha,
-                grad0_norm: state.grad0_norm,
-            });
-            tables.push(TableRef {
-                table: &mut state.table,
-                cache: sam_cache,
-            });
-            order = sam_order;
-            restart = true;
-            restarting = state
-                .pending
-                .clone()
-                .map(|entries| (entries, &mut state.pending_claims));
-        }
-        count = Some((&mut state.pending, &mut state.calls, counts));
-    }
-    let pending = restarting.as_mut().map(|(entries, claims)| Pending {
-        table: 1,
-        entries,
-        claims,
-    });
     let assigned = Groups {
         assign: assign.as_ref().map(|assign| assign.bind(py)),
         count: groups.len(),
     };
-    let mut prepared = prepare(
-        params,
-        Some(order),
-        Some(grads),
-        &mut tables,
-        &uses,
-        pending,
-        &assigned,
-    )?;
-    let counted = !prepared.names.is_empty();
+    let base = BaseTable {
+        table,
+        order,
+        cache,
+    };
+    let mut call = prepare_base_call(base, &SLOTS, sam, &assigned, params, grads)?;
+    let (restart, gsam) = (call.restart, call.gsam);
+    let counted = !call.prepared.names.is_empty();
     let t = *steps + u64::from(counted);
     let specs: Vec<Step> = groups
         .iter()
@@ -293,32 +243,18 @@ pub(super) fn prodigy_step(
         .collect();
     let clipping = *clipping;
     let mix = gsam.is_some();
-    let items = prepared.lanes(
+    let items = call.prepared.lanes(
         |e| lanes::<f32>(e, restart, mix),
         |e| lanes::<f64>(e, restart, mix),
     );
     let outcome = py.detach(move || prodigy::prodigy_step(items, &specs, clipping, gsam));
     let sums = match outcome {
         Ok(sums) => sums,
-        Err(error) => {
-            let error = prepared.norm_error(error);
-            prepared.release(&mut tables);
-            if let Some((_, claims)) = restarting {
-                *claims = prepared.pending_claims();
-            }
-            return Err(error);
-        }
+        Err(error) => return Err(call.fail(error)),
     };
-    prepared.commit(&mut tables);
-    drop(tables);
+    call.commit();
     *steps = t;
     *estimate = estimate.next(hyper, sums);
-    if let Some((pending, calls, counts)) = count {
-        if restart {
-            *pending = None;
-        }
-        *calls += u64::from(counts);
-    }
     Ok(())
 }
 
