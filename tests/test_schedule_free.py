@@ -409,7 +409,7 @@ def bad_configs() -> list[tuple[str, Any, str]]:
                        ("weight_decay", -0.01), ("weight_decay", float("inf")),
                        ("warmup_steps", -1), ("warmup_steps", 1.5), ("warmup_steps", True),
                        ("grad_clip", 0.0), ("grad_clip_mode", "norm"),
-                       ("learning_rate", "1")]:
+                       ("learning_rate", "1"), ("learning_rate", 1e120)]:
         out.append((f"ScheduleFreeConfig {key}={value!r}",
                     lambda key=key, value=value: ScheduleFreeConfig(**{key: value}), key))
     out.append(("from an OptimizerConfig", lambda: ScheduleFreeAdamW(OptimizerConfig()),
@@ -419,7 +419,8 @@ def bad_configs() -> list[tuple[str, Any, str]]:
     out.append(("warmup_steps group key", lambda: ScheduleFreeAdamW(
         param_groups=[{"params": ["w"], "warmup_steps": 5}]), "warmup_steps"))
     for key, value in [("lr", -0.1), ("beta1", 1.0), ("beta1", 0.0), ("beta2", -0.5),
-                       ("epsilon", 0.0), ("weight_decay", -1.0), ("lr", float("nan"))]:
+                       ("epsilon", 0.0), ("weight_decay", -1.0), ("lr", float("nan")),
+                       ("lr", 1e120)]:
         out.append((f"group {key}={value!r}", lambda key=key, value=value: ScheduleFreeAdamW(
             param_groups=[{"params": ["w"], key: value}]), key))
     return out
@@ -434,6 +435,29 @@ def test_bad_hyperparameters_raise_train_error_naming_the_key(make: Any, key: st
     with pytest.raises(TrainError) as info:
         make()
     assert info.value.key == key, str(info.value)
+
+
+def test_a_learning_rate_whose_squares_overflow_is_refused_and_changes_nothing() -> None:
+    """Σγ² must stay finite: set_lr (also a group's rate scaled past the bound) and a
+    loaded lr of 1e120 are refused, naming the key, with the optimizer unchanged."""
+    opt = ScheduleFreeAdamW(ScheduleFreeConfig(learning_rate=1e-3),
+                            param_groups=[{"params": ["w"], "lr": 1e-2}])
+    params = {"w": np.ones(3), "b": np.ones(2)}
+    opt.step(params, {"w": np.full(3, 0.5), "b": np.full(2, 0.5)})
+    before = opt.state_dict()
+    for lr, key in [(1e120, "lr"), (2e99, "param_groups.0.lr")]:
+        with pytest.raises(TrainError) as info:
+            opt.set_lr(lr)
+        assert info.value.key == key
+    state = opt.state_dict()
+    state["param_groups.0.lr"] = np.array(1e120)
+    with pytest.raises(TrainError) as info:
+        opt.load_state_dict(state)
+    assert info.value.key == "param_groups.0.lr"
+    after = opt.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert np.asarray(before[k]).tobytes() == np.asarray(after[k]).tobytes(), k
 
 
 @pytest.mark.parametrize("variant", ["bare", "sam"])

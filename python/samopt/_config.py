@@ -54,6 +54,16 @@ def check_learning_rate(value: object, key: str = "learning_rate") -> float:
     return check_real(key, value, minimum=0.0)
 
 
+SCHEDULE_FREE_MAX_LR = 1e100
+"""Schedule-Free's average weighs steps by ``γ_t²/Σγ_i²``: below this bound the sum of
+squared learning rates stays finite over any number of steps (2⁶⁴ of them at 1e100 make
+2e219), above about 1e154 a single square overflows and the weights become NaN."""
+
+
+def check_schedule_free_lr(value: object, key: str = "learning_rate") -> float:
+    return check_real(key, value, minimum=0.0, below=SCHEDULE_FREE_MAX_LR)
+
+
 def clip_bounds_of(
     grad_clip: float | None, mode: GradClipMode
 ) -> tuple[float | None, float | None]:
@@ -180,7 +190,7 @@ class ScheduleFreeConfig:
                 f"warmup_steps must be an int >= 0, got {steps!r}", "warmup_steps"
             )
         fields: dict[str, object] = {
-            "learning_rate": check_learning_rate(self.learning_rate),
+            "learning_rate": check_schedule_free_lr(self.learning_rate),
             "beta1": check_real("beta1", self.beta1, above=0.0, below=1.0),
             "beta2": check_real("beta2", self.beta2, minimum=0.0, below=1.0),
             "epsilon": check_real("epsilon", self.epsilon, above=0.0),

@@ -24,6 +24,7 @@ from ._config import (
     check_bool,
     check_learning_rate,
     check_real,
+    check_schedule_free_lr,
 )
 from ._errors import OptimizerError
 from ._groups import Check, ParamGroups
@@ -394,6 +395,7 @@ _TRAINING_MODE = "training_mode"
 # β1 = 0 would leave Schedule-Free's average unrecoverable from y and z.
 _SCHEDULE_FREE_CHECKS: dict[str, Check] = {
     **_GROUP_CHECKS,
+    "lr": lambda key, value: check_schedule_free_lr(value, key),
     "beta1": lambda key, value: check_real(key, value, above=0.0, below=1.0),
 }
 
@@ -471,6 +473,15 @@ class ScheduleFreeAdamW(NativeOptimizer):
             state[_TRAINING_MODE] = np.array(0.0 if self._engine.averaged else 1.0)
         return state
 
+    def set_lr(self, lr: float) -> None:
+        """As every optimizer's, each group's rate below ``SCHEDULE_FREE_MAX_LR`` (its
+        squares are summed)."""
+        lrs = self._scaled_lrs(check_schedule_free_lr(lr, "lr"))
+        for index, scaled in enumerate(lrs[1:]):
+            check_schedule_free_lr(scaled, _group_lr_key(index))
+        with self._lock:
+            self._engine.lrs = lrs
+
     def _parse_state(
         self, state: Mapping[str, Any], ignore: tuple[list[str], list[str]] = ([], [])
     ) -> LoadedState:
@@ -487,6 +498,8 @@ class ScheduleFreeAdamW(NativeOptimizer):
                 _TRAINING_MODE,
             )
         loaded = super()._parse_state(state, ([*ignore[0], *keys, _TRAINING_MODE], ignore[1]))
+        for index, lr in enumerate(loaded.lrs):
+            check_schedule_free_lr(lr, _group_lr_key(index - 1) if index else "lr")
         return ScheduleFreeState(loaded.lrs, loaded.t, loaded.entries, sums, float(mode) == 0.0)
 
     def _install(self, loaded: LoadedState) -> None:
