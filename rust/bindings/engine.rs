@@ -188,14 +188,7 @@ impl Engine {
 
     #[setter]
     fn set_lrs(&mut self, lrs: Vec<f64>) -> PyResult<()> {
-        if lrs.len() != self.groups.len() {
-            let message = format!("{} groups need as many learning rates", self.groups.len());
-            return Err(optimizer_error("lr", message));
-        }
-        for (group, lr) in self.groups.iter_mut().zip(lrs) {
-            group.lr = lr;
-        }
-        Ok(())
+        super::assign_lrs(&mut self.groups, lrs, |g| &mut g.lr)
     }
 
     /// Steps taken (Adam's `t`); 0 for optimizers that do not count them.

@@ -135,14 +135,7 @@ impl LayerEngine {
 
     #[setter]
     fn set_lrs(&mut self, lrs: Vec<f64>) -> PyResult<()> {
-        if lrs.len() != self.groups.len() {
-            let message = format!("{} groups need as many learning rates", self.groups.len());
-            return Err(optimizer_error("lr", message));
-        }
-        for (group, lr) in self.groups.iter_mut().zip(lrs) {
-            group.base.lr = lr;
-        }
-        Ok(())
+        super::assign_lrs(&mut self.groups, lrs, |g| &mut g.base.lr)
     }
 
     /// Steps taken (LAMB's `t`); 0 for LARS, which does not count them.

@@ -36,6 +36,23 @@ fn optimizer_error(key: &str, message: String) -> PyErr {
     OptimizerError::new_err((message, key.to_owned()))
 }
 
+/// Sets each parameter group's learning rate (`lr_of` finds it in a group), the
+/// optimizer's own first: every base engine's `lrs` setter.
+fn assign_lrs<G>(
+    groups: &mut [G],
+    lrs: Vec<f64>,
+    lr_of: impl Fn(&mut G) -> &mut f64,
+) -> PyResult<()> {
+    if lrs.len() != groups.len() {
+        let message = format!("{} groups need as many learning rates", groups.len());
+        return Err(optimizer_error("lr", message));
+    }
+    for (group, lr) in groups.iter_mut().zip(lrs) {
+        *lr_of(group) = lr;
+    }
+    Ok(())
+}
+
 fn non_finite_error(key: &str, message: String) -> PyErr {
     NonFiniteGradientError::new_err((message, key.to_owned()))
 }
