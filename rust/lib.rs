@@ -9,6 +9,7 @@
 mod simd;
 pub mod claims;
 pub mod family;
+pub mod flat;
 pub mod float;
 pub mod kernels;
 pub mod layerwise;

@@ -20,6 +20,7 @@ mod arrays;
 mod driver;
 mod engine;
 mod family;
+mod flat;
 mod layerwise;
 mod lookahead;
 mod prodigy;
@@ -69,6 +70,7 @@ fn out_of_memory(key: &str, what: &str, bytes: usize) -> PyErr {
 fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     api::register(module)?;
     family::register(module)?;
+    flat::register(module)?;
     statedict::register(module)?;
     lookahead::register(module)?;
     prodigy::register(module)?;
