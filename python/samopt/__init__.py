@@ -18,6 +18,7 @@ from ._family import (
     RandomizedSam,
     WsamOptimizer,
 )
+from ._flat import FlatParams, flat_params
 from ._layerwise import (
     AdamPOptimizer,
     LambOptimizer,
@@ -76,6 +77,7 @@ __all__ = [
     "EsamOptimizer",
     "ExponentialLrScheduler",
     "FisherSamOptimizer",
+    "FlatParams",
     "FriendlySamOptimizer",
     "GradAccumulator",
     "GradClipMode",
@@ -119,6 +121,7 @@ __all__ = [
     "WarmupScheduler",
     "WsamOptimizer",
     "compute_gradient_norm",
+    "flat_params",
 ]
 
 __version__ = "0.1.0"

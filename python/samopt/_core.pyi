@@ -10,6 +10,7 @@ from numpy.typing import NDArray
 
 __all__ = [
     "Engine",
+    "FlatArena",
     "LayerEngine",
     "LookaheadEngine",
     "Names",
@@ -45,6 +46,27 @@ __all__ = [
 
 _Arrays = dict[str, Any]
 _State = dict[str, NDArray[Any]]
+
+@final
+class FlatArena:
+    """One zero-filled float32/float64 buffer and a C-contiguous view per name, each a
+    range of it in name order (see ``samopt._flat``)."""
+
+    def __new__(cls, names: list[str], shapes: list[list[int]], double: bool) -> FlatArena: ...
+    @property
+    def buffer(self) -> NDArray[Any]: ...
+    @property
+    def keys(self) -> list[str]: ...
+    @property
+    def views(self) -> list[NDArray[Any]]: ...
+    def intact(self, mapping: dict[str, Any]) -> bool: ...
+    def same_layout(self, other: FlatArena) -> bool: ...
+    def like(self, double: bool) -> FlatArena: ...
+    def owner(self, element: int) -> str | None: ...
+    def split_state(self, state: _State, flat_key: str) -> _State: ...
+    def gather_state(
+        self, state: _State, prefixes: list[str], flat_key: str
+    ) -> tuple[_State, int] | None: ...
 
 @final
 class Engine:

@@ -80,6 +80,9 @@ class _FamilyStep(SamOptimizer):
     step and its call count in one native call. On any error — in grad_fn too — the
     parameters go back to where they were and nothing is pending."""
 
+    # Each variant keeps arrays of its own by name: stepped array by array.
+    _flat_capable = False
+
     _group_keys = ("rho", "perturb")
 
     def _base_step(self, params: dict[Any, Any], grads: dict[Any, Any], count: bool) -> None:

@@ -47,6 +47,9 @@ class _LayerwiseOptimizer(NativeOptimizer):
     """What LAMB and LARS share: a ``LayerEngine`` whose groups also say which parameters
     are left out of the layer-wise adaptation."""
 
+    # Each array is measured on its own: an arena's buffer is not one layer.
+    _flat_capable = False
+
     _engine: Any  # a samopt._core.LayerEngine
     _default_weight_decay = 0.01  # the crate's OptimizerConfig default, which they apply
     _trust_coef = 0.0

@@ -27,6 +27,7 @@ from ._config import (
     check_schedule_free_lr,
 )
 from ._errors import OptimizerError
+from ._flat import FLAT_KEY, flat_call, flat_errors
 from ._groups import Check, ParamGroups
 from ._protocol import Grads, Params, StateDict
 from ._state import as_dict, scalar_entry, scalar_value, state_mapping, time_step_entry
@@ -106,6 +107,11 @@ class NativeOptimizer:
     """What a parameter group may override."""
     _group_checks: Mapping[str, Check] = _GROUP_CHECKS
     """How each of those overrides is checked."""
+    _flat_capable = True
+    """Whether a call over a ``flat_params`` arena may be made over its buffer as one
+    array: every element-wise optimizer, not those that measure each array (layer-wise)."""
+    _flat: _core.FlatArena | None = None
+    """The arena whose layout the engine's state is held in (one buffer per slot)."""
 
     def __init__(
         self,
@@ -141,6 +147,7 @@ class NativeOptimizer:
         # use the optimizer).
         self._lock = threading.RLock()
         self._engine = self._new_engine()
+        self._flat = None
 
     def _hyperparameters(self) -> list[dict[str, Any]]:
         """The optimizer's hyperparameters, then each parameter group's."""
@@ -180,9 +187,46 @@ class NativeOptimizer:
 
     def step(self, params: Params, grads: Grads) -> None:
         """One optimizer step: updates every array of ``params`` in place."""
-        params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
         with self._lock:
-            _core.step(self._engine, params_dict, grads_dict)
+            arena, params_dict, grads_dict = self._route(params, grads)
+            with flat_errors(arena, params_dict, grads_dict):
+                _core.step(self._engine, params_dict, grads_dict)
+
+    def _route(
+        self, params: object, grads: object
+    ) -> tuple[_core.FlatArena | None, dict[Any, Any], dict[Any, Any]]:
+        """The call's dicts: over an arena's buffers when both are intact arenas of one
+        layout and the state can be held in it, else the caller's arrays, with the state
+        moved to match (under the lock)."""
+        call = flat_call(params, grads) if self._takes_flat() else None
+        if call is not None and self._use_flat(call[0]):
+            return call
+        self._use_names()
+        return None, as_dict(params, "params"), as_dict(grads, "grads")
+
+    def _takes_flat(self) -> bool:
+        return self._flat_capable and not len(self.param_groups)
+
+    def _use_flat(self, arena: _core.FlatArena) -> bool:
+        """Holds the state in ``arena``'s layout, gathering what is held per name; False
+        when it cannot be (a slot held for some of the arena's names but not all)."""
+        if self._flat is not None and self._flat.same_layout(arena):
+            return True
+        moved = arena.gather_state(self.state_dict(), list(self._engine.slots), FLAT_KEY)
+        if moved is None:
+            return False
+        gathered, count = moved
+        if count or self._flat is not None:
+            self.load_state_dict(gathered)
+        self._flat = arena
+        return True
+
+    def _use_names(self) -> None:
+        """Holds the state per name again, cutting an arena's buffers along its ranges."""
+        if self._flat is None:
+            return
+        state = self.state_dict()
+        self.load_state_dict(state)
 
     def zero_grad(self) -> None:
         """Nothing to do: gradients are the caller's arrays (kept for API parity)."""
@@ -205,6 +249,8 @@ class NativeOptimizer:
             for index, lr in enumerate(lrs[1:]):
                 state[_group_lr_key(index)] = np.array(lr)
             self._engine.state_dict(state)
+            if self._flat is not None:
+                state = self._flat.split_state(state, FLAT_KEY)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -235,11 +281,13 @@ class NativeOptimizer:
         with self._lock:
             self._engine.load(loaded.t, loaded.entries)
             self._engine.lrs = loaded.lrs
+            self._flat = None
 
     def __getstate__(self) -> dict[str, Any]:
         with self._lock:
             state = self.__dict__.copy()
             state["_engine"] = self.state_dict()
+            state["_flat"] = None
         del state["_lock"]
         return state
 
@@ -419,6 +467,8 @@ class ScheduleFreeAdamW(NativeOptimizer):
     mode: a first_step in eval mode perturbs ``x``, and its second_step is refused)."""
 
     _kind = "schedule_free_adamw"
+    # Its eval() and train() move the arrays between y and x name by name.
+    _flat_capable = False
     _config_class = ScheduleFreeConfig
     _non_negative = ("v_",)
     _group_checks = _SCHEDULE_FREE_CHECKS

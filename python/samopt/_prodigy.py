@@ -124,6 +124,8 @@ class ProdigyOptimizer(NativeOptimizer):
 
     _engine: Any  # a samopt._core.ProdigyEngine
     _kind = "prodigy"
+    # Its engine keeps its own tables; stepped array by array.
+    _flat_capable = False
     _non_negative = ("exp_avg_sq.",)
     _group_keys = ("lr", "weight_decay")
 

@@ -15,6 +15,7 @@ from ._accumulate import GradAccumulator
 from ._config import check_bool, check_real
 from ._directions import Buffers
 from ._errors import OptimizerError
+from ._flat import FLAT_KEY, FlatParams, flat_call, flat_errors
 from ._groups import Check, ParamGroups
 from ._optimizers import LoadedState, NativeOptimizer
 from ._protocol import Grads, Optimizer, Params, StateDict
@@ -64,6 +65,12 @@ class SamOptimizer:
     _pending_scalars_names: tuple[str, ...] = ()
     # What a parameter group may override.
     _group_keys: tuple[str, ...] = ("rho", "adaptive", "eta", "perturb")
+    # Whether calls over a flat_params arena may be made over its buffer (SAM and GSAM:
+    # every formula element-wise but the global norms; not the variants, which keep
+    # arrays of their own by name).
+    _flat_capable = True
+    # The arena whose layout the engine's pending state is held in.
+    _flat: _core.FlatArena | None = None
 
     def __init__(
         self,
@@ -174,14 +181,73 @@ class SamOptimizer:
         """GSAM's alpha, which mixes g0 into the second step; None for SAM."""
         return None
 
-    def _base(self) -> tuple[Any, contextlib.AbstractContextManager[Any]]:
+    def _base(self, flat: bool = False) -> tuple[Any, contextlib.AbstractContextManager[Any]]:
         """What the second phase steps — the base's native engine, so that the restore is
         fused into its update, or the base itself when it is written in Python (or
-        overrides ``step``) — and the lock to hold while it does."""
+        overrides ``step``) — and the lock to hold while it does. Unless the call is made
+        over an arena's buffer (``flat``, which ``_route`` has set the base up for), the
+        base's state is held per name first."""
         base = self.base_optimizer
         if isinstance(base, NativeOptimizer) and type(base).step is NativeOptimizer.step:
+            if not flat:
+                with base._lock:
+                    base._use_names()
             return base._engine, base._lock
         return base, contextlib.nullcontext()
+
+    def _takes_flat(self) -> bool:
+        base = self.base_optimizer
+        return (
+            self._flat_capable
+            and not self._centralize
+            and not len(self.param_groups)
+            and isinstance(base, NativeOptimizer)
+            and type(base).step is NativeOptimizer.step
+            and base._takes_flat()
+        )
+
+    def _route(
+        self, params: object, grads: object
+    ) -> tuple[_core.FlatArena | None, dict[Any, Any], dict[Any, Any]]:
+        """The call's dicts: over an arena's buffers when both are intact arenas of one
+        layout and the state (the base's and the pending step's) can be held in it, else
+        the caller's arrays, with the state moved to match (under the lock)."""
+        call = flat_call(params, grads) if self._takes_flat() else None
+        if call is not None and self._use_flat(call[0]):
+            return call
+        self._use_names()
+        return None, as_dict(params, "params"), as_dict(grads, "grads")
+
+    def _flat_held(self, arena: _core.FlatArena) -> bool:
+        base = self.base_optimizer
+        assert isinstance(base, NativeOptimizer)
+        held = [self._flat, base._flat]
+        return all(flat is not None and flat.same_layout(arena) for flat in held)
+
+    def _use_flat(self, arena: _core.FlatArena) -> bool:
+        """Holds the base's state and the pending step's in ``arena``'s layout, gathering
+        what is held per name; False when it cannot be (a slot held for some of the
+        arena's names but not all)."""
+        if self._flat_held(arena):
+            return True
+        base = self.base_optimizer
+        assert isinstance(base, NativeOptimizer)
+        prefixes = [*base._engine.slots, *self._pending_prefixes]
+        moved = arena.gather_state(self.state_dict(), prefixes, FLAT_KEY)
+        if moved is None:
+            return False
+        gathered, count = moved
+        if count or self._flat is not None or base._flat is not None:
+            self.load_state_dict(gathered)
+        self._flat = base._flat = arena
+        return True
+
+    def _use_names(self) -> None:
+        """Holds the state per name again, cutting an arena's buffers along its ranges."""
+        base = self.base_optimizer
+        if self._flat is None and getattr(base, "_flat", None) is None:
+            return
+        self.load_state_dict(self.state_dict())
 
     def _ascent_gradients(self, params: dict[Any, Any], grads: dict[Any, Any]) -> dict[Any, Any]:
         """What the ascent follows: ``grads``, or with gradient centralisation (GCSAM) each
@@ -197,19 +263,20 @@ class SamOptimizer:
         """Climbs to the worst point within radius rho; nothing moves when ‖g‖ = 0. With
         ``gradient_centralization`` the ascent is ``ρ·g_c/‖g_c‖``, g_c the centralised
         gradient."""
-        params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
         with self._lock:
+            arena, params_dict, grads_dict = self._route(params, grads)
             ascent = self._ascent_gradients(params_dict, grads_dict)
-            _core.first_step(self._engine, params_dict, ascent, self.rho, self._eps)
+            with flat_errors(arena, params_dict, grads_dict):
+                _core.first_step(self._engine, params_dict, ascent, self.rho, self._eps)
 
     def second_step(self, params: Params, grads: Grads) -> None:
         """Restores the parameters exactly and steps the base optimizer with ``grads``,
         the gradients taken at the perturbed point. Without a pending first_step this is a
         plain base step."""
-        params_dict, grads_dict = as_dict(params, "params"), as_dict(grads, "grads")
         with self._lock:
-            base, base_lock = self._base()
-            with base_lock:
+            arena, params_dict, grads_dict = self._route(params, grads)
+            base, base_lock = self._base(flat=arena is not None)
+            with base_lock, flat_errors(arena, params_dict, grads_dict):
                 _core.second_step(self._engine, base, params_dict, grads_dict, self._mix_alpha())
 
     step = second_step
@@ -221,16 +288,64 @@ class SamOptimizer:
         a plain base step with one gradient evaluation. The step is one native call: on
         any error — in ``grad_fn`` too, Ctrl-C included — the parameters are left as they
         were and nothing is pending; when it returns, the step is complete."""
-        params_dict = as_dict(params, "params")
         with self._lock:
+            if isinstance(params, FlatParams) and self._takes_flat():
+                done, outcome = self._flat_sam_step(params, grad_fn)
+                if done:
+                    return outcome
+                grad_fn = outcome
+            params_dict = as_dict(params, "params")
             if self._centralize and self._engine.calls % self._interval == 0:
                 grad_fn = self._centring_first(params_dict, grad_fn)
+            self._use_names()
             base, base_lock = self._base()
             with base_lock:
                 return _core.sam_step(
                     self._engine, base, params_dict, grad_fn,
                     self.rho, self._eps, self._mix_alpha(), self._interval,
                 )
+
+    def _flat_sam_step(self, params: FlatParams, grad_fn: GradFn) -> tuple[bool, Any]:
+        """``sam_step`` over the arena's buffers: ``(True, loss)``. When the arena is not
+        intact, or the first gradients ``grad_fn`` returns are not an intact arena of the
+        same layout, ``(False, f)``: ``f`` is the gradient function for the step made
+        array by array, which gives that first evaluation back before calling
+        ``grad_fn`` again (the aborted call changed nothing)."""
+        arena = params._arena
+        if not (arena.intact(params) and self._use_flat(arena)):
+            return False, grad_fn
+        flat_params = {FLAT_KEY: arena.buffer}
+        seen: dict[str, Any] = {}
+
+        def flat_grad_fn(_: object) -> tuple[Any, Grads]:
+            loss, grads = grad_fn(params)  # the caller's own views, which see the buffer
+            if isinstance(grads, FlatParams):
+                grads_arena = grads._arena
+                if arena.same_layout(grads_arena) and grads_arena.intact(grads):
+                    seen[FLAT_KEY] = grads_arena.buffer
+                    return loss, {FLAT_KEY: grads_arena.buffer}
+            if not seen:
+                raise _PlainGradients(loss, grads)
+            raise OptimizerError(
+                "grad_fn returned a flat_params arena's gradients at the first point and "
+                "other gradients at the perturbed point; return the same kind both times",
+                "grads",
+            )
+
+        base, base_lock = self._base(flat=True)
+        try:
+            with base_lock, flat_errors(arena, flat_params, seen):
+                return True, _core.sam_step(
+                    self._engine, base, flat_params, flat_grad_fn,
+                    self.rho, self._eps, self._mix_alpha(), self._interval,
+                )
+        except _PlainGradients as plain:
+            first = [(plain.loss, plain.grads)]
+
+            def replaying(at: dict[str, NDArray[Any]]) -> tuple[Any, Grads]:
+                return first.pop() if first else grad_fn(at)
+
+            return False, replaying
 
     def _centring_first(self, params: dict[Any, Any], grad_fn: GradFn) -> GradFn:
         """``grad_fn`` whose first call's gradients (those the ascent follows) come back
@@ -261,6 +376,8 @@ class SamOptimizer:
                 "grad_fns must be a non-empty sequence of gradient functions", "grad_fns"
             )
         with self._lock:
+            # Its sub-batches' gradients are averaged name by name.
+            self._use_names()
             if self.pending:
                 raise OptimizerError(
                     "sam_step_splits called while a first_step is pending (call second_step "
@@ -294,9 +411,10 @@ class SamOptimizer:
     def restore(self, params: Params) -> None:
         """Abandons a pending perturbation: puts the parameters back to their values before
         first_step, bit for bit (e.g. after second_step raised NonFiniteGradientError)."""
-        params_dict = as_dict(params, "params")
         with self._lock:
-            _core.restore(self._engine, params_dict)
+            arena, params_dict, _ = self._route(params, params)
+            with flat_errors(arena, params_dict, None):
+                _core.restore(self._engine, params_dict)
 
     def zero_grad(self) -> None:
         self.base_optimizer.zero_grad()
@@ -324,7 +442,9 @@ class SamOptimizer:
                     clash[0],
                 )
             state["rho"] = np.array(self._rho)
-            if type(state) is dict:
+            if self._flat is not None:
+                state.update(self._flat.split_state(self._engine.state_dict(), FLAT_KEY))
+            elif type(state) is dict:
                 self._engine.state_dict(state)
             else:
                 state.update(self._engine.state_dict())
@@ -344,6 +464,7 @@ class SamOptimizer:
                 base._install(loaded)
                 self._rho = rho
                 self._engine.install(staged)
+                self._flat = None
             return
         _, base_state = _core.partition_state(state, *self._own_keys())
         staged = self._stage(state, None)
@@ -352,6 +473,7 @@ class SamOptimizer:
                 base.load_state_dict(base_state)
             self._rho = rho
             self._engine.install(staged)
+            self._flat = None
 
     def _stage(self, state: dict[str, Any], base: LoadedState | None) -> _core.StagedSamState:
         """The SAM part of ``state`` checked and copied, not yet in force.
@@ -379,7 +501,9 @@ class SamOptimizer:
     def __getstate__(self) -> dict[str, Any]:
         with self._lock:
             state = self.__dict__.copy()
-            state["_engine"] = self._engine.state_dict()
+            own = self._engine.state_dict()
+            state["_engine"] = own if self._flat is None else self._flat.split_state(own, FLAT_KEY)
+            state["_flat"] = None
         del state["_lock"]
         return state
 
@@ -397,6 +521,16 @@ class SamOptimizer:
             f"interval={self._interval!r}, "
             f"gradient_centralization={self._centralize!r})"
         )
+
+
+class _PlainGradients(Exception):
+    """A flat sam_step's first gradients were not an arena: the step is made array by
+    array instead, starting from this evaluation."""
+
+    def __init__(self, loss: Any, grads: Grads) -> None:
+        super().__init__()
+        self.loss = loss
+        self.grads = grads
 
 
 def _evaluate(grad_fn: GradFn, params: dict[Any, Any]) -> tuple[Any, dict[Any, Any]]:
