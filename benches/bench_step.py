@@ -47,11 +47,14 @@ Also measured, in the parent process or fresh subprocesses:
 
 Many arrays (``--sweep``, issue 16): the cost per array of a whole SAM(Adam) step (first_step
 + second_step, float64) against the number of arrays — 1 to 100,000 arrays holding 200,000
-elements in all, and 20-element arrays from 100 to 100,000 — and 1,000,000 tiny arrays in a
-fresh process: step time, peak RSS beyond the arrays and their state, state_dict and
-load_state_dict times. ``--compare PYTHON`` runs the same workers under another interpreter
-(another build of samopt) alternately with this one, so both see the same minutes of the
-machine; ``--plot PATH`` draws µs per array against the array count (needs matplotlib).
+elements in all, and 20-element arrays from 100 to 100,000 — separate arrays ("samopt"), the
+same arrays as a ``samopt.flat_params`` arena ("samopt flat") and torch's fused Adam with
+foreach SAM ops where torch is installed; and 1,000,000 tiny arrays in a fresh process,
+separate and as an arena: step time, peak RSS beyond the arrays and their state, state_dict
+and load_state_dict times, and the first steps after the load. ``--compare PYTHON`` runs
+the same workers under another interpreter (another build of samopt) alternately with this
+one, so both see the same minutes of the machine; ``--plot PATH`` draws µs per array
+against the array count (needs matplotlib).
 
 Nothing here asserts on the figures (the CI smoke only prints them).
 """
@@ -1408,6 +1411,18 @@ def many_arrays(count: int, elems: int, seed: int = 0) -> tuple[dict[str, Any], 
     return params, grads
 
 
+def many_arrays_flat(samopt: Any, count: int, elems: int, seed: int = 0) -> tuple[Any, Any]:
+    """The arrays of ``many_arrays`` with the same values, as ``samopt.flat_params``
+    arenas: views of one buffer for the params and one for the grads."""
+    params, grads = many_arrays(count, elems, seed)
+    flat_p = samopt.flat_params({name: (elems,) for name in params}, np.float64)
+    flat_g = flat_p.zeros_like()
+    for name in params:
+        flat_p[name][...] = params[name]
+        flat_g[name][...] = grads[name]
+    return flat_p, flat_g
+
+
 def torch_sam_adam(
     torch: Any, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]
 ) -> Callable[[], None]:
@@ -1486,15 +1501,20 @@ def worker_sweep(args: argparse.Namespace) -> dict[str, Any]:
     configs += [("small", n, SWEEP_SMALL_ELEMS) for n in SWEEP_SMALL_COUNTS]
     if args.quick:
         configs = [c for c in configs if c[1] <= 10_000]
-    for series, count, elems in configs:
-        params, grads = many_arrays(count, elems)
+    def sam_adam_step(params: Any, grads: Any) -> Callable[[], None]:
         opt = samopt.SamOptimizer(samopt.AdamOptimizer(), rho=RHO)
 
-        def step(opt: Any = opt, params: Any = params, grads: Any = grads) -> None:
+        def step() -> None:
             opt.first_step(params, grads)
             opt.second_step(params, grads)
 
-        impls: dict[str, Callable[[], None]] = {"samopt": step}
+        return step
+
+    for series, count, elems in configs:
+        params, grads = many_arrays(count, elems)
+        impls: dict[str, Callable[[], None]] = {"samopt": sam_adam_step(params, grads)}
+        if hasattr(samopt, "flat_params"):  # a build from before the arena has none
+            impls["samopt flat"] = sam_adam_step(*many_arrays_flat(samopt, count, elems))
         if torch is not None:
             try:
                 impls["torch"] = torch_sam_adam(torch, params, grads)
@@ -1510,18 +1530,26 @@ def worker_sweep(args: argparse.Namespace) -> dict[str, Any]:
                 us_per_array=timed["median_s"] / count * 1e6,
             )
             res["rows"].append(timed)
-        del params, grads, opt, impls
+        del params, grads, impls
         gc.collect()
     return res
 
 
 def worker_million(args: argparse.Namespace) -> dict[str, Any]:
-    """1,000,000 tiny arrays (100,000 with --quick) in a fresh process: SAM(Adam) step time,
-    peak RSS of the steps beyond params, grads, state and saved values, and the times of
-    state_dict and of load_state_dict into a new optimizer."""
+    """1,000,000 tiny arrays (100,000 with --quick) in a fresh process, separate arrays or
+    (worker ``million_flat``) a ``flat_params`` arena: SAM(Adam) step time, peak RSS of the
+    steps beyond params, grads, state and saved values, the times of state_dict and of
+    load_state_dict into a new optimizer, and of that optimizer's first step (for an arena,
+    the step that gathers the loaded per-name state into buffers)."""
     samopt = importlib.import_module("samopt")
     count = 100_000 if args.quick else MILLION
-    params, grads = many_arrays(count, MILLION_ELEMS)
+    flat = args.worker == "million_flat"
+    if flat and not hasattr(samopt, "flat_params"):
+        return {"arrays": count, "elems": MILLION_ELEMS, "skipped": "no flat_params"}
+    if flat:
+        params, grads = many_arrays_flat(samopt, count, MILLION_ELEMS)
+    else:
+        params, grads = many_arrays(count, MILLION_ELEMS)
     gc.collect()
     rss_data = _status_kb("VmRSS")
     opt = samopt.SamOptimizer(samopt.AdamOptimizer(), rho=RHO)
@@ -1542,16 +1570,28 @@ def worker_million(args: argparse.Namespace) -> dict[str, Any]:
     c0, t0 = time.process_time(), time.perf_counter()
     state = opt.state_dict()
     state_dict_s, state_dict_cpu = time.perf_counter() - t0, time.process_time() - c0
+    # A resume as in a new process: the old optimizer's claim on the perturbed arrays
+    # goes with it.
+    del opt
+    gc.collect()
     fresh = samopt.SamOptimizer(samopt.AdamOptimizer(), rho=RHO)
     c0, t0 = time.process_time(), time.perf_counter()
     fresh.load_state_dict(state)
     load_s, load_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t0 = time.perf_counter()
+    fresh.second_step(params, grads)
+    resumed_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fresh.first_step(params, grads)
+    fresh.second_step(params, grads)
+    after_resume_s = time.perf_counter() - t0
     # m, v and the saved values: float64, one element each per parameter element.
     state_bytes = 3 * count * MILLION_ELEMS * 8
     beyond = (peak_kib - rss_data) * 1024 - state_bytes if can_reset else None
     return {
         "arrays": count,
         "elems": MILLION_ELEMS,
+        "flat": flat,
         "first_call_s": times[0],
         "step_s": statistics.median(times[1:]),
         "step_cpu_s": statistics.median(cpu[1:]),
@@ -1564,6 +1604,8 @@ def worker_million(args: argparse.Namespace) -> dict[str, Any]:
         "state_dict_keys": len(state),
         "load_state_dict_s": load_s,
         "load_state_dict_cpu_s": load_cpu,
+        "second_step_after_load_s": resumed_s,
+        "step_after_load_s": after_resume_s,
         "loadavg": os.getloadavg(),
     }
 
@@ -1603,7 +1645,7 @@ def sweep_report(runs: dict[str, dict[str, Any]]) -> str:
             for r in runs[label]["sweep"].get("rows", []):
                 if r["series"] == series:
                     key = (r["arrays"], r["elems"])
-                    name = label if r["impl"] == "samopt" else f"{label} torch"
+                    name = label if r["impl"] == "samopt" else f"{label} {r['impl']}"
                     cpu_us = r["cpu_median_s"] / r["arrays"] * 1e6
                     rows.setdefault(key, {})[name] = (
                         f"{r['us_per_array']:.3f} ({fmt_t(r['median_s'])}; cpu {cpu_us:.3f})"
@@ -1617,16 +1659,21 @@ def sweep_report(runs: dict[str, dict[str, Any]]) -> str:
     lines.append("\n1,000,000 tiny arrays")
     keys = ("arrays", "step_s", "step_cpu_s", "peak_beyond_state_mb",
             "peak_rss_above_params_grads_mb", "state_dict_s", "state_dict_cpu_s",
-            "load_state_dict_s", "load_state_dict_cpu_s")
+            "load_state_dict_s", "load_state_dict_cpu_s", "second_step_after_load_s",
+            "step_after_load_s")
     lines.append("| build | " + " | ".join(keys) + " |")
     lines.append("| --- |" + " --- |" * len(keys))
     for label in labels:
-        m = runs[label]["million"]
-        cells = [
-            "-" if m.get(k) is None else (f"{m[k]:.3g}" if isinstance(m[k], float) else str(m[k]))
-            for k in keys
-        ]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for worker, what in (("million", ""), ("million_flat", " flat")):
+            m = runs[label].get(worker, {})
+            if not m or "skipped" in m or "error" in m:
+                continue
+            cells = [
+                "-" if m.get(k) is None
+                else (f"{m[k]:.3g}" if isinstance(m[k], float) else str(m[k]))
+                for k in keys
+            ]
+            lines.append(f"| {label}{what} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -1639,25 +1686,27 @@ def sweep_plot(runs: dict[str, dict[str, Any]], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {"fixed_total": "o-", "small": "s--"}
     for label, run in runs.items():
-        for series, what in (
-            ("fixed_total", f"{SWEEP_TOTAL:,} elements in all"),
-            ("small", f"{SWEEP_SMALL_ELEMS} elements each"),
-        ):
-            rows = sorted(
-                (r for r in run["sweep"].get("rows", [])
-                 if r["series"] == series and r["impl"] == "samopt"),
-                key=lambda r: r["arrays"],
-            )
-            if rows:
-                ax.plot([r["arrays"] for r in rows], [r["us_per_array"] for r in rows],
-                        styles[series], label=f"{label}, {what}")
-        million = run.get("million", {})
-        if million.get("step_s"):
-            ax.plot([million["arrays"]], [million["step_s"] / million["arrays"] * 1e6], "k*",
-                    markersize=9)
-            ax.annotate(f"{label} 1M x {million['elems']}",
-                        (million["arrays"], million["step_s"] / million["arrays"] * 1e6),
-                        textcoords="offset points", xytext=(-70, 6), fontsize=8)
+        impls = sorted({r["impl"] for r in run["sweep"].get("rows", [])})
+        for impl in impls:
+            for series, what in (
+                ("fixed_total", f"{SWEEP_TOTAL:,} elements in all"),
+                ("small", f"{SWEEP_SMALL_ELEMS} elements each"),
+            ):
+                rows = sorted(
+                    (r for r in run["sweep"].get("rows", [])
+                     if r["series"] == series and r["impl"] == impl),
+                    key=lambda r: r["arrays"],
+                )
+                if rows:
+                    ax.plot([r["arrays"] for r in rows], [r["us_per_array"] for r in rows],
+                            styles[series], label=f"{label} {impl}, {what}")
+        for worker, marker, what in (("million", "k*", ""), ("million_flat", "r*", " flat")):
+            million = run.get(worker, {})
+            if million.get("step_s"):
+                at = (million["arrays"], million["step_s"] / million["arrays"] * 1e6)
+                ax.plot([at[0]], [at[1]], marker, markersize=9)
+                ax.annotate(f"{label}{what} 1M x {million['elems']}", at,
+                            textcoords="offset points", xytext=(-80, 6), fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arrays in the call")
@@ -1678,7 +1727,7 @@ def orchestrate_sweep(args: argparse.Namespace) -> int:
         builds = {compared: args.compare, this: sys.executable}
     runs: dict[str, dict[str, Any]] = {label: {} for label in builds}
     extra_torch = ["--no-torch"] if args.no_torch else []
-    for worker in ("sweep", "million"):
+    for worker in ("sweep", "million", "million_flat"):
         for label, python in builds.items():
             if not args.silent:
                 print(f"{worker}: {label} ({python}) ...", file=sys.stderr, flush=True)
@@ -2051,7 +2100,8 @@ def main(argv: list[str] | None = None) -> int:
         "--labels", metavar="COMPARED,THIS", help="--sweep: names of the two builds in the report"
     )
     ap.add_argument(
-        "--worker", choices=("rows", "rss", "sweep", "million"), help=argparse.SUPPRESS
+        "--worker", choices=("rows", "rss", "sweep", "million", "million_flat"),
+        help=argparse.SUPPRESS
     )
     ap.add_argument(
         "--layerwise",
@@ -2078,6 +2128,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss": worker_rss,
             "sweep": worker_sweep,
             "million": worker_million,
+            "million_flat": worker_million,
         }
         out = workers[args.worker](args)
         with open(args.out, "w") as f:
