@@ -1,5 +1,6 @@
 """Bitwise determinism: whatever RAYON_NUM_THREADS (read at process start: tested in
-subprocesses) and whatever the insertion order of the params and grads dicts."""
+subprocesses), over separate arrays and over a flat_params arena, and whatever the
+insertion order of the params and grads dicts."""
 
 from __future__ import annotations
 
@@ -88,6 +89,24 @@ for name, mk in makers.items():
                 out[name + "_perturbed"] = digest(params, opt)
         opt.step(params, make_grads(params, 200 + s))
     out[name] = digest(params, opt)
+# An arena big enough to be split between threads, its arrays of many sizes.
+sizes = np.random.default_rng(3).integers(1, 20_000, 200)
+shapes = {f"f{i:03d}": (int(n),) for i, n in enumerate(sizes)}
+def make_flat():
+    params = samopt.flat_params(shapes)
+    params.flat[...] = np.random.default_rng(8).standard_normal(params.flat.size)
+    return params
+out["flat_start"] = digest(make_flat(), SgdOptimizer())
+for name in ("sam_adam", "asam_sgd"):
+    params = make_flat()
+    grads = params.zeros_like()
+    opt = makers[name]()
+    for s in range(3):
+        grads.flat[...] = np.random.default_rng(300 + s).standard_normal(grads.flat.size) * 3
+        opt.first_step(params, grads)
+        opt.step(params, grads)
+    assert opt._flat is not None, "the arena was stepped array by array"
+    out["flat_" + name] = digest(params, opt)
 g = make_grads(make_params(), 5)
 g["huge"] = np.full(1000, 1e200)
 g["tiny"] = np.full(1000, 1e-200, np.float64)
@@ -114,8 +133,8 @@ def test_bitwise_identical_across_thread_counts() -> None:
     one = runs["1"]
     # sanity: every optimizer moved the parameters
     for k, v in one.items():
-        if k not in ("start", "norm", "norm32"):
-            assert v != one["start"], k
+        if k not in ("start", "flat_start", "norm", "norm32"):
+            assert v != one["flat_start" if k.startswith("flat_") else "start"], k
     for t, r in runs.items():
         diff = sorted(k for k in one if r[k] != one[k])
         assert not diff, f"RAYON_NUM_THREADS={t} differs from 1 on {diff}"

@@ -198,8 +198,8 @@ class NativeOptimizer:
         """The call's dicts: over an arena's buffers when both are intact arenas of one
         layout and the state can be held in it, else the caller's arrays, with the state
         moved to match (under the lock)."""
-        call = flat_call(params, grads) if self._takes_flat() else None
-        if call is not None and self._use_flat(call[0]):
+        call = flat_call(params, grads)
+        if call is not None and self._takes_flat() and self._use_flat(call[0]):
             return call
         self._use_names()
         return None, as_dict(params, "params"), as_dict(grads, "grads")

@@ -189,7 +189,9 @@ class SamOptimizer:
         base's state is held per name first."""
         base = self.base_optimizer
         if isinstance(base, NativeOptimizer) and type(base).step is NativeOptimizer.step:
-            if not flat:
+            # Read outside the lock first: taking it costs what a small step costs, and
+            # _use_names looks again under it.
+            if not flat and base._flat is not None:
                 with base._lock:
                     base._use_names()
             return base._engine, base._lock
@@ -212,8 +214,8 @@ class SamOptimizer:
         """The call's dicts: over an arena's buffers when both are intact arenas of one
         layout and the state (the base's and the pending step's) can be held in it, else
         the caller's arrays, with the state moved to match (under the lock)."""
-        call = flat_call(params, grads) if self._takes_flat() else None
-        if call is not None and self._use_flat(call[0]):
+        call = flat_call(params, grads)
+        if call is not None and self._takes_flat() and self._use_flat(call[0]):
             return call
         self._use_names()
         return None, as_dict(params, "params"), as_dict(grads, "grads")
