@@ -202,6 +202,37 @@ def test_sam_over_the_arena_matches_the_step_array_by_array_up_to_the_norms_roun
     assert list(on_flat.state_dict()) == list(on_separate.state_dict())
 
 
+def test_gsam_over_the_arena_matches_separate_arrays_and_resumes_mid_step() -> None:
+    def gsam() -> samopt.GsamOptimizer:
+        return samopt.GsamOptimizer(adam(), rho_max=0.1, alpha=0.3)
+
+    start = values(SHAPES, 6)
+    flat, separate = arena(SHAPES, start), plain(start)
+    on_flat, on_separate = gsam(), gsam()
+    sam_steps(on_flat, flat, flat.zeros_like(), 8, 11)
+    sam_steps(on_separate, separate, plain(values(SHAPES, 0)), 8, 11)
+    assert on_flat._flat is not None
+    for name in SHAPES:
+        np.testing.assert_allclose(flat[name], separate[name], rtol=1e-13, atol=1e-15)
+
+    # Between the phases: the state dict holds GSAM's first gradient per name, and a new
+    # optimizer over a copy of the arena finishes the step bit for bit as the first does.
+    grads = flat.zeros_like()
+    grads.flat[...] = np.linspace(-0.1, 0.1, grads.flat.size)
+    on_flat.first_step(flat, grads)
+    state = on_flat.state_dict()
+    assert [k[len("grad0_"):] for k in state if k.startswith("grad0_")] == sorted(SHAPES)
+    copy = pickle.loads(pickle.dumps(flat))
+    resumed = gsam()
+    resumed.load_state_dict(state)
+    grads.flat[...] = np.linspace(0.2, -0.1, grads.flat.size)
+    resumed.second_step(copy, grads)
+    on_flat.second_step(flat, grads)
+    assert resumed._flat is not None
+    assert same_bits(dict(copy), dict(flat))
+    assert same_bits(resumed.state_dict(), on_flat.state_dict())
+
+
 def test_state_dict_of_an_arena_resumes_bit_exactly_and_has_per_name_keys() -> None:
     start = values(SHAPES, 4)
     straight = arena(SHAPES, start)

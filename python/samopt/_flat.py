@@ -27,7 +27,7 @@ from numpy.typing import DTypeLike, NDArray
 from . import _core
 from ._errors import NonFiniteGradientError, OptimizerError, TrainError
 
-__all__ = ["FLAT_KEY", "FlatParams", "flat_call", "flat_errors", "flat_params"]
+__all__ = ["FLAT_KEY", "FlatParams", "flat_call", "flat_error", "flat_errors", "flat_params"]
 
 FLAT_KEY = "\x00flat_params"
 """The name under which the native engines hold an arena's buffers: no str a caller
@@ -136,9 +136,7 @@ _NOTHING_TO_RENAME = contextlib.nullcontext()
 def flat_errors(
     arena: _core.FlatArena | None, params: Mapping[str, Any], grads: Mapping[str, Any] | None
 ) -> contextlib.AbstractContextManager[None]:
-    """Errors of a call made over an arena's buffers, raised as the call array by array
-    would have: naming the parameter whose gradient (or, for ASAM, value) is not finite,
-    else the flat parameters."""
+    """Raises the errors of a call made over ``arena``'s buffers as ``flat_error`` says."""
     if arena is None:
         return _NOTHING_TO_RENAME
     return _renaming(arena, params, grads)
@@ -151,10 +149,22 @@ def _renaming(
     try:
         yield
     except TrainError as error:
-        if error.key != FLAT_KEY:
-            raise
-        source = grads if isinstance(error, NonFiniteGradientError) and grads else params
-        raise _renamed(error, arena, source[FLAT_KEY]) from None
+        raise flat_error(error, arena, params, grads) from None
+
+
+def flat_error(
+    error: TrainError,
+    arena: _core.FlatArena,
+    params: Mapping[str, Any],
+    grads: Mapping[str, Any] | None,
+) -> TrainError:
+    """``error`` of a call made over ``arena``'s buffers as the call array by array would
+    have raised it: naming the parameter whose gradient (or, for ASAM, value) is not
+    finite, else the flat parameters."""
+    if error.key != FLAT_KEY:
+        return error
+    source = grads if isinstance(error, NonFiniteGradientError) and grads else params
+    return _renamed(error, arena, source[FLAT_KEY])
 
 
 def _renamed(error: TrainError, arena: _core.FlatArena, buffer: NDArray[Any]) -> TrainError:

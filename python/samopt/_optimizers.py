@@ -26,8 +26,8 @@ from ._config import (
     check_real,
     check_schedule_free_lr,
 )
-from ._errors import OptimizerError
-from ._flat import FLAT_KEY, flat_call, flat_errors
+from ._errors import OptimizerError, TrainError
+from ._flat import FLAT_KEY, FlatParams, flat_call, flat_error
 from ._groups import Check, ParamGroups
 from ._protocol import Grads, Params, StateDict
 from ._state import as_dict, scalar_entry, scalar_value, state_mapping, time_step_entry
@@ -189,8 +189,13 @@ class NativeOptimizer:
         """One optimizer step: updates every array of ``params`` in place."""
         with self._lock:
             arena, params_dict, grads_dict = self._route(params, grads)
-            with flat_errors(arena, params_dict, grads_dict):
+            # try, not a context manager: free when nothing is raised.
+            try:
                 _core.step(self._engine, params_dict, grads_dict)
+            except TrainError as error:
+                if arena is None:
+                    raise
+                raise flat_error(error, arena, params_dict, grads_dict) from None
 
     def _route(
         self, params: object, grads: object
@@ -198,10 +203,12 @@ class NativeOptimizer:
         """The call's dicts: over an arena's buffers when both are intact arenas of one
         layout and the state can be held in it, else the caller's arrays, with the state
         moved to match (under the lock)."""
-        call = flat_call(params, grads)
-        if call is not None and self._takes_flat() and self._use_flat(call[0]):
-            return call
-        self._use_names()
+        if isinstance(params, FlatParams):
+            call = flat_call(params, grads)
+            if call is not None and self._takes_flat() and self._use_flat(call[0]):
+                return call
+        if self._flat is not None:
+            self._use_names()
         return None, as_dict(params, "params"), as_dict(grads, "grads")
 
     def _takes_flat(self) -> bool:

@@ -14,8 +14,8 @@ from . import _core
 from ._accumulate import GradAccumulator
 from ._config import check_bool, check_real
 from ._directions import Buffers
-from ._errors import OptimizerError
-from ._flat import FLAT_KEY, FlatParams, flat_call, flat_errors
+from ._errors import OptimizerError, TrainError
+from ._flat import FLAT_KEY, FlatParams, flat_call, flat_error, flat_errors
 from ._groups import Check, ParamGroups
 from ._optimizers import LoadedState, NativeOptimizer
 from ._protocol import Grads, Optimizer, Params, StateDict
@@ -214,10 +214,13 @@ class SamOptimizer:
         """The call's dicts: over an arena's buffers when both are intact arenas of one
         layout and the state (the base's and the pending step's) can be held in it, else
         the caller's arrays, with the state moved to match (under the lock)."""
-        call = flat_call(params, grads)
-        if call is not None and self._takes_flat() and self._use_flat(call[0]):
-            return call
-        self._use_names()
+        # Checked inline: on a step over a few small arrays each call here shows.
+        if isinstance(params, FlatParams):
+            call = flat_call(params, grads)
+            if call is not None and self._takes_flat() and self._use_flat(call[0]):
+                return call
+        if self._flat is not None or getattr(self.base_optimizer, "_flat", None) is not None:
+            self._use_names()
         return None, as_dict(params, "params"), as_dict(grads, "grads")
 
     def _flat_held(self, arena: _core.FlatArena) -> bool:
@@ -268,8 +271,12 @@ class SamOptimizer:
         with self._lock:
             arena, params_dict, grads_dict = self._route(params, grads)
             ascent = self._ascent_gradients(params_dict, grads_dict)
-            with flat_errors(arena, params_dict, grads_dict):
+            try:
                 _core.first_step(self._engine, params_dict, ascent, self.rho, self._eps)
+            except TrainError as error:
+                if arena is None:
+                    raise
+                raise flat_error(error, arena, params_dict, grads_dict) from None
 
     def second_step(self, params: Params, grads: Grads) -> None:
         """Restores the parameters exactly and steps the base optimizer with ``grads``,
@@ -278,8 +285,15 @@ class SamOptimizer:
         with self._lock:
             arena, params_dict, grads_dict = self._route(params, grads)
             base, base_lock = self._base(flat=arena is not None)
-            with base_lock, flat_errors(arena, params_dict, grads_dict):
-                _core.second_step(self._engine, base, params_dict, grads_dict, self._mix_alpha())
+            try:
+                with base_lock:
+                    _core.second_step(
+                        self._engine, base, params_dict, grads_dict, self._mix_alpha()
+                    )
+            except TrainError as error:
+                if arena is None:
+                    raise
+                raise flat_error(error, arena, params_dict, grads_dict) from None
 
     step = second_step
 
