@@ -1788,7 +1788,8 @@ def check_mode(args: argparse.Namespace) -> int:
 # Sophia is element-wise: read p, g, m, h, write p, m (and h on the one step in
 # hessian_update_freq = 10 that refreshes it from g²). AdamP counts as LAMB: its read pass
 # (p, g, m, v) sums the norms and dot products, its update reads p, g, m, v and writes p, m,
-# v; its arrays are 2-d (x 1000 columns), so the projection is decided on each.
+# v; its arrays are 2-d (x 1000 columns), so the projection is decided on each (the channel
+# view first: these random gradients fail it at each array's first row, one row read).
 LAYERWISE_STREAMS = {
     "adamp": 11,
     "sam_adamp": 16,

@@ -11,6 +11,12 @@
 //! The sums are reproducible (pieces of `CHUNK_LEN` elements, partial sums combined in
 //! piece order whatever the thread count) and free of spurious overflow or underflow: an
 //! array whose sums leave the safe range is summed again, rescaled by powers of two.
+//!
+//! AdamP first tries its channel view, the same sums per row of the first axis: rows are
+//! measured whole by one task each (so whatever the thread count), in a second read pass
+//! that stops at an array's first row whose cosine is not small; the write pass of an
+//! array projected row by row measures each row again just before writing it, so no
+//! per-row memory is kept between the passes.
 
 use crate::float::{pow2, Real};
 use crate::kernels::{GradientPlan, GroupStep};
@@ -44,7 +50,7 @@ pub enum LayerFactor {
     Cosines,
 }
 
-/// An array's sums from the read pass: the norms, the dot products (0 for
+/// An array's (or one row's) sums from the read pass: the norms, the dot products (0 for
 /// `LayerFactor::Norms`) and its element count.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ArrayMeasures {
@@ -64,6 +70,12 @@ pub trait LayerUpdate<T: Real, const N: usize>: Copy + Send + Sync {
     /// The array's factor from those sums; `adapt` false: the array is left out of the
     /// layer-wise adaptation (LARS's excluded biases, AdamP's arrays of fewer than two axes).
     fn factor(&self, measures: &ArrayMeasures, adapt: bool) -> f64;
+    /// AdamP's projection: the factor of an array, or of one row of its channel view,
+    /// whose gradient is nearly orthogonal to it; `None` when it is not (always, for the
+    /// optimizers without one).
+    fn projected(&self, _: &ArrayMeasures) -> Option<f64> {
+        None
+    }
     /// The element's new value with its array's factor, updating its state.
     fn element(&self, p0: T, g: f64, s: &mut [T; N], factor: f64) -> T;
 }
@@ -79,6 +91,9 @@ pub trait LayerSpec<const N: usize>: LayerUpdate<f32, N> + LayerUpdate<f64, N> {
     const MEASURES: bool = true;
     /// The fewest axes an array needs to take part in the adaptation.
     const MIN_AXES: usize = 0;
+    /// Whether an adapted array is first tried row by row (AdamP's channel view), and
+    /// measured whole only when some row is not projected.
+    const CHANNELS: bool = false;
 }
 
 /// LAMB (You et al., ICLR 2020, Algorithm 2 with φ the identity), the crate's form:
@@ -204,14 +219,17 @@ impl<T: Real> LayerUpdate<T, 1> for Lars {
     }
 }
 
-/// AdamP (Heo et al., ICLR 2021, Algorithm 2 as the authors' code writes it), the layer
-/// view: `m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g² ;
+/// AdamP (Heo et al., ICLR 2021, Algorithm 2 as the authors' code writes it):
+/// `m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g² ;
 /// u = m_n/(√v/√(1−β2^t) + ε)` with `m_n = β1·m + (1−β1)·g` (Nesterov) or `m` ; an array
-/// of two or more axes whose `|cos(g, p)| < δ/√len` is scale-invariant: its update loses
-/// its radial part, `u ← u − p̂·(p̂·u)` with `p̂ = p/(‖p‖ + ε)`, and its weight decay is
-/// scaled by `wd_ratio` ; `p ← p·(1 − lr·wd·r) − lr/(1−β1^t)·u` (`r` = `wd_ratio` or 1).
-/// The weight decay is decoupled, from the step's starting value. An array's factor is
-/// its decay coefficient with the projection folded in: `p ← p·(1 − factor) − step·u`.
+/// of two or more axes is scale-invariant in its channel view when every row `c` of its
+/// first axis has `|cos(g_c, p_c)| < δ/√(len/rows)`: each row's update loses its radial
+/// part, `u_c ← u_c − p̂_c·(p̂_c·u_c)` with `p̂_c = p_c/(‖p_c‖ + ε)`; failing that, in its
+/// layer view when `|cos(g, p)| < δ/√len`: `u ← u − p̂·(p̂·u)` with `p̂ = p/(‖p‖ + ε)`.
+/// A projected array's weight decay is scaled by `wd_ratio` ;
+/// `p ← p·(1 − lr·wd·r) − lr/(1−β1^t)·u` (`r` = `wd_ratio` or 1). The weight decay is
+/// decoupled, from the step's starting value. An array's (or row's) factor is its decay
+/// coefficient with the projection folded in: `p ← p·(1 − factor) − step·u`.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamP {
     beta1: f64,
@@ -249,6 +267,7 @@ impl LayerSpec<2> for AdamP {
     const SLOTS: [&'static str; 2] = ["m_", "v_"];
     // The paper projects weights only (`len(p.shape) > 1`): never biases or gains.
     const MIN_AXES: usize = 2;
+    const CHANNELS: bool = true;
     fn at_step(hyper: &LayerHyper, t: u64) -> AdamP {
         let h = &hyper.base;
         let power = t as f64;
@@ -276,19 +295,23 @@ impl<T: Real> LayerUpdate<T, 2> for AdamP {
     }
 
     fn factor(&self, measures: &ArrayMeasures, adapt: bool) -> f64 {
+        match adapt {
+            true => <Self as LayerUpdate<T, 2>>::projected(self, measures).unwrap_or(self.decay),
+            false => self.decay,
+        }
+    }
+
+    fn projected(&self, measures: &ArrayMeasures) -> Option<f64> {
         let [param, grad] = measures.norms;
         let [param_grad, param_update] = measures.dots;
         let eps = self.epsilon;
         // PyTorch's cosine_similarity, which the authors' code calls.
         let cosine = param_grad.abs() / (param.max(eps) * grad.max(eps));
-        match adapt && cosine < self.delta / (measures.len as f64).sqrt() {
-            true => {
-                // Divided twice: the square of a norm near f64's limit would overflow.
-                let unit = param + eps;
-                self.decay * self.wd_ratio - self.step_size * (param_update / unit) / unit
-            }
-            false => self.decay,
-        }
+        (cosine < self.delta / (measures.len as f64).sqrt()).then(|| {
+            // Divided twice: the square of a norm near f64's limit would overflow.
+            let unit = param + eps;
+            self.decay * self.wd_ratio - self.step_size * (param_update / unit) / unit
+        })
     }
 
     #[inline(always)]
@@ -386,9 +409,19 @@ pub fn sophia_hessian(items: Vec<HessianItem<'_>>, beta2: &[f64]) -> Result<(), 
     Ok(())
 }
 
+/// The rows of an array's first axis (AdamP's channel view): `count` rows of
+/// `len/count` elements, row `r` being elements `r·len/count..(r+1)·len/count` in C order
+/// and `r, r + count, r + 2·count, …` in Fortran order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rows {
+    pub count: usize,
+    pub fortran: bool,
+}
+
 /// The streams of a layer-wise step over one piece of one parameter: as
 /// `kernels::UpdateLanes`, with the parameter's position in the call (`item`, whose norms
-/// the piece adds to) and whether it takes part in the adaptation.
+/// the piece adds to), whether it takes part in the adaptation, and its rows when it is
+/// first tried row by row (`LayerSpec::CHANNELS`).
 pub struct LayerLanes<'a, T, const N: usize> {
     pub param: &'a mut [T],
     pub grad: &'a [T],
@@ -398,6 +431,7 @@ pub struct LayerLanes<'a, T, const N: usize> {
     pub group: u32,
     pub item: u32,
     pub adapt: bool,
+    pub rows: Option<Rows>,
 }
 
 impl<T, const N: usize> Split for LayerLanes<'_, T, N> {
@@ -407,7 +441,7 @@ impl<T, const N: usize> Split for LayerLanes<'_, T, N> {
         let (slots, slots_tail) = Split::split_at(self.slots, mid);
         let (start, start_tail) = Split::split_at(self.start, mid);
         let (grad0, grad0_tail) = Split::split_at(self.grad0, mid);
-        let (group, item, adapt) = (self.group, self.item, self.adapt);
+        let (group, item, adapt, rows) = (self.group, self.item, self.adapt, self.rows);
         let head = LayerLanes {
             param,
             grad,
@@ -417,6 +451,7 @@ impl<T, const N: usize> Split for LayerLanes<'_, T, N> {
             group,
             item,
             adapt,
+            rows,
         };
         let tail = LayerLanes {
             param: param_tail,
@@ -427,6 +462,7 @@ impl<T, const N: usize> Split for LayerLanes<'_, T, N> {
             group,
             item,
             adapt,
+            rows,
         };
         (head, tail)
     }
@@ -735,13 +771,9 @@ where
     if unchecked && !sums.iter().flatten().all(|s| s.is_finite()) {
         phases::check_gradients(items)?;
     }
-    let safe = |s: f64| s.is_finite() && s >= SMALLEST_SAFE_SUM;
-    // By Cauchy-Schwarz a dot product is finite when the norms are, and an underflow in
-    // it is small beside their product: only the squares decide.
-    let rescue: Vec<bool> = sums.iter().map(|s| !(safe(s[0]) && safe(s[1]))).collect();
+    let rescue: Vec<bool> = sums.iter().map(needs_rescue).collect();
     for (measure, s) in measures.iter_mut().zip(&sums) {
-        measure.norms = [s[0].sqrt(), s[1].sqrt()];
-        measure.dots = [s[2], s[3]];
+        *measure = from_sums(s, measure.len);
     }
     if !rescue.iter().any(|&r| r) {
         return Ok(measures);
@@ -755,14 +787,7 @@ where
         |i| pick(i, Measure::Largest),
         f64::max,
     );
-    let exponent = |x: f64| match x > 0.0 && x.is_finite() {
-        true => x.log2().floor() as i32,
-        false => 0,
-    };
-    let exponents: Vec<[i32; 3]> = largest
-        .iter()
-        .map(|m| [exponent(m[0]), exponent(m[1]), exponent(m[2])])
-        .collect();
+    let exponents: Vec<[i32; 3]> = largest.iter().map(exponents_of).collect();
     let scaled = per_item(
         &reads,
         count,
@@ -771,25 +796,267 @@ where
         |i| pick(i, Measure::Scaled(exponents[i])),
         add,
     );
-    let usable = |x: f64| x > 0.0 && x.is_finite();
     for item in (0..count).filter(|&i| rescue[i]) {
-        let (max, e, s) = (largest[item], exponents[item], scaled[item]);
-        let measure = &mut measures[item];
-        for k in 0..2 {
-            measure.norms[k] = match usable(max[k]) {
-                true => unscale(s[k].sqrt(), e[k]),
-                false => max[k],
-            };
-        }
-        for (k, other) in [(2, 1), (3, 2)] {
-            measure.dots[k - 2] = match (usable(max[0]), usable(max[other])) {
-                (true, true) => unscale(unscale(s[k], e[0]), e[other]),
-                _ if max[0] == 0.0 || max[other] == 0.0 => 0.0,
-                _ => f64::NAN,
-            };
-        }
+        let len = measures[item].len;
+        measures[item] = rescued(&largest[item], exponents[item], &scaled[item], len);
     }
     Ok(measures)
+}
+
+/// Whether fast sums `[a², b², a·b, a·c]` may have overflowed or lost bits to underflow.
+/// By Cauchy-Schwarz a dot product is finite when the norms are, and an underflow in it
+/// is small beside their product: only the squares decide.
+fn needs_rescue(sums: &[f64; 4]) -> bool {
+    let safe = |s: f64| s.is_finite() && s >= SMALLEST_SAFE_SUM;
+    !(safe(sums[0]) && safe(sums[1]))
+}
+
+fn from_sums(s: &[f64; 4], len: usize) -> ArrayMeasures {
+    ArrayMeasures {
+        norms: [s[0].sqrt(), s[1].sqrt()],
+        dots: [s[2], s[3]],
+        len,
+    }
+}
+
+/// The binary exponents the rescue pass scales each quantity by, from its largest
+/// magnitude.
+fn exponents_of(largest: &[f64; 4]) -> [i32; 3] {
+    let exponent = |x: f64| match x > 0.0 && x.is_finite() {
+        true => x.log2().floor() as i32,
+        false => 0,
+    };
+    [
+        exponent(largest[0]),
+        exponent(largest[1]),
+        exponent(largest[2]),
+    ]
+}
+
+/// The measures from the rescue pass: each quantity's largest magnitude, its exponent
+/// and the sums of the scaled products.
+fn rescued(max: &[f64; 4], e: [i32; 3], s: &[f64; 4], len: usize) -> ArrayMeasures {
+    let usable = |x: f64| x > 0.0 && x.is_finite();
+    let norm = |k: usize| match usable(max[k]) {
+        true => unscale(s[k].sqrt(), e[k]),
+        false => max[k],
+    };
+    let dot = |k: usize, other: usize| match (usable(max[0]), usable(max[other])) {
+        (true, true) => unscale(unscale(s[k], e[0]), e[other]),
+        _ if max[0] == 0.0 || max[other] == 0.0 => 0.0,
+        _ => f64::NAN,
+    };
+    ArrayMeasures {
+        norms: [norm(0), norm(1)],
+        dots: [dot(2, 1), dot(3, 2)],
+        len,
+    }
+}
+
+/// An array cut only between whole rows of its channel view, so that one task measures
+/// each row whole whatever the cut (and so whatever the thread count); in Fortran order,
+/// where the rows interleave, not cut at all.
+struct WholeRows<L> {
+    lanes: L,
+    rows: Rows,
+    row_len: usize,
+}
+
+impl<L: Lanes> Split for WholeRows<L> {
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let len = self.lanes.len();
+        let cut = match self.rows.fortran {
+            true => len,
+            false => ((mid / self.row_len).max(1) * self.row_len).min(len),
+        };
+        let (head, tail) = self.lanes.split_at(cut);
+        let (rows, row_len) = (self.rows, self.row_len);
+        let head = WholeRows {
+            lanes: head,
+            rows,
+            row_len,
+        };
+        let tail = WholeRows {
+            lanes: tail,
+            rows,
+            row_len,
+        };
+        (head, tail)
+    }
+}
+
+impl<L: Lanes> Lanes for WholeRows<L> {
+    fn len(&self) -> usize {
+        self.lanes.len()
+    }
+}
+
+/// The item's lanes cut between whole rows, for an item tried row by row (and not empty).
+fn whole_rows<L: Lanes>(lanes: L, rows: Option<Rows>) -> Option<WholeRows<L>> {
+    let len = lanes.len();
+    rows.filter(|_| len > 0).map(|rows| WholeRows {
+        lanes,
+        rows,
+        row_len: len / rows.count,
+    })
+}
+
+/// A row of a Fortran-ordered array, whose elements lie `rows.count` apart, copied out
+/// for the contiguous kernels.
+struct Gathered<T, const N: usize> {
+    start: Vec<T>,
+    grad: Vec<T>,
+    grad0: Vec<T>,
+    slots: [Vec<T>; N],
+}
+
+impl<T: Real, const N: usize> Gathered<T, N> {
+    fn new(row_len: usize) -> Self {
+        let buffer = || Vec::with_capacity(row_len);
+        Gathered {
+            start: buffer(),
+            grad: buffer(),
+            grad0: buffer(),
+            slots: std::array::from_fn(|_| buffer()),
+        }
+    }
+
+    /// Row `r` of `whole` (a whole array's reading, whose rows are `count` in number).
+    fn row(&mut self, whole: &Reading<'_, T, N>, r: usize, count: usize) -> Reading<'_, T, N> {
+        let n = whole.start.len();
+        let gather = |into: &mut Vec<T>, from: &[T]| {
+            into.clear();
+            into.extend(from[r..n].iter().step_by(count).copied());
+        };
+        gather(&mut self.start, whole.start);
+        gather(&mut self.grad, whole.grad);
+        gather(&mut self.grad0, whole.grad0);
+        for (into, from) in self.slots.iter_mut().zip(whole.slots) {
+            gather(into, from);
+        }
+        Reading {
+            start: &self.start,
+            grad: &self.grad,
+            grad0: &self.grad0,
+            slots: self.slots.each_ref().map(|s| &s[..]),
+            group: whole.group,
+            item: whole.item,
+        }
+    }
+}
+
+/// One row's measures from its elements alone, rescaled where needed.
+fn row_measures<T: Real, U: LayerUpdate<T, N>, const N: usize>(
+    row: Reading<'_, T, N>,
+    groups: &[GroupStep<U>],
+    plan: GradientPlan,
+) -> ArrayMeasures {
+    let len = row.len();
+    let sums = measure_piece(row, groups, plan, Measure::Sums);
+    if !needs_rescue(&sums) {
+        return from_sums(&sums, len);
+    }
+    let largest = measure_piece(row, groups, plan, Measure::Largest);
+    let exponents = exponents_of(&largest);
+    let scaled = measure_piece(row, groups, plan, Measure::Scaled(exponents));
+    rescued(&largest, exponents, &scaled, len)
+}
+
+/// Whether every row of a piece of whole rows is projected; stops at the first that is not.
+fn rows_projected<T: Real, U: LayerUpdate<T, N>, const N: usize>(
+    piece: WholeRows<Reading<'_, T, N>>,
+    groups: &[GroupStep<U>],
+    plan: GradientPlan,
+) -> bool {
+    let WholeRows {
+        lanes,
+        rows,
+        row_len,
+    } = piece;
+    let spec = &groups[lanes.group as usize].spec;
+    match rows.fortran {
+        false => (0..lanes.len() / row_len).all(|r| {
+            let row = lanes.split_at(r * row_len).1.split_at(row_len).0;
+            spec.projected(&row_measures(row, groups, plan)).is_some()
+        }),
+        true => {
+            let mut scratch = Gathered::new(row_len);
+            (0..rows.count).all(|r| {
+                let row = scratch.row(&lanes, r, rows.count);
+                spec.projected(&row_measures(row, groups, plan)).is_some()
+            })
+        }
+    }
+}
+
+/// For each item (in the call's item order), whether its channel view projects it: every
+/// row's cosine below its threshold.
+fn channel_view<U, const N: usize>(
+    items: &[LayerItem<'_, N>],
+    count: usize,
+    groups: &[GroupStep<U>],
+    plan: GradientPlan,
+) -> Vec<bool>
+where
+    U: LayerUpdate<f32, N> + LayerUpdate<f64, N>,
+{
+    let mut projected = vec![false; count];
+    let tried = items.iter().filter_map(|item| match item {
+        ByDtype::Single(l) => whole_rows(ByDtype::Single(reading(l)), l.rows),
+        ByDtype::Double(l) => whole_rows(ByDtype::Double(reading(l)), l.rows),
+    });
+    let tried: Vec<_> = tried.collect();
+    for piece in &tried {
+        match &piece.lanes {
+            ByDtype::Single(l) => projected[l.item as usize] = true,
+            ByDtype::Double(l) => projected[l.item as usize] = true,
+        }
+    }
+    let verdicts = map_chunks(tried, |task| {
+        task.map(
+            |WholeRows {
+                 lanes,
+                 rows,
+                 row_len,
+             }| match lanes {
+                ByDtype::Single(l) => {
+                    let item = l.item as usize;
+                    (
+                        item,
+                        rows_projected(
+                            WholeRows {
+                                lanes: l,
+                                rows,
+                                row_len,
+                            },
+                            groups,
+                            plan,
+                        ),
+                    )
+                }
+                ByDtype::Double(l) => {
+                    let item = l.item as usize;
+                    (
+                        item,
+                        rows_projected(
+                            WholeRows {
+                                lanes: l,
+                                rows,
+                                row_len,
+                            },
+                            groups,
+                            plan,
+                        ),
+                    )
+                }
+            },
+        )
+        .collect::<Vec<_>>()
+    });
+    for (item, verdict) in verdicts.into_iter().flatten() {
+        projected[item] &= verdict;
+    }
+    projected
 }
 
 /// One layer-wise step over every item (`count` of them, numbered by `item`), each with
@@ -833,11 +1100,144 @@ pub fn layer_step<S: LayerSpec<N>, const N: usize>(
         };
         by_item[index as usize] = *factor;
     }
-    for_each(items, |piece| match piece {
-        ByDtype::Single(lanes) => update(lanes, groups, plan, &by_item),
-        ByDtype::Double(lanes) => update(lanes, groups, plan, &by_item),
+    let channels = match S::CHANNELS {
+        true => channel_view(&items, count, groups, plan),
+        false => vec![false; count],
+    };
+    let by_rows = |item: &LayerItem<'_, N>| match item {
+        ByDtype::Single(l) => channels[l.item as usize],
+        ByDtype::Double(l) => channels[l.item as usize],
+    };
+    let (rowwise, whole): (Vec<_>, Vec<_>) = items.into_iter().partition(by_rows);
+    for_each(whole, |piece| match piece {
+        ByDtype::Single(l) => {
+            let factor = by_item[l.item as usize];
+            update(l, groups, plan, factor)
+        }
+        ByDtype::Double(l) => {
+            let factor = by_item[l.item as usize];
+            update(l, groups, plan, factor)
+        }
+    });
+    // Any cut between whole rows gives the same rows, so the even cut of element-wise
+    // work does.
+    let rowwise = rowwise.into_iter().filter_map(|item| match item {
+        ByDtype::Single(l) => {
+            let rows = l.rows;
+            whole_rows(ByDtype::Single(l), rows)
+        }
+        ByDtype::Double(l) => {
+            let rows = l.rows;
+            whole_rows(ByDtype::Double(l), rows)
+        }
+    });
+    for_each(rowwise.collect(), |piece| {
+        let WholeRows {
+            lanes,
+            rows,
+            row_len,
+        } = piece;
+        match lanes {
+            ByDtype::Single(l) => {
+                let layer = by_item[l.item as usize];
+                update_rows(
+                    WholeRows {
+                        lanes: l,
+                        rows,
+                        row_len,
+                    },
+                    groups,
+                    plan,
+                    layer,
+                )
+            }
+            ByDtype::Double(l) => {
+                let layer = by_item[l.item as usize];
+                update_rows(
+                    WholeRows {
+                        lanes: l,
+                        rows,
+                        row_len,
+                    },
+                    groups,
+                    plan,
+                    layer,
+                )
+            }
+        }
     });
     Ok(())
+}
+
+/// The write pass over a piece of whole rows of an array its channel view projects: each
+/// row measured again (the read pass's very sums, from the same values) just before it is
+/// written with its own factor. `layer`, the array's factor, stands in for a row the read
+/// pass found projected and this one would not (none: the sums are the same).
+fn update_rows<T: Real, U: LayerUpdate<T, N>, const N: usize>(
+    piece: WholeRows<LayerLanes<'_, T, N>>,
+    groups: &[GroupStep<U>],
+    plan: GradientPlan,
+    layer: f64,
+) {
+    let WholeRows {
+        lanes,
+        rows,
+        row_len,
+    } = piece;
+    let spec = &groups[lanes.group as usize].spec;
+    match rows.fortran {
+        false => {
+            let mut rest = lanes;
+            while !rest.is_empty() {
+                let (row, tail) = rest.split_at(row_len);
+                let measures = row_measures(reading(&row), groups, plan);
+                let factor = spec.projected(&measures).unwrap_or(layer);
+                update(row, groups, plan, factor);
+                rest = tail;
+            }
+        }
+        true => {
+            let mut lanes = lanes;
+            let mut scratch = Gathered::new(row_len);
+            for r in 0..rows.count {
+                let row = scratch.row(&reading(&lanes), r, rows.count);
+                let factor = spec
+                    .projected(&row_measures(row, groups, plan))
+                    .unwrap_or(layer);
+                update_strided(&mut lanes, r, rows.count, spec, plan, factor);
+            }
+        }
+    }
+}
+
+/// The write pass over row `r` of a Fortran-ordered array, whose elements lie `count`
+/// apart, with the row's factor.
+fn update_strided<T: Real, U: LayerUpdate<T, N>, const N: usize>(
+    lanes: &mut LayerLanes<'_, T, N>,
+    r: usize,
+    count: usize,
+    spec: &U,
+    plan: GradientPlan,
+    factor: f64,
+) {
+    let LayerLanes {
+        param,
+        grad,
+        slots,
+        start,
+        grad0,
+        ..
+    } = lanes;
+    let (grad, start) = (*grad, *start);
+    let grad0 = grad0.unwrap_or(grad);
+    for i in (r..param.len()).step_by(count) {
+        let p0 = start.map_or(param[i], |s| s[i]);
+        let g = match plan == GradientPlan::PLAIN {
+            true => grad[i].to_f64(),
+            false => gradient(plan, grad[i], grad0[i]),
+        };
+        param[i] = element_at(spec, p0, g, slots, i, factor);
+    }
 }
 
 /// The write pass over one piece: every element with its array's factor.
@@ -845,20 +1245,19 @@ fn update<T: Real, U: LayerUpdate<T, N>, const N: usize>(
     lanes: LayerLanes<'_, T, N>,
     groups: &[GroupStep<U>],
     plan: GradientPlan,
-    factors: &[f64],
+    factor: f64,
 ) {
-    widest!(update_body(lanes, groups, plan, factors))
+    widest!(update_body(lanes, groups, plan, factor))
 }
 
 kernel_body!(update_body[T: Real, U: LayerUpdate<T, N>, const N: usize](
     lanes: LayerLanes<'_, T, N>,
     groups: &[GroupStep<U>],
     plan: GradientPlan,
-    factors: &[f64]
+    factor: f64
 ) {
-    let LayerLanes { param, grad, slots, start, grad0, group, item, .. } = lanes;
+    let LayerLanes { param, grad, slots, start, grad0, group, .. } = lanes;
     let spec = &groups[group as usize].spec;
-    let factor = factors[item as usize];
     let n = param.len();
     let grad = &grad[..n];
     let grad0 = grad0.map_or(grad, |s| &s[..n]);
@@ -961,6 +1360,7 @@ mod tests {
             group: 0,
             item,
             adapt: true,
+            rows: None,
         })
     }
 
@@ -1048,6 +1448,7 @@ mod tests {
                 group: 0,
                 item: 0,
                 adapt,
+                rows: None,
             });
             layer_step(vec![item], 1, &groups, Clipping::Off, None).unwrap();
             p
@@ -1068,6 +1469,87 @@ mod tests {
         let radial = |p: [f64; 2]| (p[0] - p0[0]) * p0[0] + (p[1] - p0[1]) * p0[1];
         assert!((radial(projected) + decay * 0.5 * 25.0).abs() < 1e-8);
         assert!((radial(vector) + decay * 25.0).abs() > 1e-3);
+    }
+
+    /// One AdamP step (Nesterov off) of a 3×2 weight, given by rows, in C or Fortran
+    /// order, tried row by row; the new rows.
+    fn adamp_rows(p: [[f64; 2]; 3], g: [[f64; 2]; 3], fortran: bool) -> [[f64; 2]; 3] {
+        let spec = AdamP::at_step(&HYPER, 1);
+        let groups = [GroupStep { spec, l2: 0.0 }];
+        let flat = |x: [[f64; 2]; 3]| -> Vec<f64> {
+            match fortran {
+                false => x.iter().flatten().copied().collect(),
+                true => (0..6).map(|i| x[i % 3][i / 3]).collect(),
+            }
+        };
+        let (mut param, grad) = (flat(p), flat(g));
+        let (mut m, mut v) = (vec![0.0f64; 6], vec![0.0f64; 6]);
+        let item = ByDtype::Double(LayerLanes {
+            param: &mut param,
+            grad: &grad,
+            slots: [&mut m, &mut v],
+            start: None,
+            grad0: None,
+            group: 0,
+            item: 0,
+            adapt: true,
+            rows: Some(Rows { count: 3, fortran }),
+        });
+        layer_step(vec![item], 1, &groups, Clipping::Off, None).unwrap();
+        std::array::from_fn(|r| {
+            std::array::from_fn(|j| match fortran {
+                false => param[2 * r + j],
+                true => param[r + 3 * j],
+            })
+        })
+    }
+
+    #[test]
+    fn adamp_projects_each_row_when_every_row_is_orthogonal_to_its_gradient() {
+        // Each row's cosine is 0 < δ/√2: every row loses its own radial part.
+        let p = [[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]];
+        let g = [[4.0, -3.0], [0.0, 2.0], [5.0, 0.0]];
+        let step_size = 0.01 / (1.0 - 0.9);
+        let direction = |g: f64| 0.1 * g / ((0.001 * g * g).sqrt() / 0.001f64.sqrt() + 1e-8);
+        let decay = 0.01 * 0.1;
+        let by_rows = adamp_rows(p, g, false);
+        for r in 0..3 {
+            let u = g[r].map(direction);
+            let norm = (p[r][0] * p[r][0] + p[r][1] * p[r][1]).sqrt();
+            let unit = p[r].map(|x| x / (norm + 1e-8));
+            let along = unit[0] * u[0] + unit[1] * u[1];
+            for j in 0..2 {
+                let expected = p[r][j] * (1.0 - decay * 0.5) - step_size * (u[j] - unit[j] * along);
+                let found = by_rows[r][j];
+                assert!((found - expected).abs() < 1e-15, "{by_rows:?}");
+            }
+        }
+        // Fortran order: the same rows, element for element the same arithmetic.
+        let fortran = adamp_rows(p, g, true);
+        assert_eq!(
+            fortran.map(|r| r.map(f64::to_bits)),
+            by_rows.map(|r| r.map(f64::to_bits))
+        );
+    }
+
+    #[test]
+    fn adamp_falls_back_to_the_layer_view_when_a_row_is_not_orthogonal() {
+        // Rows 0 and 1 have cosine 1, the whole array 0: projected as a whole, by its own
+        // unit vector, along which the update has no part here.
+        let p = [[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]];
+        let g = [[1.0, 0.0], [-1.0, 0.0], [3.0, 0.0]];
+        let step_size = 0.01 / (1.0 - 0.9);
+        let direction = |g: f64| 0.1 * g / ((0.001 * g * g).sqrt() / 0.001f64.sqrt() + 1e-8);
+        let decay = 0.01 * 0.1;
+        for fortran in [false, true] {
+            let found = adamp_rows(p, g, fortran);
+            for r in 0..3 {
+                for j in 0..2 {
+                    let expected = p[r][j] * (1.0 - decay * 0.5) - step_size * direction(g[r][j]);
+                    assert!((found[r][j] - expected).abs() < 1e-15, "{found:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 """AdamPOptimizer against the float64 reference of tests/reference_adamp.py over 100-step
 trajectories (float32 and float64, 0-d to 4-d, every layout, bare and with SAM and GSAM),
-the projection's geometry, norms free of overflow, state-dict resume, atomic errors naming
+gradients chosen so that each view (channel, layer, none) projects its arrays, the
+projection's geometry, norms free of overflow, state-dict resume, atomic errors naming
 the key, parameter groups, clipping and thread-count determinism."""
 
 from __future__ import annotations
@@ -171,6 +172,109 @@ def test_adamp_under_gsam_matches_reference(data: Any) -> None:
     assert_in_place(params, holders)
 
 
+# name, shape, dtype, layout, and the view that projects the array under `view_gradients`.
+VIEWS: list[tuple[str, tuple[int, ...], Any, str, str | None]] = [
+    ("chan", (6, 5), np.float64, "C", "channel"),
+    ("chan.f", (5, 4), np.float32, "F", "channel"),
+    ("conv", (8, 3, 3, 3), np.float32, "strided", "channel"),
+    ("conv.t", (4, 3, 2), np.float64, "transposed", "channel"),
+    ("layer", (4, 6), np.float64, "transposed", "layer"),
+    ("layer.conv", (4, 2, 3, 3), np.float32, "C", "layer"),
+    ("neither", (3, 7), np.float64, "reversed", None),
+    ("bias", (7,), np.float64, "C", None),
+    ("scale", (), np.float32, "C", None),
+]
+
+
+def view_gradients(ref_params: dict[str, np.ndarray], rng: np.random.Generator
+                   ) -> dict[str, np.ndarray]:
+    """Per VIEWS: "channel", each row of the first axis orthogonal to its weight row;
+    "layer", each row along its weight row, with signs that cancel over the whole array
+    (orthogonal to it as a whole, cosine near 1 per row), plus a little tangent noise;
+    "neither", the weight plus noise; the vector's orthogonal to it (never projected)."""
+    out = {}
+    for name, shape, _, _, view in VIEWS:
+        p, noise = ref_params[name], rng.standard_normal(shape)
+        if p.ndim < 2:
+            unit = p / max(np.linalg.norm(p), 1e-300)
+            out[name] = noise - unit * np.sum(unit * noise) if p.ndim else noise
+            continue
+        if view is None:
+            out[name] = p + 0.1 * noise
+            continue
+        rows, noise_rows = p.reshape(shape[0], -1), noise.reshape(shape[0], -1)
+        unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        tangent = noise_rows - unit * np.sum(unit * noise_rows, axis=1, keepdims=True)
+        if view == "channel":
+            out[name] = tangent.reshape(shape)
+            continue
+        squares = np.sum(rows * rows, axis=1)
+        signs = np.resize([1.0, -1.0], shape[0])
+        signs -= np.sum(signs * squares) / np.sum(squares)
+        out[name] = (signs[:, None] * rows + 0.1 * tangent).reshape(shape)
+    return out
+
+
+@pytest.mark.parametrize("sam", [False, True])
+def test_each_view_projects_its_arrays_as_the_reference_does(sam: bool) -> None:
+    """100 steps of arrays each projected by one view (the channel view per row, the layer
+    view as a whole, neither, and vectors and scalars never), in every layout."""
+    c = dict(BASIC, lr=0.005)
+    rng = np.random.default_rng(11)
+    holders = {name: R.make_array(rng.standard_normal(shape), dtype, layout)
+               for name, shape, dtype, layout, _ in VIEWS}
+    params = {k: h.array for k, h in holders.items()}
+    ref_params = {k: h.array.astype(np.float64) for k, h in holders.items()}
+    base, ref_base = make_adamp_pair(c)
+    opt: Any = SamOptimizer(base, 0.05) if sam else base
+    ref: Any = R.RefSAM(ref_base, 0.05, False, 0.0) if sam else ref_base
+    expected = {name: view for name, _, _, _, view in VIEWS}
+    dts = dtypes_of(params)
+    scales = R.ScaleTracker()
+    track(scales, ref_params, ref)
+    for t in range(STEPS):
+        g1, g2 = view_gradients(ref_params, rng), view_gradients(ref_params, rng)
+        if sam:
+            ref.first_step(ref_params, R.to_ref_grads(g1, dts))
+            opt.first_step(params, g1)
+            ref.second_step(ref_params, R.to_ref_grads(g2, dts))
+            opt.second_step(params, g2)
+        else:
+            ref.step(ref_params, R.to_ref_grads(g2, dts))
+            opt.step(params, g2)
+        assert ref_base.projected == expected, t
+        track(scales, ref_params, ref)
+        if t in CHECK_AT:
+            check(params, opt, ref_params, ref, f"views step {t}", scales)
+    assert_in_place(params, holders)
+
+
+def test_the_channel_view_projects_rows_of_any_layout_alike() -> None:
+    """A weight whose rows (along the first axis of the array as NumPy indexes it) are each
+    orthogonal to their gradient steps row by row, whatever its memory layout."""
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((5, 4, 3))
+    rows = w.reshape(5, -1)
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    noise = rng.standard_normal(rows.shape)
+    g = (noise - unit * np.sum(unit * noise, axis=1, keepdims=True)).reshape(w.shape)
+    ref = RA.RefAdamP(0.01, 0.9, 0.999, 1e-8, 0.1, False, 0.1, 0.5)
+    expected = {"w": w.copy()}
+    ref.step(expected, {"w": g})
+    assert ref.projected["w"] == "channel"
+    for layout in R.LAYOUTS:
+        holder = R.make_array(w, np.float64, layout)
+        opt = AdamPOptimizer(OptimizerConfig(learning_rate=0.01, weight_decay=0.1), False,
+                             0.1, 0.5)
+        opt.step({"w": holder.array}, {"w": g})
+        assert holder.outside_untouched(), layout
+        assert R.rel_err(holder.array, expected["w"]) <= 1e-12, layout
+        # Each row steps tangentially to itself: only its decay changes its norm.
+        step = (holder.array - w * (1 - 0.01 * 0.1 * 0.5)).reshape(5, -1)
+        radial = np.sum(step * rows, axis=1)
+        assert np.all(np.abs(radial) <= 1e-9 * np.sum(rows * rows, axis=1)), layout
+
+
 def test_a_gradient_orthogonal_to_a_weight_projects_its_update_and_its_decay() -> None:
     """A scale-invariant weight (its gradient orthogonal to it) steps tangentially, with its
     decay scaled by wd_ratio; a vector (fewer than two axes) is never projected."""
@@ -198,8 +302,8 @@ def test_a_gradient_orthogonal_to_a_weight_projects_its_update_and_its_decay() -
 
 @pytest.mark.parametrize("scale", [1e200, 1e-200])
 def test_the_sums_survive_huge_and_tiny_weights(scale: float) -> None:
-    """‖p‖² leaves float64's range: the read pass sums again, rescaled, and the projection
-    matches the reference's overflow-free norms."""
+    """‖p‖² and each row's leave float64's range: the read passes sum again, rescaled, and
+    the row-by-row projection matches the reference's overflow-free norms."""
     rng = np.random.default_rng(4)
     params = {"w": rng.standard_normal((40, 30)) * scale, "v": rng.standard_normal((9, 9))}
     c = dict(BASIC, delta=3.0)
@@ -209,7 +313,7 @@ def test_the_sums_survive_huge_and_tiny_weights(scale: float) -> None:
         grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
         opt.step(params, grads)
         ref.step(ref_params, grads)
-        assert ref.projected["w"]
+        assert ref.projected["w"] == "channel"
         for k in params:
             assert R.rel_err(params[k], ref_params[k]) <= 1e-12, k
 
@@ -369,10 +473,18 @@ rng = np.random.default_rng(5)
 shapes = [(300, 1000), (7,), (101, 991), (64, 32, 32), (5, 3)]
 params = {f"p{i}": rng.standard_normal(s).astype([np.float32, np.float64][i % 2])
           for i, s in enumerate(shapes)}
+# Projected row by row (each gradient row orthogonal to its weight row), C and Fortran.
+params["rows"] = rng.standard_normal((257, 3000)).astype(np.float32)
+params["rows.f"] = np.asfortranarray(rng.standard_normal((129, 70, 10)))
 opt = SamOptimizer(AdamPOptimizer(OptimizerConfig(0.01), True, 1.0, 0.1), 0.05)
 for t in range(7):
     r = np.random.default_rng(t)
     grads = {k: r.standard_normal(v.shape) for k, v in params.items()}
+    for k in ("rows", "rows.f"):
+        w = params[k].astype(np.float64).reshape(len(params[k]), -1)
+        n = grads[k].reshape(w.shape)
+        unit = w / np.linalg.norm(w, axis=1, keepdims=True)
+        grads[k] = (n - unit * np.sum(unit * n, axis=1, keepdims=True)).reshape(params[k].shape)
     opt.first_step(params, grads); opt.second_step(params, grads)
 h = hashlib.sha256()
 for k in sorted(params):

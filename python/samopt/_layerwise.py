@@ -95,14 +95,16 @@ class AdamPOptimizer(_LayerwiseOptimizer):
     ``AdamPOptimizer::with_params(config, nesterov, delta, wd_ratio)`` with the paper's
     formula (the authors' code), per array: ``m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g² ;
     u = m_n/(√v/√(1−β2^t) + ε)``, ``m_n = β1·m + (1−β1)·g`` with ``nesterov`` else ``m``;
-    an array of two or more axes with ``|cos(g, p)| < delta/√size`` (over the whole array,
-    the paper's layer view) loses the radial part of its update, ``u ← u − p̂·(p̂·u)`` with
-    ``p̂ = p/(‖p‖ + ε)``, and its weight decay is scaled by ``wd_ratio``;
+    an array of two or more axes whose every slice ``p[c]`` of the first axis has
+    ``|cos(g[c], p[c])| < delta/√(size/shape[0])`` (the paper's channel view) loses the
+    radial part of each slice's update, ``u_c ← u_c − p̂_c·(p̂_c·u_c)`` with
+    ``p̂_c = p_c/(‖p_c‖ + ε)``; failing that, one with ``|cos(g, p)| < delta/√size`` (over
+    the whole array, the layer view) loses that of its whole update, ``u ← u − p̂·(p̂·u)``
+    with ``p̂ = p/(‖p‖ + ε)``; a projected array's weight decay is scaled by ``wd_ratio``;
     ``p ← p·(1 − lr·wd·r) − lr/(1−β1^t)·u`` (``r`` = ``wd_ratio`` or 1). Weight decay is
     decoupled (0.01 unless set, the crate's default). The defaults are the crate's
     ``new(config)``: Nesterov on, δ = 0.1, ``wd_ratio`` = 1 (the authors' code: off, 0.1,
-    0.1). The paper's channel view (per slice of the first axis) is not implemented.
-    State: ``t``, ``m_<name>``, ``v_<name>``."""
+    0.1). State: ``t``, ``m_<name>``, ``v_<name>``."""
 
     _kind = "adamp"
     _non_negative = ("v_",)

@@ -14,7 +14,7 @@ use super::optimizer_error;
 use super::statedict::StagedTable;
 use crate::kernels::GroupStep;
 use crate::layerwise::{
-    self, AdamP, HessianLanes, Lamb, Lars, LayerHyper, LayerLanes, LayerSpec, Sophia,
+    self, AdamP, HessianLanes, Lamb, Lars, LayerHyper, LayerLanes, LayerSpec, Rows, Sophia,
 };
 use crate::phases::Clipping;
 use crate::state::Table;
@@ -193,15 +193,22 @@ impl LayerEngine {
 }
 
 /// A layer-wise step's lanes for one entry: the `N` slots, then SAM's saved values and
-/// GSAM's g0 when the step restarts from them.
+/// GSAM's g0 when the step restarts from them. `channels`: an adapted array is first
+/// tried row by row, its rows those of its first axis in the layout the kernels see.
 fn layer_lanes<'a, T: Float, const N: usize>(
     entry: &'a mut Entry<'_, T>,
     restart: bool,
     mix: bool,
     min_axes: usize,
+    channels: bool,
 ) -> LayerLanes<'a, T, N> {
     let (group, item) = (entry.group, entry.item);
     let axes = entry.param.shape().len();
+    let adapt = group % 2 == 0 && axes >= min_axes;
+    let rows = (channels && adapt && axes > 0).then(|| Rows {
+        count: entry.param.shape()[0],
+        fortran: entry.param.order().fortran(),
+    });
     let (param, grad, states) = entry.lanes();
     let mut states = states.into_iter();
     let slots: [&mut [T]; N] = std::array::from_fn(|_| states.next().expect("one per slot"));
@@ -215,7 +222,8 @@ fn layer_lanes<'a, T: Float, const N: usize>(
         grad0,
         group: group / 2,
         item: item as u32,
-        adapt: group % 2 == 0 && axes >= min_axes,
+        adapt,
+        rows,
     }
 }
 
@@ -272,8 +280,8 @@ fn layer_step_of<const N: usize, S: LayerSpec<N>>(
     let mix = gsam.is_some();
     let count_items = call.prepared.names.len();
     let items = call.prepared.lanes(
-        |e| layer_lanes::<f32, N>(e, restart, mix, S::MIN_AXES),
-        |e| layer_lanes::<f64, N>(e, restart, mix, S::MIN_AXES),
+        |e| layer_lanes::<f32, N>(e, restart, mix, S::MIN_AXES, S::CHANNELS),
+        |e| layer_lanes::<f64, N>(e, restart, mix, S::MIN_AXES, S::CHANNELS),
     );
     let outcome =
         py.detach(move || layerwise::layer_step(items, count_items, &specs, clipping, gsam));
