@@ -901,48 +901,95 @@ fn whole_rows<L: Lanes>(lanes: L, rows: Option<Rows>) -> Option<WholeRows<L>> {
     })
 }
 
-/// A row of a Fortran-ordered array, whose elements lie `rows.count` apart, copied out
-/// for the contiguous kernels.
+/// Elements of a Fortran-ordered row copied out per block for the contiguous kernels. A
+/// block lives on the task's stack: measuring a row of any length allocates nothing, so
+/// the write pass, which measures each row again, cannot fail on memory once it writes.
+const ROW_BLOCK: usize = 256;
+
+/// One block of a Fortran-ordered row, whose elements lie `count` apart.
 struct Gathered<T, const N: usize> {
-    start: Vec<T>,
-    grad: Vec<T>,
-    grad0: Vec<T>,
-    slots: [Vec<T>; N],
+    start: [T; ROW_BLOCK],
+    grad: [T; ROW_BLOCK],
+    grad0: [T; ROW_BLOCK],
+    slots: [[T; ROW_BLOCK]; N],
 }
 
 impl<T: Real, const N: usize> Gathered<T, N> {
-    fn new(row_len: usize) -> Self {
-        let buffer = || Vec::with_capacity(row_len);
+    fn new() -> Self {
+        let zero = T::from_f64(0.0);
         Gathered {
-            start: buffer(),
-            grad: buffer(),
-            grad0: buffer(),
-            slots: std::array::from_fn(|_| buffer()),
+            start: [zero; ROW_BLOCK],
+            grad: [zero; ROW_BLOCK],
+            grad0: [zero; ROW_BLOCK],
+            slots: [[zero; ROW_BLOCK]; N],
         }
     }
 
-    /// Row `r` of `whole` (a whole array's reading, whose rows are `count` in number).
-    fn row(&mut self, whole: &Reading<'_, T, N>, r: usize, count: usize) -> Reading<'_, T, N> {
-        let n = whole.start.len();
-        let gather = |into: &mut Vec<T>, from: &[T]| {
-            into.clear();
-            into.extend(from[r..n].iter().step_by(count).copied());
+    /// Elements `from..from + len` (`len ≤ ROW_BLOCK`) of row `r` of `whole`, a whole
+    /// array's reading whose rows are `count` in number.
+    fn block(
+        &mut self,
+        whole: &Reading<'_, T, N>,
+        (r, count): (usize, usize),
+        from: usize,
+        len: usize,
+    ) -> Reading<'_, T, N> {
+        let first = r + from * count;
+        let gather = |into: &mut [T; ROW_BLOCK], values: &[T]| {
+            let strided = values[first..].iter().step_by(count);
+            for (to, &value) in into[..len].iter_mut().zip(strided) {
+                *to = value;
+            }
         };
         gather(&mut self.start, whole.start);
         gather(&mut self.grad, whole.grad);
         gather(&mut self.grad0, whole.grad0);
-        for (into, from) in self.slots.iter_mut().zip(whole.slots) {
-            gather(into, from);
+        for (into, values) in self.slots.iter_mut().zip(whole.slots) {
+            gather(into, values);
         }
         Reading {
-            start: &self.start,
-            grad: &self.grad,
-            grad0: &self.grad0,
-            slots: self.slots.each_ref().map(|s| &s[..]),
+            start: &self.start[..len],
+            grad: &self.grad[..len],
+            grad0: &self.grad0[..len],
+            slots: self.slots.each_ref().map(|s| &s[..len]),
             group: whole.group,
             item: whole.item,
         }
     }
+}
+
+/// Row `r` of a Fortran-ordered array (`whole`, its rows `count` in number) measured a
+/// block at a time, the blocks' sums added in order (largest elements: their maximum) as
+/// the pieces of a whole array are: the same figures in the read and the write pass,
+/// whatever the thread count.
+fn strided_row_measures<T: Real, U: LayerUpdate<T, N>, const N: usize>(
+    whole: &Reading<'_, T, N>,
+    (r, count): (usize, usize),
+    groups: &[GroupStep<U>],
+    plan: GradientPlan,
+) -> ArrayMeasures {
+    let len = (whole.start.len() - r).div_ceil(count);
+    let mut block = Gathered::new();
+    let mut over_blocks = |how: Measure, combine: fn(f64, f64) -> f64| {
+        let mut total: Option<[f64; 4]> = None;
+        for from in (0..len).step_by(ROW_BLOCK) {
+            let part = block.block(whole, (r, count), from, ROW_BLOCK.min(len - from));
+            let part = measure_piece(part, groups, plan, how);
+            total = Some(match total {
+                None => part,
+                Some(t) => std::array::from_fn(|k| combine(t[k], part[k])),
+            });
+        }
+        total.unwrap_or_default()
+    };
+    let sums = over_blocks(Measure::Sums, |a, b| a + b);
+    if !needs_rescue(&sums) {
+        return from_sums(&sums, len);
+    }
+    let largest = over_blocks(Measure::Largest, f64::max);
+    let exponents = exponents_of(&largest);
+    let scaled = over_blocks(Measure::Scaled(exponents), |a, b| a + b);
+    rescued(&largest, exponents, &scaled, len)
 }
 
 /// One row's measures from its elements alone, rescaled where needed.
@@ -979,13 +1026,10 @@ fn rows_projected<T: Real, U: LayerUpdate<T, N>, const N: usize>(
             let row = lanes.split_at(r * row_len).1.split_at(row_len).0;
             spec.projected(&row_measures(row, groups, plan)).is_some()
         }),
-        true => {
-            let mut scratch = Gathered::new(row_len);
-            (0..rows.count).all(|r| {
-                let row = scratch.row(&lanes, r, rows.count);
-                spec.projected(&row_measures(row, groups, plan)).is_some()
-            })
-        }
+        true => (0..rows.count).all(|r| {
+            let measures = strided_row_measures(&lanes, (r, rows.count), groups, plan);
+            spec.projected(&measures).is_some()
+        }),
     }
 }
 
@@ -1198,12 +1242,10 @@ fn update_rows<T: Real, U: LayerUpdate<T, N>, const N: usize>(
         }
         true => {
             let mut lanes = lanes;
-            let mut scratch = Gathered::new(row_len);
             for r in 0..rows.count {
-                let row = scratch.row(&reading(&lanes), r, rows.count);
-                let factor = spec
-                    .projected(&row_measures(row, groups, plan))
-                    .unwrap_or(layer);
+                let row = (r, rows.count);
+                let measures = strided_row_measures(&reading(&lanes), row, groups, plan);
+                let factor = spec.projected(&measures).unwrap_or(layer);
                 update_strided(&mut lanes, r, rows.count, spec, plan, factor);
             }
         }
@@ -1530,6 +1572,76 @@ mod tests {
             fortran.map(|r| r.map(f64::to_bits)),
             by_rows.map(|r| r.map(f64::to_bits))
         );
+    }
+
+    #[test]
+    fn adamp_measures_long_fortran_rows_by_blocks_as_the_same_rows_in_c_order() {
+        // 3 rows of 700 elements: each Fortran row spans three blocks. Every row is
+        // orthogonal to its gradient, so each is projected (a row the blocks mismeasured
+        // would fall back or take another coefficient).
+        let (rows, len) = (3, 700);
+        let p: Vec<f64> = (0..rows * len)
+            .map(|i| 1.0 + ((i * 7) % 13) as f64 / 13.0)
+            .collect();
+        let mut g: Vec<f64> = (0..rows * len)
+            .map(|i| ((i * 5) % 11) as f64 - 5.0)
+            .collect();
+        for r in 0..rows {
+            let row = r * len..(r + 1) * len;
+            let along: f64 = row.clone().map(|i| p[i] * g[i]).sum::<f64>()
+                / row.clone().map(|i| p[i] * p[i]).sum::<f64>();
+            row.for_each(|i| g[i] -= along * p[i]);
+        }
+        let step = |fortran: bool| -> Vec<f64> {
+            let spec = AdamP::at_step(&HYPER, 1);
+            let groups = [GroupStep { spec, l2: 0.0 }];
+            // C order is row-major; Fortran order holds element (r, j) at r + rows·j.
+            let at = |i: usize| match fortran {
+                false => i,
+                true => (i % rows) * len + i / rows,
+            };
+            let mut param: Vec<f64> = (0..rows * len).map(|i| p[at(i)]).collect();
+            let grad: Vec<f64> = (0..rows * len).map(|i| g[at(i)]).collect();
+            let (mut m, mut v) = (vec![0.0; rows * len], vec![0.0; rows * len]);
+            let item = ByDtype::Double(LayerLanes {
+                param: &mut param,
+                grad: &grad,
+                slots: [&mut m, &mut v],
+                start: None,
+                grad0: None,
+                group: 0,
+                item: 0,
+                adapt: true,
+                rows: Some(Rows {
+                    count: rows,
+                    fortran,
+                }),
+            });
+            layer_step(vec![item], 1, &groups, Clipping::Off, None).unwrap();
+            let mut by_rows = vec![0.0; rows * len];
+            for (i, value) in param.into_iter().enumerate() {
+                by_rows[at(i)] = value;
+            }
+            by_rows
+        };
+        let (c_order, fortran) = (step(false), step(true));
+        for i in 0..rows * len {
+            assert!(
+                (fortran[i] - c_order[i]).abs() <= 1e-14 * c_order[i].abs(),
+                "{i}"
+            );
+        }
+        // Each row projected on its own: a row moves along itself by the halved decay
+        // alone (wd_ratio 0.5), which the layer view would not give row by row.
+        for r in 0..rows {
+            let row = r * len..(r + 1) * len;
+            let radial: f64 = row.clone().map(|i| (fortran[i] - p[i]) * p[i]).sum();
+            let half_decay = -0.01 * 0.1 * 0.5 * row.map(|i| p[i] * p[i]).sum::<f64>();
+            assert!(
+                (radial - half_decay).abs() < 1e-9 * half_decay.abs(),
+                "row {r}"
+            );
+        }
     }
 
     #[test]
