@@ -1668,7 +1668,13 @@ def sweep_report(runs: dict[str, dict[str, Any]]) -> str:
         for (count, elems), cells in sorted(rows.items()):
             cols = " | ".join(cells.get(n, "-") for n in names)
             lines.append(f"| {count:,} x {elems:,} | {cols} |")
-    lines.append("\n1,000,000 tiny arrays")
+    counts = [
+        run[worker]["arrays"]
+        for run in runs.values()
+        for worker in ("million", "million_flat")
+        if "arrays" in run.get(worker, {})
+    ]
+    lines.append(f"\n{max(counts, default=MILLION):,} tiny arrays of {MILLION_ELEMS} elements")
     keys = ("arrays", "step_s", "step_cpu_s", "peak_beyond_state_mb",
             "peak_rss_above_params_grads_mb", "state_dict_s", "state_dict_cpu_s",
             "load_state_dict_s", "load_state_dict_cpu_s", "dict_of_new_arrays_s",
