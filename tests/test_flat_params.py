@@ -334,6 +334,55 @@ def test_replacing_a_view_steps_every_array_right_and_moves_the_state_once() -> 
     assert same_bits(on_flat.state_dict(), on_separate.state_dict())
 
 
+def test_state_held_for_fortran_arrays_moves_into_an_arena_in_c_order() -> None:
+    # Steps over separate arrays, the 2-d and 3-d ones Fortran-ordered, then over an arena
+    # holding the same values: the state moves into the arena's C-ordered buffers, and
+    # the steps go on bit for bit as over the separate arrays.
+    start = values(SHAPES, 8)
+    fortran = {name: np.array(value, order="F") for name, value in start.items()}
+    twin = {name: value.copy(order="K") for name, value in fortran.items()}
+    on_fortran, on_twin = sam(), sam()
+    sam_steps(on_fortran, fortran, {k: np.zeros_like(v) for k, v in fortran.items()}, 3, 20)
+    sam_steps(on_twin, twin, {k: np.zeros_like(v) for k, v in twin.items()}, 3, 20)
+    assert any(a.ndim > 1 and not a.flags.c_contiguous for a in fortran.values())
+    flat = arena(SHAPES, fortran)
+    sam_steps(on_fortran, flat, flat.zeros_like(), 4, 40)
+    sam_steps(on_twin, twin, {k: np.zeros_like(v) for k, v in twin.items()}, 4, 40)
+    assert on_fortran._flat is not None
+    for name in SHAPES:
+        np.testing.assert_allclose(flat[name], twin[name], rtol=1e-13, atol=1e-15)
+    mine, theirs = on_fortran.state_dict(), on_twin.state_dict()
+    assert list(mine) == list(theirs)
+    for key in mine:
+        np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-13, atol=1e-15)
+
+
+def test_state_held_for_some_of_an_arenas_names_keeps_the_calls_array_by_array() -> None:
+    # A state dict with m and v for every name but one: the arena's first call cannot
+    # hold it in one buffer per slot, so it is made array by array (which makes the
+    # missing state); the next calls gather it and go over the buffer. Right throughout.
+    start = values(SHAPES, 9)
+    first = adam()
+    separate = plain(start)
+    first.step(separate, plain(values(SHAPES, 50, 0.1)))
+    state = {k: v for k, v in first.state_dict().items() if not k.endswith("layer1.bias")}
+    flat, reference = arena(SHAPES, separate), adam()
+    on_flat = adam()
+    on_flat.load_state_dict(state)
+    reference.load_state_dict(state)
+    twin = plain(dict(flat))
+    for k in range(3):
+        g = values(SHAPES, 60 + k, 0.1)
+        grads = flat.zeros_like()
+        for name in SHAPES:
+            grads[name][...] = g[name]
+        on_flat.step(flat, grads)
+        reference.step(twin, plain(g))
+        assert (on_flat._flat is None) == (k == 0)
+        assert same_bits(dict(flat), twin)
+        assert same_bits(on_flat.state_dict(), reference.state_dict())
+
+
 @pytest.mark.parametrize("change", ["reshaped", "read-only", "new key", "dropped key",
                                     "reordered", "plain dict"])
 def test_an_arena_changed_in_place_is_stepped_array_by_array_or_refused(change: str) -> None:

@@ -219,11 +219,10 @@ class NativeOptimizer:
         when it cannot be (a slot held for some of the arena's names but not all)."""
         if self._flat is not None and self._flat.same_layout(arena):
             return True
-        moved = arena.gather_state(self.state_dict(), list(self._engine.slots), FLAT_KEY)
-        if moved is None:
+        gathered = self._gathered_state(arena)
+        if gathered is None:
             return False
-        gathered, count = moved
-        if count or self._flat is not None:
+        if self._flat is not None or any(s + FLAT_KEY in gathered for s in self._engine.slots):
             self.load_state_dict(gathered)
         self._flat = arena
         return True
@@ -249,16 +248,31 @@ class NativeOptimizer:
         with self._lock:
             self._engine.lrs = lrs
 
+    def _learning_rates_state(self) -> StateDict:
+        lrs = self._engine.lrs
+        state: StateDict = {"lr": np.array(lrs[0])}
+        for index, lr in enumerate(lrs[1:]):
+            state[_group_lr_key(index)] = np.array(lr)
+        return state
+
     def state_dict(self) -> StateDict:
         with self._lock:
-            lrs = self._engine.lrs
-            state: StateDict = {"lr": np.array(lrs[0])}
-            for index, lr in enumerate(lrs[1:]):
-                state[_group_lr_key(index)] = np.array(lr)
+            state = self._learning_rates_state()
             self._engine.state_dict(state)
             if self._flat is not None:
                 state = self._flat.split_state(state, FLAT_KEY)
         return state
+
+    def _gathered_state(self, arena: _core.FlatArena) -> StateDict | None:
+        """``state_dict()`` with the state of ``arena``'s names joined into its layout's
+        buffers (keys ``<slot>FLAT_KEY``), made from the engine's tables without an
+        array per name when the state is held per name; None when it cannot be held in
+        the arena's layout (a slot held for some of its names but not all)."""
+        if self._flat is not None:
+            moved = arena.gather_state(self.state_dict(), list(self._engine.slots), FLAT_KEY)
+            return None if moved is None else moved[0]
+        state = self._learning_rates_state()
+        return state if self._engine.state_dict_gathered(state, arena, FLAT_KEY) else None
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Loads a state_dict (also into a freshly built optimizer); checks everything

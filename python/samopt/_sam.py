@@ -238,11 +238,19 @@ class SamOptimizer:
         base = self.base_optimizer
         assert isinstance(base, NativeOptimizer)
         prefixes = [*base._engine.slots, *self._pending_prefixes]
-        moved = arena.gather_state(self.state_dict(), prefixes, FLAT_KEY)
-        if moved is None:
+        if self._flat is not None or base._flat is not None:
+            moved = arena.gather_state(self.state_dict(), prefixes, FLAT_KEY)
+            gathered = None if moved is None else moved[0]
+        else:
+            gathered = base._gathered_state(arena)
+            if gathered is not None:
+                self._add_own_state(gathered)
+                if not self._engine.state_dict_gathered(gathered, arena, FLAT_KEY):
+                    gathered = None
+        if gathered is None:
             return False
-        gathered, count = moved
-        if count or self._flat is not None or base._flat is not None:
+        held = self._flat is not None or base._flat is not None
+        if held or any(prefix + FLAT_KEY in gathered for prefix in prefixes):
             self.load_state_dict(gathered)
         self._flat = base._flat = arena
         return True
@@ -445,19 +453,24 @@ class SamOptimizer:
         """The state-dict keys this optimizer owns: exact keys, and key prefixes."""
         return ["rho", _CALLS, *self._pending_scalars_names], list(self._pending_prefixes)
 
+    def _add_own_state(self, state: StateDict) -> None:
+        """``rho`` into the base's ``state``, refused when one of the base's keys is one
+        of SAM's own."""
+        clash = _core.owned_keys(state, *self._own_keys())
+        if clash:
+            raise OptimizerError(
+                f"the base optimizer's state key '{clash[0]}' clashes with "
+                f"{type(self).__name__}'s",
+                clash[0],
+            )
+        state["rho"] = np.array(self._rho)
+
     def state_dict(self) -> StateDict:
         """The base optimizer's state, ``rho``, ``sam_calls`` (for ``interval``), and for
         each parameter of a pending first_step its saved value ``saved_<name>``."""
         with self._lock:
             state = self.base_optimizer.state_dict()
-            clash = _core.owned_keys(state, *self._own_keys())
-            if clash:
-                raise OptimizerError(
-                    f"the base optimizer's state key '{clash[0]}' clashes with "
-                    f"{type(self).__name__}'s",
-                    clash[0],
-                )
-            state["rho"] = np.array(self._rho)
+            self._add_own_state(state)
             if self._flat is not None:
                 state.update(self._flat.split_state(self._engine.state_dict(), FLAT_KEY))
             elif type(state) is dict:

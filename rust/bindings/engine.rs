@@ -9,6 +9,7 @@ use pyo3::types::{PyDict, PyList};
 
 use super::arrays::{self, NameOrder};
 use super::driver::EntryCache;
+use super::flat::FlatArena;
 use super::statedict::StagedTable;
 use super::{optimizer_error, OptimizerError};
 use crate::claims::Registration;
@@ -57,19 +58,36 @@ fn export<'py>(py: Python<'py>, buffer: &Buffer, key: &str) -> PyResult<Bound<'p
 }
 
 /// Puts every buffer of `table`'s slots into `out`, by name (in name order: `only` is),
-/// each under its slot's prefix.
+/// each under its slot's prefix. With `gather`, an arena and the key its buffers are held
+/// under, the buffers of the arena's names go into one array per slot instead,
+/// `<prefix><flat_key>`, in the arena's order; false (and `out` half filled) when they
+/// cannot (see `FlatArena::join_slots`).
 pub fn export_table(
     py: Python<'_>,
     table: &Table,
     prefixes: &[&str],
     only: Option<&[usize]>,
     out: &Bound<'_, PyDict>,
-) -> PyResult<()> {
-    // A pending step's entries are in name order already.
-    let chosen: Vec<usize> = match only {
-        Some(entries) => entries.to_vec(),
-        None => table.sorted(),
+    gather: Option<(&FlatArena, &str)>,
+) -> PyResult<bool> {
+    // A pending step's entries are in name order already; gathered, only the entries
+    // left per name need sorting (most often none).
+    let mut chosen: Vec<usize> = match (only, gather) {
+        (Some(entries), _) => entries.to_vec(),
+        (None, Some(_)) => (0..table.len()).collect(),
+        (None, None) => table.sorted(),
     };
+    if let Some((arena, flat_key)) = gather {
+        let Some(joined) = arena.join_slots(py, table, &mut chosen, prefixes, flat_key)? else {
+            return Ok(false);
+        };
+        for (key, array) in joined {
+            out.set_item(key, array)?;
+        }
+        if only.is_none() {
+            chosen.sort_by(|&a, &b| table.entry(a).name.cmp(&table.entry(b).name));
+        }
+    }
     for index in chosen {
         let entry = table.entry(index);
         for (buffer, prefix) in entry.buffers.iter().zip(prefixes) {
@@ -79,7 +97,7 @@ pub fn export_table(
             }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// One parameter group's hyperparameters from the Python side's dict.
@@ -212,12 +230,22 @@ impl Engine {
         into: Option<Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let out = into.unwrap_or_else(|| PyDict::new(py));
-        if self.kind.counts_steps() {
-            let t = arrays::array_from::<i64>(py, &[self.steps as i64], &[], false, "t")?;
-            out.set_item("t", t)?;
-        }
-        export_table(py, &self.table, self.kind.slots(), None, &out)?;
+        self.export(py, &out, None)?;
         Ok(out)
+    }
+
+    /// `state_dict` into `into` with the state of `arena`'s names joined into its layout's
+    /// buffers (`<slot><flat_key>`), straight from the table: no array per name. False
+    /// when a slot holds some of the arena's names but not all, or one of another dtype or
+    /// shape.
+    fn state_dict_gathered(
+        &self,
+        py: Python<'_>,
+        into: Bound<'_, PyDict>,
+        arena: PyRef<'_, FlatArena>,
+        flat_key: &str,
+    ) -> PyResult<bool> {
+        self.export(py, &into, Some((&arena, flat_key)))
     }
 
     /// Replaces the whole state: the step count and, by name, one array per slot (a
@@ -231,6 +259,21 @@ impl Engine {
         self.table = table;
         self.steps = steps;
         Ok(())
+    }
+}
+
+impl Engine {
+    fn export(
+        &self,
+        py: Python<'_>,
+        out: &Bound<'_, PyDict>,
+        gather: Option<(&FlatArena, &str)>,
+    ) -> PyResult<bool> {
+        if self.kind.counts_steps() {
+            let t = arrays::array_from::<i64>(py, &[self.steps as i64], &[], false, "t")?;
+            out.set_item("t", t)?;
+        }
+        export_table(py, &self.table, self.kind.slots(), None, out, gather)
     }
 }
 
@@ -283,6 +326,40 @@ pub struct SamEngine {
 /// A SAM state read from a state dict, not yet in force (see `SamEngine.install`).
 #[pyclass(module = "samopt._core")]
 pub struct StagedSamState(Option<SamState>);
+
+impl SamEngine {
+    fn export(
+        &self,
+        py: Python<'_>,
+        out: &Bound<'_, PyDict>,
+        gather: Option<(&FlatArena, &str)>,
+    ) -> PyResult<bool> {
+        let calls = self.state.calls as i64;
+        let calls = arrays::array_from::<i64>(py, &[calls], &[], false, "sam_calls")?;
+        out.set_item("sam_calls", calls)?;
+        let Some(pending) = &self.state.pending else {
+            return Ok(true);
+        };
+        if !export_table(
+            py,
+            &self.state.table,
+            &SAM_SLOTS,
+            Some(pending),
+            out,
+            gather,
+        )? {
+            return Ok(false);
+        }
+        if self.keeps_grad0 {
+            let norm = &[self.state.grad0_norm];
+            out.set_item(
+                "grad_norm0",
+                arrays::array_from(py, norm, &[], false, "grad_norm0")?,
+            )?;
+        }
+        Ok(true)
+    }
+}
 
 #[pymethods]
 impl SamEngine {
@@ -353,20 +430,20 @@ impl SamEngine {
         into: Option<Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let out = into.unwrap_or_else(|| PyDict::new(py));
-        let calls = self.state.calls as i64;
-        let calls = arrays::array_from::<i64>(py, &[calls], &[], false, "sam_calls")?;
-        out.set_item("sam_calls", calls)?;
-        if let Some(pending) = &self.state.pending {
-            export_table(py, &self.state.table, &SAM_SLOTS, Some(pending), &out)?;
-            if self.keeps_grad0 {
-                let norm = &[self.state.grad0_norm];
-                out.set_item(
-                    "grad_norm0",
-                    arrays::array_from(py, norm, &[], false, "grad_norm0")?,
-                )?;
-            }
-        }
+        self.export(py, &out, None)?;
         Ok(out)
+    }
+
+    /// `state_dict` into `into` with a pending step's saved values (and GSAM's g0) of
+    /// `arena`'s names joined into its layout's buffers, as `Engine.state_dict_gathered`.
+    fn state_dict_gathered(
+        &self,
+        py: Python<'_>,
+        into: Bound<'_, PyDict>,
+        arena: PyRef<'_, FlatArena>,
+        flat_key: &str,
+    ) -> PyResult<bool> {
+        self.export(py, &into, Some((&arena, flat_key)))
     }
 
     /// A state made of a state dict's values: `pending` holds each pending name's saved

@@ -6,6 +6,8 @@
 use std::os::raw::{c_int, c_void};
 use std::sync::Arc;
 
+use ndarray::{ArrayViewD, IxDyn, ShapeBuilder};
+
 use numpy::npyffi::{
     get_type_object, npy_intp, NpyTypes, NPY_ARRAY_ALIGNED, NPY_ARRAY_CARRAY,
     NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE,
@@ -21,6 +23,10 @@ use pyo3::types::{PyDict, PyString};
 use super::arrays::{self, key_text, Float};
 use super::optimizer_error;
 use crate::flat::{FlatLayout, LayoutError};
+use crate::state::{Buffer, Stored, Table};
+
+/// A state-dict key and its array.
+pub type KeyedArray<'py> = (String, Bound<'py, PyAny>);
 
 /// One buffer of float32 or float64 and its views, one per name, in the order the names
 /// were given.
@@ -86,6 +92,57 @@ fn view_of<'py, T: Element>(
 }
 
 impl FlatArena {
+    /// The buffers of `table`'s entries `chosen` whose names are the arena's, joined per
+    /// slot into one array in the buffer's order, keyed `<prefix><flat_key>`, for each
+    /// slot any of them holds: per-name state moved into the arena's layout without an
+    /// array per name. `chosen` keeps the other entries. None when a slot holds some of
+    /// the names but not all, or a buffer of another dtype or shape (the state then stays
+    /// per name).
+    pub fn join_slots<'py>(
+        &self,
+        py: Python<'py>,
+        table: &Table,
+        chosen: &mut Vec<usize>,
+        prefixes: &[&str],
+        flat_key: &str,
+    ) -> PyResult<Option<Vec<KeyedArray<'py>>>> {
+        let layout = &self.layout;
+        let mut found: Vec<Vec<Option<&Buffer>>> = vec![vec![None; layout.len()]; table.slots()];
+        chosen.retain(|&index| {
+            let entry = table.entry(index);
+            let Some(at) = layout.find(&entry.name) else {
+                return true;
+            };
+            for (slot, buffer) in entry.buffers.iter().enumerate() {
+                found[slot][at] = buffer.as_ref();
+            }
+            false
+        });
+        let mut joined = Vec::new();
+        for (slot, buffers) in found.into_iter().enumerate() {
+            if buffers.iter().all(Option::is_none) {
+                continue;
+            }
+            let Some(buffers) = buffers.into_iter().collect::<Option<Vec<_>>>() else {
+                return Ok(None);
+            };
+            let dtype = if self.double { f64::DTYPE } else { f32::DTYPE };
+            let fits = buffers.iter().enumerate().all(|(at, buffer)| {
+                *buffer.shape == *layout.shape(at) && buffer.data.dtype() == dtype
+            });
+            if !fits {
+                return Ok(None);
+            }
+            let key = format!("{}{flat_key}", prefixes[slot]);
+            let array = match self.double {
+                true => joined_buffers::<f64>(py, &buffers, layout.total(), &key)?.into_any(),
+                false => joined_buffers::<f32>(py, &buffers, layout.total(), &key)?.into_any(),
+            };
+            joined.push((key, array));
+        }
+        Ok(Some(joined))
+    }
+
     fn make<T: Float>(
         py: Python<'_>,
         keys: Box<[Py<PyString>]>,
@@ -440,6 +497,34 @@ fn joined<'py, T: Float>(
             *target = value;
         }
         at += len;
+    }
+    Ok(out)
+}
+
+/// The buffers' values (each of `T`: checked by the caller), each in C order, one after
+/// the other, in a new 1-D array.
+fn joined_buffers<'py, T: Float>(
+    py: Python<'py>,
+    buffers: &[&Buffer],
+    total: usize,
+    key: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    let out = arrays::new_array::<T>(py, &[total], false, key)?;
+    // SAFETY: a new contiguous array of ours, not yet shared.
+    let slice = unsafe { out.as_slice_mut() }.expect("a new contiguous array");
+    let mut at = 0;
+    for buffer in buffers {
+        let values = T::view(&buffer.data).expect("a buffer of the arena's dtype");
+        let shape = IxDyn(&buffer.shape);
+        let view = match buffer.fortran {
+            true => ArrayViewD::from_shape(shape.f(), values),
+            false => ArrayViewD::from_shape(shape, values),
+        }
+        .expect("a buffer holds its shape's elements");
+        for (target, &value) in slice[at..at + values.len()].iter_mut().zip(view.iter()) {
+            *target = value;
+        }
+        at += values.len();
     }
     Ok(out)
 }

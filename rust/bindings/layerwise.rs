@@ -173,7 +173,7 @@ impl LayerEngine {
             let since = [self.since_hessian as i64];
             out.set_item(key, arrays::array_from::<i64>(py, &since, &[], false, key)?)?;
         }
-        export_table(py, &self.table, self.kind.slots(), None, &out)?;
+        export_table(py, &self.table, self.kind.slots(), None, &out, None)?;
         Ok(out)
     }
 

@@ -64,7 +64,7 @@ impl LookaheadEngine {
         let steps = [self.steps as i64];
         let counter = arrays::array_from::<i64>(py, &steps, &[], false, "step_counter")?;
         out.set_item("step_counter", counter)?;
-        export_table(py, &self.table, &SLOTS, None, &out)?;
+        export_table(py, &self.table, &SLOTS, None, &out, None)?;
         Ok(out)
     }
 

@@ -145,7 +145,7 @@ impl ProdigyEngine {
                 arrays::array_from::<f64>(py, &[value], &[], false, key)?,
             )?;
         }
-        export_table(py, &self.table, &SLOTS, None, &out)?;
+        export_table(py, &self.table, &SLOTS, None, &out, None)?;
         Ok(out)
     }
 
