@@ -741,6 +741,24 @@ def _g_other_param(world: World, p: dict, g: dict, w: str, draw: Any) -> None:
         g[w] = p[draw(st.sampled_from(others))]
 
 
+def _renormalise_grad0(state: dict[Any, Any]) -> None:
+    """A valid ``grad_norm0`` made the norm of the g0 of the names still pending (those
+    with a saved value) after a defect removed one: a wrong but valid ‖g0‖ cannot be
+    detected (see ``corrupt_state``'s "scalar"), so the fuzz must not make one."""
+    norm0 = state.get("grad_norm0")
+    pending = [state[k] for k in state if isinstance(k, str) and k.startswith("grad0_")
+               and "saved_" + k[len("grad0_"):] in state]
+    real = all(_numeric(v) and v.dtype.kind in "fiu" and np.isfinite(v).all() for v in pending)
+    try:
+        valid = norm0 is not None and 0 < float(norm0) < math.inf
+    except (TypeError, ValueError):  # a defect's own invalid value: left for the load
+        valid = False
+    if not (valid and real):
+        return
+    state["grad_norm0"] = np.array(math.sqrt(sum(
+        float(np.sum(np.square(np.asarray(v, np.float64)))) for v in pending)) or 1.0)
+
+
 def _numeric(a: Any) -> bool:
     return isinstance(a, np.ndarray) and a.dtype.kind in "biufc"
 
@@ -1374,7 +1392,10 @@ def corrupt_state(world: World, state: dict[Any, Any], draw: Any) -> None:
         "add_saved", "drop_partner", "view", "readonly"]))
     DEFECTS["state_" + what] += 1
     if what == "delete" and keys:
-        del state[draw(st.sampled_from(keys))]
+        key = draw(st.sampled_from(keys))
+        del state[key]
+        if key.startswith(("saved_", "grad0_")):
+            _renormalise_grad0(state)
     elif what == "unknown":
         key = draw(st.sampled_from(["bogus", "momentum_w", "velocity", "m", "rho_", "lr "]))
         state[key] = np.zeros(2)
@@ -1426,6 +1447,7 @@ def corrupt_state(world: World, state: dict[Any, Any], draw: Any) -> None:
             if key.startswith(("m_", "grad0_")):
                 del state[key]
                 break
+        _renormalise_grad0(state)
     elif what in ("view", "readonly") and per:
         key = draw(st.sampled_from(per))
         value = state[key]
