@@ -891,6 +891,25 @@ impl<L: Lanes> Lanes for WholeRows<L> {
     }
 }
 
+impl<S, D> WholeRows<ByDtype<S, D>> {
+    /// The same rows with the dtype outside, for the typed kernels.
+    fn typed(self) -> ByDtype<WholeRows<S>, WholeRows<D>> {
+        let (rows, row_len) = (self.rows, self.row_len);
+        match self.lanes {
+            ByDtype::Single(lanes) => ByDtype::Single(WholeRows {
+                lanes,
+                rows,
+                row_len,
+            }),
+            ByDtype::Double(lanes) => ByDtype::Double(WholeRows {
+                lanes,
+                rows,
+                row_len,
+            }),
+        }
+    }
+}
+
 /// The item's lanes cut between whole rows, for an item tried row by row (and not empty).
 fn whole_rows<L: Lanes>(lanes: L, rows: Option<Rows>) -> Option<WholeRows<L>> {
     let len = lanes.len();
@@ -1057,44 +1076,10 @@ where
         }
     }
     let verdicts = map_chunks(tried, |task| {
-        task.map(
-            |WholeRows {
-                 lanes,
-                 rows,
-                 row_len,
-             }| match lanes {
-                ByDtype::Single(l) => {
-                    let item = l.item as usize;
-                    (
-                        item,
-                        rows_projected(
-                            WholeRows {
-                                lanes: l,
-                                rows,
-                                row_len,
-                            },
-                            groups,
-                            plan,
-                        ),
-                    )
-                }
-                ByDtype::Double(l) => {
-                    let item = l.item as usize;
-                    (
-                        item,
-                        rows_projected(
-                            WholeRows {
-                                lanes: l,
-                                rows,
-                                row_len,
-                            },
-                            groups,
-                            plan,
-                        ),
-                    )
-                }
-            },
-        )
+        task.map(|piece| match piece.typed() {
+            ByDtype::Single(p) => (p.lanes.item as usize, rows_projected(p, groups, plan)),
+            ByDtype::Double(p) => (p.lanes.item as usize, rows_projected(p, groups, plan)),
+        })
         .collect::<Vec<_>>()
     });
     for (item, verdict) in verdicts.into_iter().flatten() {
@@ -1175,39 +1160,14 @@ pub fn layer_step<S: LayerSpec<N>, const N: usize>(
             whole_rows(ByDtype::Double(l), rows)
         }
     });
-    for_each(rowwise.collect(), |piece| {
-        let WholeRows {
-            lanes,
-            rows,
-            row_len,
-        } = piece;
-        match lanes {
-            ByDtype::Single(l) => {
-                let layer = by_item[l.item as usize];
-                update_rows(
-                    WholeRows {
-                        lanes: l,
-                        rows,
-                        row_len,
-                    },
-                    groups,
-                    plan,
-                    layer,
-                )
-            }
-            ByDtype::Double(l) => {
-                let layer = by_item[l.item as usize];
-                update_rows(
-                    WholeRows {
-                        lanes: l,
-                        rows,
-                        row_len,
-                    },
-                    groups,
-                    plan,
-                    layer,
-                )
-            }
+    for_each(rowwise.collect(), |piece| match piece.typed() {
+        ByDtype::Single(p) => {
+            let layer = by_item[p.lanes.item as usize];
+            update_rows(p, groups, plan, layer)
+        }
+        ByDtype::Double(p) => {
+            let layer = by_item[p.lanes.item as usize];
+            update_rows(p, groups, plan, layer)
         }
     });
     Ok(())

@@ -400,8 +400,8 @@ impl FlatArena {
             let key = format!("{prefix}{flat_key}");
             let claims = read_claims(&arrays, &key)?;
             let joined = match self.double {
-                true => joined::<f64>(py, &arrays, layout.total(), &key)?.into_any(),
-                false => joined::<f32>(py, &arrays, layout.total(), &key)?.into_any(),
+                true => joined_arrays::<f64>(py, &arrays, layout.total(), &key)?.into_any(),
+                false => joined_arrays::<f32>(py, &arrays, layout.total(), &key)?.into_any(),
             };
             drop(claims);
             out.set_item(key, joined)?;
@@ -477,10 +477,11 @@ fn contiguous_values<'a, T: Float>(
     Ok(unsafe { std::slice::from_raw_parts((*array.as_array_ptr()).fields.data.cast::<T>(), len) })
 }
 
-/// The arrays' values, each in C order, one after the other, in a new 1-D array.
-fn joined<'py, T: Float>(
+/// The views' values, each in C order, one after the other, in a new 1-D array of
+/// `total` elements (the views' sizes add up to it).
+fn joined<'a, 'py, T: Float>(
     py: Python<'py>,
-    parts: &[Bound<'py, PyUntypedArray>],
+    views: impl Iterator<Item = ArrayViewD<'a, T>>,
     total: usize,
     key: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
@@ -488,10 +489,7 @@ fn joined<'py, T: Float>(
     // SAFETY: a new contiguous array of ours, not yet shared.
     let slice = unsafe { out.as_slice_mut() }.expect("a new contiguous array");
     let mut at = 0;
-    for part in parts {
-        // SAFETY: an array of `T` (checked by the caller), read-claimed by the caller.
-        let typed: &Bound<'py, PyArrayDyn<T>> = unsafe { part.cast_unchecked() };
-        let view = unsafe { typed.as_array() };
+    for view in views {
         let len = view.len();
         for (target, &value) in slice[at..at + len].iter_mut().zip(view.iter()) {
             *target = value;
@@ -501,32 +499,38 @@ fn joined<'py, T: Float>(
     Ok(out)
 }
 
-/// The buffers' values (each of `T`: checked by the caller), each in C order, one after
-/// the other, in a new 1-D array.
+/// `arrays` (of `T`, checked by the caller and read-claimed by it) joined as `joined`.
+fn joined_arrays<'py, T: Float>(
+    py: Python<'py>,
+    arrays: &[Bound<'py, PyUntypedArray>],
+    total: usize,
+    key: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    let views = arrays.iter().map(|part| {
+        // SAFETY: an array of `T`, read-claimed by the caller for as long as it is read.
+        let typed: &Bound<'py, PyArrayDyn<T>> = unsafe { part.cast_unchecked() };
+        unsafe { typed.as_array() }
+    });
+    joined(py, views, total, key)
+}
+
+/// State buffers (of `T`: checked by the caller) joined as `joined`.
 fn joined_buffers<'py, T: Float>(
     py: Python<'py>,
     buffers: &[&Buffer],
     total: usize,
     key: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
-    let out = arrays::new_array::<T>(py, &[total], false, key)?;
-    // SAFETY: a new contiguous array of ours, not yet shared.
-    let slice = unsafe { out.as_slice_mut() }.expect("a new contiguous array");
-    let mut at = 0;
-    for buffer in buffers {
+    let views = buffers.iter().map(|buffer| {
         let values = T::view(&buffer.data).expect("a buffer of the arena's dtype");
         let shape = IxDyn(&buffer.shape);
-        let view = match buffer.fortran {
+        match buffer.fortran {
             true => ArrayViewD::from_shape(shape.f(), values),
             false => ArrayViewD::from_shape(shape, values),
         }
-        .expect("a buffer holds its shape's elements");
-        for (target, &value) in slice[at..at + values.len()].iter_mut().zip(view.iter()) {
-            *target = value;
-        }
-        at += values.len();
-    }
-    Ok(out)
+        .expect("a buffer holds its shape's elements")
+    });
+    joined(py, views, total, key)
 }
 
 /// The `FlatArena` class.
